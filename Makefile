@@ -1,0 +1,27 @@
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench-registry clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+# README command 1: the main job on the built-in default.
+demo: setup
+	$(BIN)/lorafleet demo
+
+# README command 2: the whole test suite.
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench-registry: setup
+	$(BIN)/lorafleet bench registry
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,115 @@
+"""`tiny`: a Stable Diffusion 1.x-shaped pipeline with random weights, built from configs.
+
+Same component structure as SD 1.x (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+CLIPTokenizer, DDIM scheduler), small enough to build in well under a second on a CPU.
+It draws noise-like images: it exists to test plumbing, deterministically.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .vocabulary import build_tokenizer
+
+TINY_SEED = 20261122
+TINY_IMAGE_SIZE = 32  # pixels; the VAE downsamples x4 -> 8x8x4 latents
+
+TINY_WORDS = (
+    "a an the of in on at with and photo picture drawing painting style portrait image "
+    "red orange yellow green cyan blue purple magenta pink white black gray grey brown "
+    "circle square triangle star cross ring heart diamond shape shapes "
+    "small large big tiny left right top bottom center middle background "
+    "cat dog person man woman house tree car flower sky sea mountain city"
+).split()
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[16, 32, 32],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=TINY_IMAGE_SIZE,
+)
+
+UNET_CONFIG = dict(
+    sample_size=TINY_IMAGE_SIZE // 4,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+
+TEXT_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=32,
+    projection_dim=32,
+)
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def build_text_encoder(tokenizer, text_config: dict):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **text_config,
+    )
+    return CLIPTextModel(config)
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config: dict):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_pipeline():
+    """The `tiny` base, identical on every build (fixed seed, fixed construction order)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tokenizer = build_tokenizer(list(TINY_WORDS), model_max_length=TEXT_CONFIG["max_position_embeddings"])
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(TINY_SEED)
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        vae = AutoencoderKL(**VAE_CONFIG)
+        text_encoder = build_text_encoder(tokenizer, TEXT_CONFIG)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, SCHEDULER_CONFIG)

@@ -1,0 +1,57 @@
+"""The `lorafleet` command. Each domain adds its own commands; errors are printed here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from lorafleet.registry.errors import LorafleetError
+
+EXIT_USAGE = 2
+EXIT_DOMAIN_ERROR = 1
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorafleet import demo_cli
+    from lorafleet.bases import cli as bases_cli
+    from lorafleet.registry import cli as registry_cli
+
+    parser = argparse.ArgumentParser(
+        prog="lorafleet",
+        description="Train, register and serve LoRA adapters on one frozen diffusion base model.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    demo_cli.add_commands(subparsers)
+    registry_cli.add_commands(subparsers)
+    bases_cli.add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except LorafleetError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": exc.to_dict()}, indent=2))
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DOMAIN_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The versioned adapter registry: what an adapter is, and where its versions live.
+
+serve/ and training/ import the adapter vocabulary from here: ``AdapterRef`` / ``AdapterId``
+(identity), ``Manifest`` (what a version is), ``AdapterRegistry`` (the operations).
+"""
+
+from .adapter_registry import AdapterRegistry, GcReport, PublishRequest
+from .errors import LorafleetError
+from .identity import AdapterId, AdapterRef
+from .manifest import AdapterFormat, AdapterMethod, ComponentLora, Manifest
+
+__all__ = [
+    "AdapterFormat", "AdapterId", "AdapterMethod", "AdapterRef", "AdapterRegistry", "ComponentLora",
+    "GcReport", "LorafleetError", "Manifest", "PublishRequest",
+]

@@ -1,0 +1,400 @@
+"""The versioned adapter registry: publish, resolve, pull, alias, yank, gc.
+
+Layout in the store (every name validated before it becomes a key)::
+
+    blobs/sha256/ab/abcdef...           content-addressed safetensors, written idempotently
+    manifests/NAME/v000000007.json      created once; the version number is won by create-once
+    yanks/NAME/v000000007.json          created once; a yanked version stays resolvable by number
+    aliases/NAME/ALIAS.json             moved by compare-and-swap, with its history
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from .base_spec import BaseSpec
+from .errors import (
+    AdapterNotFound, AliasConflict, AliasNotFound, IntegrityError, InvalidAdapter, RegistryUnavailable,
+    VersionConflict, VersionNotFound, YankedVersion,
+)
+from .formats import AdapterPayload, read_adapter
+from .identity import (
+    LATEST, AdapterRef, sha256_bytes, sha256_stream, validate_alias, validate_digest, validate_name,
+    validate_version,
+)
+from .manifest import AdapterMethod, BaseRef, Manifest
+from .safetensors_io import AdapterLimits
+from .storage import ObjectExists, ObjectStore, PreconditionFailed, open_store, registry_uri_from_env
+from .validation import check_declared_base, validate_payload
+
+_PUBLISH_ATTEMPTS = 200
+_ALIAS_HISTORY = 50
+
+
+def blob_key(digest: str) -> str:
+    hexdigest = validate_digest(digest).split(":", 1)[1]
+    return f"blobs/sha256/{hexdigest[:2]}/{hexdigest}"
+
+
+def manifest_key(name: str, version: int) -> str:
+    return f"manifests/{name}/v{version:09d}.json"
+
+
+def yank_key(name: str, version: int) -> str:
+    return f"yanks/{name}/v{version:09d}.json"
+
+
+def alias_key(name: str, alias: str) -> str:
+    return f"aliases/{name}/{alias}.json"
+
+
+def _version_from_key(key: str) -> int | None:
+    stem = key.rsplit("/", 1)[-1]
+    if stem.startswith("v") and stem.endswith(".json") and stem[1:-5].isdigit():
+        return int(stem[1:-5])
+    return None
+
+
+class AliasMove(BaseModel):
+    version: int
+    at: datetime
+
+
+class AliasRecord(BaseModel):
+    name: str
+    alias: str
+    version: int
+    revision: int = Field(description="Incremented on every move (compare-and-swap token).")
+    updated_at: datetime
+    history: list[AliasMove] = Field(default_factory=list)
+
+
+class YankRecord(BaseModel):
+    reason: str = ""
+    at: datetime
+
+
+@dataclass
+class PublishRequest:
+    """Everything a publish records besides the weights."""
+
+    name: str
+    base: BaseSpec
+    method: AdapterMethod = AdapterMethod.lora
+    aliases: list[str] = field(default_factory=list)
+    description: str = ""
+    training_config: dict | None = None
+    dataset_digest: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class GcReport:
+    referenced: int
+    removed: list[str]
+    kept_recent: int
+    bytes_freed: int
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class AdapterRegistry:
+    """The registry's Python API (the CLI and the server are thin layers over it)."""
+
+    def __init__(self, uri: str | None = None, *, store: ObjectStore | None = None,
+                 limits: AdapterLimits | None = None):
+        self.store = store or open_store(registry_uri_from_env(uri))
+        self.uri = self.store.uri
+        self.limits = limits or AdapterLimits()
+
+    # ----------------------------------------------------------------------------- publish
+    def publish(self, path: Path, request: PublishRequest) -> Manifest:
+        """Read, convert and validate the adapter at ``path``, then publish it."""
+        self._check_request(request)
+        payload = read_adapter(Path(path), request.base, self.limits)
+        check_declared_base(payload.source_metadata, request.base)
+        return self.publish_payload(payload, request)
+
+    def publish_payload(self, payload: AdapterPayload, request: PublishRequest) -> Manifest:
+        self._check_request(request)
+        validate_payload(payload, request.base, self.limits)
+        data = payload.to_bytes({"base_fingerprint": request.base.fingerprint, "base_id": request.base.id})
+        digest = sha256_bytes(data)
+        self._put_blob(digest, data)
+        manifest = self._create_manifest(self._manifest_fields(payload, request, digest, len(data)))
+        for alias in request.aliases:
+            self.set_alias(request.name, alias, manifest.version)
+        return manifest
+
+    def _check_request(self, request: PublishRequest) -> None:
+        validate_name(request.name)
+        for alias in request.aliases:
+            validate_alias(alias)
+        if len(request.description) > 4096:
+            raise InvalidAdapter("description is longer than 4096 characters", field="description")
+
+    def _put_blob(self, digest: str, data: bytes) -> None:
+        with tempfile.NamedTemporaryFile(prefix="lorafleet-blob-", suffix=".safetensors") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            self.store.put_blob(blob_key(digest), Path(tmp.name))
+
+    @staticmethod
+    def _manifest_fields(payload: AdapterPayload, request: PublishRequest, digest: str, size: int) -> dict:
+        first = next(iter(sorted(payload.components.items())), (None, None))[1]
+        targets = [f"{c}.{m}" for c, cfg in sorted(payload.components.items()) for m in cfg.target_modules]
+        return dict(
+            name=request.name, digest=digest, size=size, format=payload.format, method=request.method,
+            base=BaseRef(id=request.base.id, fingerprint=request.base.fingerprint),
+            rank=first.rank if first else None, alpha=first.alpha if first else None,
+            target_modules=targets, components=payload.components, trigger_tokens=payload.trigger_tokens,
+            training_config=request.training_config, dataset_digest=request.dataset_digest,
+            metrics=request.metrics, source_format=payload.source_format,
+            num_parameters=payload.num_parameters, description=request.description,
+        )
+
+    def _create_manifest(self, fields: dict) -> Manifest:
+        name = fields["name"]
+        for _ in range(_PUBLISH_ATTEMPTS):
+            version = max(self._version_numbers(name), default=0) + 1
+            manifest = Manifest(version=version, **fields)
+            try:
+                self.store.create(manifest_key(name, version), manifest.to_json_bytes())
+                return manifest
+            except ObjectExists:
+                continue  # another publisher took this version; take the next one
+        raise VersionConflict(f"could not allocate a version of {name!r} after {_PUBLISH_ATTEMPTS} tries")
+
+    # ----------------------------------------------------------------------------- reading
+    def _version_numbers(self, name: str) -> list[int]:
+        return sorted(v for info in self.store.list(f"manifests/{name}/") if (v := _version_from_key(info.key)))
+
+    def _yanked_versions(self, name: str) -> set[int]:
+        return {v for info in self.store.list(f"yanks/{name}/") if (v := _version_from_key(info.key))}
+
+    def names(self) -> list[str]:
+        return sorted({info.key.split("/")[1] for info in self.store.list("manifests/")})
+
+    def _read_manifest(self, name: str, version: int, yanked: set[int] | None = None) -> Manifest:
+        stored = self.store.read(manifest_key(name, version))
+        if stored is None:
+            raise VersionNotFound(f"{name}@{version} does not exist", field="ref")
+        try:
+            manifest = Manifest.model_validate_json(stored.data)
+        except ValidationError as exc:
+            raise IntegrityError(f"manifest of {name}@{version} is unreadable: {exc}") from exc
+        is_yanked = version in yanked if yanked is not None else self.store.exists(yank_key(name, version))
+        if is_yanked:
+            record = self._yank_record(name, version)
+            manifest = manifest.model_copy(update={"yanked": True, "yanked_reason": record.reason if record else None})
+        return manifest
+
+    def _yank_record(self, name: str, version: int) -> YankRecord | None:
+        stored = self.store.read(yank_key(name, version))
+        return YankRecord.model_validate_json(stored.data) if stored else None
+
+    def versions(self, name: str) -> list[Manifest]:
+        """Every version of ``name``, oldest first (manifests read in parallel)."""
+        validate_name(name)
+        numbers = self._version_numbers(name)
+        if not numbers:
+            raise AdapterNotFound(f"no adapter named {name!r}", field="ref")
+        yanked = self._yanked_versions(name)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(lambda v: self._read_manifest(name, v, yanked), numbers))
+
+    def list(self, name: str | None = None) -> list[Manifest]:
+        """All versions of ``name``, or the latest version of every adapter."""
+        if name is not None:
+            return self.versions(name)
+        latest = []
+        for adapter in self.names():
+            try:
+                latest.append(self.resolve(AdapterRef(adapter, alias=LATEST)))
+            except AdapterNotFound:
+                continue  # every version yanked
+        return latest
+
+    def resolve(self, ref: AdapterRef | str) -> Manifest:
+        """The manifest a reference points to now."""
+        ref = AdapterRef.parse(ref) if isinstance(ref, str) else ref
+        if ref.version is not None:
+            return self._read_manifest(ref.name, ref.version)
+        if ref.digest is not None:
+            return self._resolve_digest(ref)
+        if ref.alias == LATEST:
+            return self._resolve_latest(ref.name)
+        record = self.alias_record(ref.name, ref.alias)
+        manifest = self._read_manifest(ref.name, record.version)
+        if manifest.yanked:
+            raise YankedVersion(
+                f"{ref} points to {ref.name}@{record.version}, which is yanked; move the alias", field="ref"
+            )
+        return manifest
+
+    def _resolve_latest(self, name: str) -> Manifest:
+        numbers = self._version_numbers(name)
+        if not numbers:
+            raise AdapterNotFound(f"no adapter named {name!r}", field="ref")
+        live = sorted(set(numbers) - self._yanked_versions(name))
+        if not live:
+            raise YankedVersion(f"every version of {name!r} is yanked", field="ref")
+        return self._read_manifest(name, live[-1], set())
+
+    def _resolve_digest(self, ref: AdapterRef) -> Manifest:
+        for manifest in reversed(self.versions(ref.name)):
+            if manifest.digest == ref.digest:
+                return manifest
+        raise VersionNotFound(f"{ref.name} has no version with digest {ref.digest}", field="ref")
+
+    # ----------------------------------------------------------------------------- blobs
+    def read_blob(self, manifest: Manifest) -> bytes:
+        """The adapter's bytes, verified against the manifest's digest."""
+        stream = self.store.open_blob(blob_key(manifest.digest))
+        if stream is None:
+            raise IntegrityError(f"blob of {manifest.adapter_id} ({manifest.digest}) is missing")
+        try:
+            data = stream.read(manifest.size + 1)
+        finally:
+            stream.close()
+        if len(data) != manifest.size or sha256_bytes(data) != manifest.digest:
+            raise IntegrityError(f"blob of {manifest.adapter_id} does not match its digest {manifest.digest}")
+        return data
+
+    def pull(self, ref: AdapterRef | str, destination: Path) -> tuple[Manifest, Path]:
+        """Write the verified adapter file (and its manifest) into ``destination``."""
+        manifest = self.resolve(ref)
+        destination = Path(destination)
+        destination.mkdir(parents=True, exist_ok=True)
+        target = destination / f"{manifest.name}-v{manifest.version}.safetensors"
+        self._download_verified(manifest, target)
+        (destination / f"{manifest.name}-v{manifest.version}.manifest.json").write_bytes(manifest.to_json_bytes())
+        return manifest, target
+
+    def _download_verified(self, manifest: Manifest, target: Path) -> None:
+        stream = self.store.open_blob(blob_key(manifest.digest))
+        if stream is None:
+            raise IntegrityError(f"blob of {manifest.adapter_id} ({manifest.digest}) is missing")
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".pull-")
+        try:
+            with os.fdopen(fd, "w+b") as tmp:
+                _copy(stream, tmp, manifest.size)
+                tmp.seek(0)
+                digest, size = sha256_stream(tmp)
+            if digest != manifest.digest or size != manifest.size:
+                raise IntegrityError(f"blob of {manifest.adapter_id} does not match its digest {manifest.digest}")
+            os.replace(tmp_name, target)
+        finally:
+            stream.close()
+            Path(tmp_name).unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------------------- aliases
+    def alias_record(self, name: str, alias: str) -> AliasRecord:
+        validate_name(name)
+        validate_alias(alias)
+        stored = self.store.read(alias_key(name, alias))
+        if stored is None:
+            raise AliasNotFound(f"{name} has no alias {alias!r}", field="ref")
+        return AliasRecord.model_validate_json(stored.data)
+
+    def aliases(self, name: str) -> dict[str, int]:
+        validate_name(name)
+        result = {}
+        for info in self.store.list(f"aliases/{name}/"):
+            alias = info.key.rsplit("/", 1)[-1].removesuffix(".json")
+            result[alias] = self.alias_record(name, alias).version
+        return result
+
+    def set_alias(self, name: str, alias: str, version: int, *, expected_version: int | None = None) -> AliasRecord:
+        """Point ``name:alias`` at ``version`` by compare-and-swap, retrying lost races.
+
+        With ``expected_version`` the move happens only if the alias still points there.
+        """
+        validate_name(name)
+        validate_alias(alias)
+        validate_version(version)
+        if self._read_manifest(name, version).yanked:
+            raise YankedVersion(f"{name}@{version} is yanked; an alias cannot point to it", field="version")
+        for _ in range(_PUBLISH_ATTEMPTS):
+            stored = self.store.read(alias_key(name, alias))
+            current = AliasRecord.model_validate_json(stored.data) if stored else None
+            if expected_version is not None and (current is None or current.version != expected_version):
+                raise AliasConflict(f"{name}:{alias} no longer points to version {expected_version}", field="alias")
+            record = self._moved(name, alias, version, current)
+            try:
+                self.store.compare_and_swap(alias_key(name, alias), record.model_dump_json(indent=2).encode(),
+                                            stored.token if stored else None)
+                return record
+            except PreconditionFailed:
+                continue
+        raise AliasConflict(f"{name}:{alias} kept moving; try again", field="alias")
+
+    @staticmethod
+    def _moved(name: str, alias: str, version: int, current: AliasRecord | None) -> AliasRecord:
+        history = (current.history if current else []) + [AliasMove(version=version, at=_now())]
+        return AliasRecord(name=name, alias=alias, version=version,
+                           revision=(current.revision + 1) if current else 1,
+                           updated_at=_now(), history=history[-_ALIAS_HISTORY:])
+
+    # ----------------------------------------------------------------------------- yank, gc
+    def yank(self, ref: AdapterRef | str, reason: str = "") -> Manifest:
+        manifest = self.resolve(ref)
+        record = YankRecord(reason=reason[:1000], at=_now())
+        try:
+            self.store.create(yank_key(manifest.name, manifest.version), record.model_dump_json().encode())
+        except ObjectExists:
+            pass  # already yanked: yanking is idempotent
+        return self._read_manifest(manifest.name, manifest.version)
+
+    def gc(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
+        """Remove blobs no manifest references and older than the grace period.
+
+        The grace period protects a publish in flight (blob written, manifest not yet).
+        """
+        referenced = {m.digest for name in self.names() for m in self.versions(name)}
+        now, removed, kept, freed = time.time(), [], 0, 0
+        for info in list(self.store.list("blobs/sha256/")):
+            digest = "sha256:" + info.key.rsplit("/", 1)[-1]
+            if digest in referenced:
+                continue
+            if now - info.modified < grace_seconds:
+                kept += 1
+                continue
+            if not dry_run:
+                self.store.delete(info.key)
+            removed.append(digest)
+            freed += info.size
+        return GcReport(referenced=len(referenced), removed=removed, kept_recent=kept, bytes_freed=freed)
+
+    def check(self) -> None:
+        """Raise when the registry cannot be reached."""
+        self.store.check()
+
+
+def _copy(source, target, limit: int) -> None:
+    remaining = limit + 1  # one byte more than expected reveals an oversized blob
+    while remaining > 0:
+        chunk = source.read(min(1 << 20, remaining))
+        if not chunk:
+            break
+        target.write(chunk)
+        remaining -= len(chunk)
+
+
+def manifests_as_json(manifests: Iterable[Manifest]) -> str:
+    return json.dumps([json.loads(m.model_dump_json()) for m in manifests], indent=2)
+
+
+__all__ = ["AdapterRegistry", "PublishRequest", "GcReport", "AliasRecord", "RegistryUnavailable"]

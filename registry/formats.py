@@ -1,0 +1,328 @@
+"""Adapter file layouts accepted on publish, and their conversion to the one stored layout.
+
+Stored layout (``AdapterPayload.to_bytes``) is what diffusers' ``save_lora_weights`` writes:
+keys ``<component>.<module>.lora_A.weight`` / ``lora_B.weight`` and the peft LoRA config of each
+component in the ``lora_adapter_metadata`` header entry, so that plain
+``pipe.load_lora_weights(file)`` keeps rank and alpha. Accepted inputs:
+
+- diffusers LoRA safetensors (config from the file's metadata or an adapter_config.json),
+- peft ``save_pretrained`` folders (adapter_model.safetensors + adapter_config.json),
+- kohya / A1111 LoRA (``lora_unet_*`` / ``lora_te_*`` with ``lora_down``/``lora_up``/``alpha``),
+- textual inversion embeddings (``{token: [vectors, dim]}`` or A1111's ``emb_params``),
+- a full UNet state dict (``unet.<parameter>``) for full fine-tunes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .base_spec import BaseSpec
+from .errors import InvalidAdapter, UnsafeFormat
+from .manifest import AdapterFormat, ComponentLora
+from .safetensors_io import PICKLE_SUFFIXES, AdapterLimits, canonical_safetensors, load_tensors
+
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry
+LORAFLEET_METADATA_KEY = "lorafleet"
+COMPONENTS = ("unet", "text_encoder")
+_DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
+_PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+_KOHYA_KEY = re.compile(r"^lora_(unet|te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_DIRECTORY_FILES = (
+    "pytorch_lora_weights.safetensors",
+    "adapter_model.safetensors",
+    "learned_embeds.safetensors",
+)
+
+
+@dataclass
+class AdapterPayload:
+    """An adapter in the stored layout, ready to validate and serialize."""
+
+    format: AdapterFormat
+    tensors: dict[str, torch.Tensor]
+    components: dict[str, ComponentLora] = field(default_factory=dict)
+    trigger_tokens: list[str] = field(default_factory=list)
+    source_format: str = "diffusers"
+    source_metadata: dict[str, str] = field(default_factory=dict)  # header of the file read
+
+    def lora_metadata(self) -> dict:
+        flat = {}
+        for component, config in sorted(self.components.items()):
+            for key, value in config.peft_config_dict().items():
+                flat[f"{component}.{key}"] = value
+        return flat
+
+    def to_bytes(self, extra_metadata: dict | None = None) -> bytes:
+        from safetensors.torch import save
+
+        metadata = {"format": "pt"}
+        if self.components:
+            metadata[LORA_METADATA_KEY] = json.dumps(self.lora_metadata(), indent=2, sort_keys=True)
+        info = {"format": self.format.value, "trigger_tokens": self.trigger_tokens, **(extra_metadata or {})}
+        metadata[LORAFLEET_METADATA_KEY] = json.dumps(info, sort_keys=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
+        return canonical_safetensors(save(tensors, metadata=metadata))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def find_weights_file(path: Path) -> tuple[Path, dict | None]:
+    """The safetensors file to publish from ``path`` and an adapter_config.json beside it."""
+    if path.is_dir():
+        candidates = [path / name for name in _DIRECTORY_FILES if (path / name).is_file()]
+        candidates = candidates or sorted(path.glob("*.safetensors"))
+        if not candidates:
+            pickled = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+            if pickled:
+                raise UnsafeFormat(
+                    f"{path} holds only pickle-based weights ({', '.join(pickled)}); refused: "
+                    "convert them to .safetensors",
+                    field="path",
+                )
+            raise InvalidAdapter(f"{path} holds no .safetensors adapter file", field="path")
+        if len(candidates) > 1 and candidates[0].name not in _DIRECTORY_FILES:
+            names = ", ".join(c.name for c in candidates)
+            raise InvalidAdapter(f"{path} holds several .safetensors files ({names}); name one", field="path")
+        weights = candidates[0]
+    elif path.is_file():
+        weights = path
+    else:
+        raise InvalidAdapter(f"{path} does not exist", field="path")
+    config_file = weights.parent / "adapter_config.json"
+    return weights, _read_json(config_file) if config_file.is_file() else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapter(f"{path.name} is not valid JSON: {exc}", field="path") from exc
+    if not isinstance(data, dict):
+        raise InvalidAdapter(f"{path.name} must hold a JSON object", field="path")
+    return data
+
+
+def _lora_config_from_peft(config: dict, modules: dict[str, int], where: str) -> ComponentLora:
+    """A ComponentLora from peft LoraConfig kwargs; ``modules`` maps module path -> rank found."""
+    problems = [f"{where}: missing '{k}'" for k in ("r", "lora_alpha") if k not in config]
+    if problems:
+        raise InvalidAdapter("LoRA config is incomplete", field="path", problems=problems)
+    try:
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+        rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
+        alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
+    except (TypeError, ValueError) as exc:
+        raise InvalidAdapter(f"{where}: rank/alpha must be numbers", field="path") from exc
+    return ComponentLora(
+        rank=rank,
+        alpha=alpha,
+        target_modules=sorted(modules),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        use_dora=bool(config.get("use_dora", False)),
+    )
+
+
+def _ranks_by_module(keys: dict[str, torch.Tensor], pattern: re.Pattern, group: int) -> dict[str, int]:
+    ranks = {}
+    for key, tensor in keys.items():
+        match = pattern.match(key)
+        if match and match.group(group + 1) == "A" and tensor.ndim >= 2:
+            ranks[match.group(group)] = int(tensor.shape[0])
+    return ranks
+
+
+def _from_diffusers(tensors, metadata: dict[str, str], adapter_config: dict | None) -> AdapterPayload:
+    raw = metadata.get(LORA_METADATA_KEY)
+    flat = json.loads(raw) if raw else None
+    components = {}
+    for component in COMPONENTS:
+        prefix = f"{component}."
+        component_keys = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not component_keys:
+            continue
+        ranks = _ranks_by_module({f"{component}.{k}": v for k, v in component_keys.items()}, _DIFFUSERS_KEY, 2)
+        if flat is not None:
+            config = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        elif adapter_config is not None:
+            config = adapter_config
+        else:
+            raise InvalidAdapter(
+                "the LoRA file carries no config (rank, alpha): without alpha its strength would "
+                "silently change; publish the folder with its adapter_config.json or a file saved "
+                "with diffusers' save_lora_weights(..., unet_lora_adapter_metadata=...)",
+                field="path",
+            )
+        components[component] = _lora_config_from_peft(config, ranks, component)
+    return AdapterPayload(AdapterFormat.diffusers_lora, dict(tensors), components)
+
+
+def _component_for_modules(modules: list[str], spec: BaseSpec) -> str:
+    for component in COMPONENTS:
+        if all(spec.module(component, m) is not None for m in modules):
+            return component
+    return "unet"  # validation will list the modules that do not exist
+
+
+def _from_peft(tensors, adapter_config: dict | None, spec: BaseSpec) -> AdapterPayload:
+    if adapter_config is None:
+        raise InvalidAdapter(
+            "a peft adapter (base_model.model.* keys) needs its adapter_config.json beside it",
+            field="path",
+        )
+    ranks = _ranks_by_module(tensors, _PEFT_KEY, 1)
+    component = _component_for_modules(list(ranks), spec)
+    renamed = {}
+    for key, tensor in tensors.items():
+        match = _PEFT_KEY.match(key)
+        if not match:
+            raise InvalidAdapter(f"unexpected key {key!r} in a peft adapter", field="path")
+        renamed[f"{component}.{match.group(1)}.lora_{match.group(2)}.weight"] = tensor
+    config = _lora_config_from_peft(adapter_config, ranks, "adapter_config.json")
+    return AdapterPayload(AdapterFormat.diffusers_lora, renamed, {component: config}, source_format="peft")
+
+
+def _kohya_module_table(spec: BaseSpec) -> dict[tuple[str, str], tuple[str, str]]:
+    """(kohya prefix, flattened name) -> (component, module path), for every base module."""
+    table = {}
+    for path in spec.modules.get("unet", {}):
+        table[("unet", path.replace(".", "_"))] = ("unet", path)
+    for path in spec.modules.get("text_encoder", {}):
+        table[("te", path.replace(".", "_"))] = ("text_encoder", path)
+        table[("te", "text_model_" + path.replace(".", "_"))] = ("text_encoder", path)
+    return table
+
+
+def _from_kohya(tensors, spec: BaseSpec) -> AdapterPayload:
+    table = _kohya_module_table(spec)
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    problems = []
+    for key, tensor in tensors.items():
+        match = _KOHYA_KEY.match(key)
+        if not match:
+            problems.append(f"{key}: not a kohya LoRA key")
+            continue
+        grouped.setdefault((match.group(1), match.group(2)), {})[match.group(3)] = tensor
+    converted, alphas, ranks = {}, {}, {}
+    for (prefix, flat), parts in sorted(grouped.items()):
+        target = table.get((prefix, flat))
+        if target is None:
+            problems.append(f"lora_{prefix}_{flat}: no module of the base has this name")
+            continue
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            problems.append(f"lora_{prefix}_{flat}: needs both lora_down and lora_up")
+            continue
+        component, path = target
+        down = parts["lora_down.weight"]
+        rank = int(down.shape[0])
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
+        converted[f"{component}.{path}.lora_A.weight"] = down
+        converted[f"{component}.{path}.lora_B.weight"] = parts["lora_up.weight"]
+        ranks.setdefault(component, {})[path] = rank
+        alphas.setdefault(component, {})[path] = alpha
+    if problems:
+        raise InvalidAdapter("kohya LoRA file does not fit the base", field="path", problems=problems)
+    components = {c: _patterned_config(ranks[c], alphas[c]) for c in ranks}
+    return AdapterPayload(AdapterFormat.diffusers_lora, converted, components, source_format="kohya")
+
+
+def _patterned_config(ranks: dict[str, int], alphas: dict[str, float]) -> ComponentLora:
+    """The most common rank/alpha as defaults, every other module in rank/alpha patterns."""
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    return ComponentLora(
+        rank=rank,
+        alpha=alpha,
+        target_modules=sorted(ranks),
+        rank_pattern={m: r for m, r in ranks.items() if r != rank},
+        alpha_pattern={m: a for m, a in alphas.items() if a != alpha},
+    )
+
+
+def _from_textual_inversion(tensors, weights: Path) -> AdapterPayload:
+    if set(tensors) == {"emb_params"}:  # A1111 embedding: the token is the file name
+        tensors = {weights.stem.lower(): tensors["emb_params"]}
+    embeddings = {token: (t if t.ndim == 2 else t.reshape(1, -1)) for token, t in tensors.items()}
+    return AdapterPayload(
+        AdapterFormat.textual_inversion, embeddings, trigger_tokens=sorted(embeddings),
+        source_format="textual_inversion",
+    )
+
+
+def _is_textual_inversion(tensors: dict[str, torch.Tensor]) -> bool:
+    return 0 < len(tensors) <= 16 and all(
+        t.ndim in (1, 2) and "." not in k and not k.startswith("lora_") for k, t in tensors.items()
+    )
+
+
+def read_adapter(path: Path, spec: BaseSpec, limits: AdapterLimits | None = None) -> AdapterPayload:
+    """Read, detect and convert the adapter at ``path`` (a file or a folder)."""
+    weights, adapter_config = find_weights_file(Path(path))
+    tensors, metadata = load_tensors(weights, limits or AdapterLimits())
+    if not tensors:
+        raise InvalidAdapter(f"{weights.name} holds no tensors: the adapter would change nothing", field="path")
+    payload = _convert(tensors, metadata, adapter_config, spec, weights)
+    payload.source_metadata = metadata
+    return payload
+
+
+def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -> AdapterPayload:
+    keys = list(tensors)
+    if all(_DIFFUSERS_KEY.match(k) for k in keys):
+        payload = _from_diffusers(tensors, metadata, adapter_config)
+        info = json.loads(metadata.get(LORAFLEET_METADATA_KEY, "{}"))
+        payload.trigger_tokens = list(info.get("trigger_tokens", []))
+        return payload
+    if all(_PEFT_KEY.match(k) for k in keys):
+        return _from_peft(tensors, adapter_config, spec)
+    if all(_KOHYA_KEY.match(k) for k in keys):
+        return _from_kohya(tensors, spec)
+    if _is_textual_inversion(tensors):
+        return _from_textual_inversion(tensors, weights)
+    if all(k.startswith("unet.") and ".lora" not in k for k in keys):
+        return AdapterPayload(AdapterFormat.full_unet, dict(tensors), source_format="full_unet")
+    sample = ", ".join(keys[:3])
+    raise InvalidAdapter(
+        f"{weights.name}: unrecognised adapter layout (first keys: {sample}); expected diffusers/peft "
+        "LoRA, kohya LoRA, textual inversion or a full UNet state dict",
+        field="path",
+    )
+
+
+def to_kohya(payload: AdapterPayload) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The kohya/A1111 layout of a LoRA payload, with the true alpha of every module."""
+    if payload.format != AdapterFormat.diffusers_lora:
+        raise InvalidAdapter(f"only LoRA adapters export to kohya, not {payload.format.value}")
+    out: dict[str, torch.Tensor] = {}
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
+    for component, config in payload.components.items():
+        for module in config.target_modules:
+            flat = prefixes[component] + module.replace(".", "_")
+            out[f"{flat}.lora_down.weight"] = payload.tensors[f"{component}.{module}.lora_A.weight"]
+            out[f"{flat}.lora_up.weight"] = payload.tensors[f"{component}.{module}.lora_B.weight"]
+            alpha = config.alpha_pattern.get(module, config.alpha)
+            out[f"{flat}.alpha"] = torch.tensor(float(alpha))
+    return out, {"format": "pt", "ss_network_module": "networks.lora"}
+
+
+def payload_from_stored(data: bytes) -> AdapterPayload:
+    """Rebuild the payload from stored bytes (already digest-verified)."""
+    from safetensors.torch import load
+
+    tensors = load(data)
+    header_length = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
+    info = json.loads(metadata.get(LORAFLEET_METADATA_KEY, "{}"))
+    adapter_format = AdapterFormat(info.get("format", AdapterFormat.diffusers_lora.value))
+    if adapter_format == AdapterFormat.diffusers_lora:
+        payload = _from_diffusers(tensors, metadata, None)
+        payload.trigger_tokens = list(info.get("trigger_tokens", []))
+        return payload
+    return AdapterPayload(adapter_format, tensors, trigger_tokens=list(info.get("trigger_tokens", [])))

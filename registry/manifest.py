@@ -1,0 +1,98 @@
+"""The manifest: what one published adapter version is, as typed JSON."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .identity import AdapterId
+
+
+class AdapterMethod(str, Enum):
+    lora = "lora"
+    dreambooth = "dreambooth"
+    qlora = "qlora"
+    textual_inversion = "textual_inversion"
+    full = "full"
+
+
+class AdapterFormat(str, Enum):
+    """How the stored blob is laid out (always safetensors)."""
+
+    diffusers_lora = "diffusers_lora"  # keys "<component>.<module>.lora_A/B.weight"
+    textual_inversion = "textual_inversion"  # keys "<token>" -> [vectors, hidden]
+    full_unet = "full_unet"  # keys "unet.<parameter>" -> full weights
+
+
+class ComponentLora(BaseModel):
+    """The LoRA configuration of one pipeline component (peft's LoraConfig essentials)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(description="Default LoRA rank r.")
+    alpha: float = Field(description="Default lora_alpha; the update is scaled by alpha / rank.")
+    target_modules: list[str] = Field(description="Module paths the adapter changes.")
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="Per-module ranks.")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="Per-module alphas.")
+    use_dora: bool = False
+
+    def peft_config_dict(self) -> dict[str, Any]:
+        """The dict that peft's LoraConfig / diffusers' adapter metadata accept."""
+        return {
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "target_modules": sorted(self.target_modules),
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "use_dora": self.use_dora,
+            "lora_dropout": 0.0,
+            "init_lora_weights": True,
+        }
+
+
+class BaseRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Base model id: a built-in name or the path it was loaded from.")
+    fingerprint: str = Field(description="sha256 over the base's configs and weights.")
+
+
+class Manifest(BaseModel):
+    """One published, immutable adapter version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = 1
+    name: str
+    version: int
+    digest: str = Field(description="sha256 of the stored safetensors blob.")
+    size: int = Field(description="Blob size in bytes.")
+    format: AdapterFormat
+    method: AdapterMethod
+    base: BaseRef
+    rank: int | None = None
+    alpha: float | None = None
+    target_modules: list[str] = Field(default_factory=list)
+    components: dict[str, ComponentLora] = Field(
+        default_factory=dict, description="LoRA config per component (unet, text_encoder)."
+    )
+    trigger_tokens: list[str] = Field(default_factory=list)
+    training_config: dict[str, Any] | None = None
+    dataset_digest: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    source_format: str = Field(default="diffusers", description="Layout the file was published in.")
+    num_parameters: int = 0
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    description: str = ""
+    yanked: bool = False
+    yanked_reason: str | None = None
+
+    @property
+    def adapter_id(self) -> AdapterId:
+        return AdapterId(self.name, self.version, self.digest)
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
