@@ -23,7 +23,7 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorafleet import demo_cli
+    from lorafleet import benchmarks, demo_cli
     from lorafleet.bases import cli as bases_cli
     from lorafleet.registry import cli as registry_cli
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cli.add_commands(subparsers)
     registry_cli.add_commands(subparsers)
     bases_cli.add_commands(subparsers)
+    benchmarks.add_commands(subparsers)
     return parser
 
 

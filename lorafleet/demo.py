@@ -11,6 +11,7 @@ import torch
 from lorafleet.registry.base_spec import BaseSpec
 from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import AdapterFormat, ComponentLora
+from lorafleet.registry.validation import expected_lora_shapes
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DEMO_ADAPTER_NAME = "demo-style"
@@ -30,10 +31,9 @@ def synthetic_lora(spec: BaseSpec, *, seed: int = 0, rank: int = 4, alpha: float
     for component, suffixes in (("unet", targets), ("text_encoder", text_encoder_targets)):
         modules = _targets(spec, component, suffixes) if suffixes else []
         for path in modules:
-            out_features, in_features = spec.modules[component][path].weight_shape[:2]
-            # [rank, in] and [out, rank]
-            tensors[f"{component}.{path}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * scale
-            tensors[f"{component}.{path}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * scale
+            shape_a, shape_b = expected_lora_shapes(spec.modules[component][path], rank)
+            tensors[f"{component}.{path}.lora_A.weight"] = torch.randn(shape_a, generator=generator) * scale
+            tensors[f"{component}.{path}.lora_B.weight"] = torch.randn(shape_b, generator=generator) * scale
         if modules:
             components[component] = ComponentLora(rank=rank, alpha=alpha, target_modules=modules)
     return AdapterPayload(AdapterFormat.diffusers_lora, tensors, components, source_format="synthetic")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from lorafleet.demo import DEMO_ADAPTER_NAME, synthetic_lora
-
 
 def cmd_demo(args) -> int:
     from lorafleet.bases import base_spec
+    from lorafleet.demo import DEMO_ADAPTER_NAME, synthetic_lora
     from lorafleet.registry import AdapterRegistry, PublishRequest
     from lorafleet.registry.cli import _manifest_line, _manifest_text
 

@@ -19,23 +19,38 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, ValidationError
 
 from .base_spec import BaseSpec
+
+if TYPE_CHECKING:
+    from .formats import AdapterPayload
 from .errors import (
-    AdapterNotFound, AliasConflict, AliasNotFound, IntegrityError, InvalidAdapter, RegistryUnavailable,
-    VersionConflict, VersionNotFound, YankedVersion,
+    AdapterNotFound,
+    AliasConflict,
+    AliasNotFound,
+    IntegrityError,
+    InvalidAdapter,
+    RegistryUnavailable,
+    VersionConflict,
+    VersionNotFound,
+    YankedVersion,
 )
-from .formats import AdapterPayload, read_adapter
 from .identity import (
-    LATEST, AdapterRef, sha256_bytes, sha256_stream, validate_alias, validate_digest, validate_name,
+    LATEST,
+    AdapterRef,
+    sha256_bytes,
+    sha256_stream,
+    validate_alias,
+    validate_digest,
+    validate_name,
     validate_version,
 )
 from .manifest import AdapterMethod, BaseRef, Manifest
 from .safetensors_io import AdapterLimits
 from .storage import ObjectExists, ObjectStore, PreconditionFailed, open_store, registry_uri_from_env
-from .validation import check_declared_base, validate_payload
 
 _PUBLISH_ATTEMPTS = 200
 _ALIAS_HISTORY = 50
@@ -122,12 +137,17 @@ class AdapterRegistry:
     # ----------------------------------------------------------------------------- publish
     def publish(self, path: Path, request: PublishRequest) -> Manifest:
         """Read, convert and validate the adapter at ``path``, then publish it."""
+        from .formats import read_adapter  # torch is imported only when publishing
+        from .validation import check_declared_base
+
         self._check_request(request)
         payload = read_adapter(Path(path), request.base, self.limits)
         check_declared_base(payload.source_metadata, request.base)
         return self.publish_payload(payload, request)
 
-    def publish_payload(self, payload: AdapterPayload, request: PublishRequest) -> Manifest:
+    def publish_payload(self, payload: "AdapterPayload", request: PublishRequest) -> Manifest:
+        from .validation import validate_payload
+
         self._check_request(request)
         validate_payload(payload, request.base, self.limits)
         data = payload.to_bytes({"base_fingerprint": request.base.fingerprint, "base_id": request.base.id})
@@ -223,8 +243,8 @@ class AdapterRegistry:
         for adapter in self.names():
             try:
                 latest.append(self.resolve(AdapterRef(adapter, alias=LATEST)))
-            except AdapterNotFound:
-                continue  # every version yanked
+            except (AdapterNotFound, YankedVersion):
+                continue  # vanished, or every version yanked
         return latest
 
     def resolve(self, ref: AdapterRef | str) -> Manifest:

@@ -13,7 +13,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel, Field
 
 from .errors import AdapterTooLarge, InvalidAdapter, UnsafeFormat
@@ -77,7 +76,7 @@ def _parse_entry(name: str, entry: object, data_length: int) -> TensorInfo:
     if not 0 <= begin <= end <= data_length or end - begin != expected:
         raise InvalidAdapter(
             f"safetensors header: tensor {name!r} claims {expected} bytes at {offsets}, "
-            f"but the file holds {data_length} bytes of data",
+            f"but the file holds {data_length} bytes of data (truncated or corrupt file)",
             field="path",
         )
     return TensorInfo(entry["dtype"], tuple(shape))
@@ -115,8 +114,9 @@ def read_header(path: Path, limits: AdapterLimits) -> SafetensorsHeader:
     return SafetensorsHeader(tensors=tensors, metadata=metadata)
 
 
-def load_tensors(path: Path, limits: AdapterLimits) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_tensors(path: Path, limits: AdapterLimits) -> tuple[dict, dict[str, str]]:
     """Every tensor of a checked safetensors file, and its string metadata."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

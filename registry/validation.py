@@ -20,8 +20,8 @@ from .safetensors_io import AdapterLimits
 _LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
 
 
-def _expected_lora_shapes(module: ModuleShape, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of lora_A and lora_B for ``module`` at ``rank``."""
+def expected_lora_shapes(module: ModuleShape, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """lora_A and lora_B shapes: [r, in] / [out, r] (linear), [r, in, kh, kw] / [out, r, 1, 1] (conv)."""
     if module.kind == "conv":
         out_ch, in_ch, kh, kw = module.weight_shape
         return (rank, in_ch, kh, kw), (out_ch, rank, 1, 1)
@@ -48,7 +48,7 @@ def _check_lora_module(component, path, pair, spec: BaseSpec, limits: AdapterLim
     rank = int(pair["A"].shape[0]) if pair["A"].ndim else 0
     if not 1 <= rank <= limits.max_rank:
         return [f"{where}: rank {rank} is outside 1..{limits.max_rank}"]
-    want_a, want_b = _expected_lora_shapes(module, rank)
+    want_a, want_b = expected_lora_shapes(module, rank)
     problems = []
     if tuple(pair["A"].shape) != want_a:
         problems.append(f"{where}.lora_A: shape {tuple(pair['A'].shape)}, base needs {want_a}")

@@ -1,0 +1,121 @@
+"""Base models: the built-in ones, loading from a path, and what adapters need to know of a base."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafleet.registry.base_spec import BaseSpec, ModuleShape
+from lorafleet.registry.errors import BaseModelError
+
+from .fingerprint import pipeline_fingerprint
+from .tiny import build_tiny_pipeline
+
+BUILTIN_BASES: dict[str, Callable[[], object]] = {
+    "tiny": build_tiny_pipeline,
+}
+DEFAULT_BASE = "tiny"
+LORA_COMPONENTS = ("unet", "text_encoder")
+
+
+def _module_shapes(model: torch.nn.Module) -> dict[str, ModuleShape]:
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes[name] = ModuleShape("linear", tuple(module.weight.shape))
+        elif isinstance(module, torch.nn.Conv2d):
+            shapes[name] = ModuleShape("conv", tuple(module.weight.shape))
+    return shapes
+
+
+def spec_from_pipeline(base_id: str, pipe, fingerprint: str | None = None) -> BaseSpec:
+    components = {name: getattr(pipe, name) for name in LORA_COMPONENTS}
+    vocab = frozenset(pipe.tokenizer.get_vocab())
+    return BaseSpec(
+        id=base_id,
+        fingerprint=fingerprint or pipeline_fingerprint(pipe),
+        modules={name: _module_shapes(model) for name, model in components.items()},
+        parameters={
+            "unet": {k: tuple(v.shape) for k, v in pipe.unet.state_dict().items()},
+        },
+        text_hidden_size=int(pipe.text_encoder.config.hidden_size),
+        vocabulary=vocab,
+    )
+
+
+@dataclass
+class LoadedBase:
+    id: str
+    pipeline: object
+    fingerprint: str
+
+    def spec(self) -> BaseSpec:
+        return spec_from_pipeline(self.id, self.pipeline, self.fingerprint)
+
+
+def _load_diffusers_directory(path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise BaseModelError(f"{path} is not a diffusers directory (no model_index.json)", field="base")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            local_files_only=True, use_safetensors=True,
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise BaseModelError(f"cannot load base model from {path}: {exc}", field="base") from exc
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    return pipe
+
+
+def _build_pipeline(base: str):
+    if base in BUILTIN_BASES:
+        return BUILTIN_BASES[base]()
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return _load_diffusers_directory(path)
+    known = ", ".join(sorted(BUILTIN_BASES))
+    raise BaseModelError(
+        f"unknown base {base!r}: use a built-in base ({known}) or a diffusers directory", field="base"
+    )
+
+
+def base_id(base: str) -> str:
+    """The id recorded for a base: the built-in name, or the resolved path."""
+    return base if base in BUILTIN_BASES else str(Path(base).expanduser().resolve())
+
+
+def load_base(base: str = DEFAULT_BASE) -> LoadedBase:
+    """A fresh pipeline for ``base`` (a built-in name or a diffusers directory), on CPU."""
+    pipe = _build_pipeline(base)
+    return LoadedBase(id=base_id(base), pipeline=pipe, fingerprint=pipeline_fingerprint(pipe))
+
+
+_SPEC_CACHE: dict[str, BaseSpec] = {}
+_SPEC_LOCK = threading.Lock()
+
+
+def base_spec(base: str = DEFAULT_BASE) -> BaseSpec:
+    """The (cached) spec of a base; loads the base once per process."""
+    key = base_id(base)
+    with _SPEC_LOCK:
+        if key not in _SPEC_CACHE:
+            _SPEC_CACHE[key] = load_base(base).spec()
+        return _SPEC_CACHE[key]
+
+
+def export_base(base: str, destination: Path) -> LoadedBase:
+    """Write ``base`` as an ordinary diffusers directory (safetensors weights)."""
+    loaded = load_base(base)
+    destination = Path(destination)
+    if destination.exists() and any(destination.iterdir()):
+        raise BaseModelError(f"destination {destination} exists and is not empty", field="destination")
+    loaded.pipeline.save_pretrained(str(destination), safe_serialization=True)
+    return loaded

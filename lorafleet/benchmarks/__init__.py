@@ -1,0 +1,11 @@
+"""`lorafleet bench ...`: benchmarks are commands that print numbers (a table, then JSON)."""
+
+from __future__ import annotations
+
+
+def add_commands(subparsers) -> None:
+    from . import registry_bench
+
+    parser = subparsers.add_parser("bench", help="benchmarks (print a table and JSON)")
+    benches = parser.add_subparsers(dest="bench_command", required=True)
+    registry_bench.add_arguments(benches.add_parser("registry", help="registry publish/pull/list on file and S3"))

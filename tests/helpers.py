@@ -1,0 +1,40 @@
+"""Helpers for tests: adapter files on disk and registry snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorafleet.registry import AdapterRegistry, PublishRequest
+
+from lorafleet.demo import synthetic_embedding, synthetic_lora
+
+
+def write_lora(directory: Path, spec, seed: int = 0, name: str = "lora.safetensors", **kwargs) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(synthetic_lora(spec, seed=seed, **kwargs).to_bytes())
+    return path
+
+
+def write_embedding(directory: Path, spec, token: str, seed: int = 0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{token}.safetensors"
+    path.write_bytes(synthetic_embedding(spec, token, seed=seed).to_bytes())
+    return path
+
+
+def publish_lora(registry: AdapterRegistry, spec, tmp_path: Path, name: str = "style", seed: int = 0,
+                 aliases=(), **request_fields):
+    path = write_lora(tmp_path / f"src-{name}-{seed}", spec, seed=seed)
+    return registry.publish(path, PublishRequest(name=name, base=spec, aliases=list(aliases), **request_fields))
+
+
+def snapshot(registry: AdapterRegistry) -> dict[str, bytes]:
+    """Every object in the registry, for 'nothing changed' checks."""
+    result = {}
+    for info in registry.store.list(""):
+        if info.key.startswith("."):
+            continue
+        stored = registry.store.read(info.key)
+        result[info.key] = stored.data if stored else b""
+    return result

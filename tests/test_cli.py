@@ -1,0 +1,92 @@
+"""The `lorafleet` command as users run it: real subprocesses, JSON output, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import write_lora
+
+LORAFLEET = [sys.executable, "-m", "lorafleet.cli"]
+
+
+def run(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(LORAFLEET + list(args), capture_output=True, text=True, timeout=180,
+                            env={**os.environ, **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_registry_commands_end_to_end(registry_uri, tiny_spec, tmp_path):
+    first = write_lora(tmp_path / "a", tiny_spec, seed=1)
+    second = write_lora(tmp_path / "b", tiny_spec, seed=2)
+    reg = ["--registry", registry_uri, "--json"]
+    published = json.loads(run("registry", "publish", str(first), "--name", "style", "--alias", "prod", *reg).stdout)
+    assert published["version"] == 1 and published["base"]["id"] == "tiny"
+    assert json.loads(run("registry", "publish", str(second), "--name", "style", *reg).stdout)["version"] == 2
+    listing = json.loads(run("registry", "list", "style", *reg).stdout)
+    assert [v["version"] for v in listing["versions"]] == [1, 2] and listing["aliases"] == {"prod": 1}
+    assert json.loads(run("registry", "show", "style:prod", *reg).stdout)["version"] == 1
+    run("registry", "alias", "style", "prod", "2", "--expect", "1", *reg)
+    assert json.loads(run("registry", "show", "style:prod", *reg).stdout)["version"] == 2
+    pulled = json.loads(run("registry", "pull", "style@1", str(tmp_path / "out"), *reg).stdout)
+    assert Path(pulled["path"]).is_file()
+    assert json.loads(run("registry", "yank", "style@2", "--reason", "bad", *reg).stdout)["yanked"] is True
+    assert json.loads(run("registry", "show", "style", *reg).stdout)["version"] == 1
+    exported = json.loads(run("registry", "export", "style@1", str(tmp_path / "k.safetensors"), *reg).stdout)
+    assert Path(exported["path"]).is_file()
+    assert json.loads(run("registry", "gc", "--grace-seconds", "0", *reg).stdout)["removed"] == []
+    human = run("registry", "list", "--registry", registry_uri).stdout
+    assert "style@1" in human
+
+
+@pytest.mark.parametrize("args, message", [
+    (["registry", "show", "nothing-here"], "no adapter named"),
+    (["registry", "show", "Bad Name"], "invalid"),
+    (["registry", "publish", "/does/not/exist.safetensors", "--name", "x"], "does not exist"),
+    (["registry", "alias", "nothing", "prod", "1"], "does not exist"),
+    (["registry", "list", "--registry", "ftp://host/x"], "unknown registry scheme"),
+])
+def test_errors_exit_non_zero_with_one_clear_message(tmp_path, args, message):
+    if "--registry" not in args:
+        args = args + ["--registry", f"file://{tmp_path / 'reg'}"]
+    result = run(*args, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_json_errors_name_the_field(tmp_path):
+    result = run("registry", "show", "style@0", "--registry", f"file://{tmp_path}", "--json", check=False)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["error"]["field"] == "ref"
+
+
+def test_publish_of_a_pickle_file_is_refused(tmp_path, tiny_spec):
+    import torch
+
+    from lorafleet.demo import synthetic_lora
+
+    torch.save(synthetic_lora(tiny_spec).tensors, tmp_path / "pytorch_lora_weights.bin")
+    result = run("registry", "publish", str(tmp_path / "pytorch_lora_weights.bin"), "--name", "x",
+                 "--registry", f"file://{tmp_path / 'reg'}", check=False)
+    assert result.returncode == 1 and "pickle" in result.stderr
+    assert not (tmp_path / "reg" / "manifests").exists()
+
+
+def test_base_export_writes_a_diffusers_directory(tmp_path):
+    info = json.loads(run("base", "export", "tiny", str(tmp_path / "tiny"), "--json").stdout)
+    assert (tmp_path / "tiny" / "model_index.json").is_file()
+    assert run("base", "fingerprint", str(tmp_path / "tiny")).stdout.strip() == info["fingerprint"]
+
+
+def test_demo_publishes_and_shows_the_demo_adapter(tmp_path):
+    out = run("demo", "--registry", f"file://{tmp_path / 'reg'}").stdout
+    assert "published demo-style@1" in out and "demo-style:prod" in out
+    assert "lorafleet registry list" in out
