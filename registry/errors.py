@@ -1,4 +1,4 @@
-"""Domain errors of lorafleet, in one module.
+"""Domain errors of lorafleet (registry, serving, training), in one module.
 
 Every error carries a stable ``code`` and, where one input is at fault, the ``field`` that names
 it. Nothing here knows about HTTP: the API layer maps codes to status codes in one table
@@ -114,3 +114,36 @@ class BaseModelError(LorafleetError):
     """A base model cannot be found, built or loaded."""
 
     code = "base_model_error"
+
+
+# --- serving -------------------------------------------------------------------------------
+
+
+class RequestInvalid(LorafleetError):
+    """A request parameter is out of the configured limits."""
+
+    code = "invalid_request"
+
+
+class Unauthenticated(LorafleetError):
+    code = "unauthenticated"
+
+
+class Forbidden(LorafleetError):
+    code = "forbidden"
+
+
+class Overloaded(LorafleetError):
+    """Every replica is busy and the queue is full: try again shortly."""
+
+    code = "overloaded"
+
+
+class ServiceUnavailable(LorafleetError):
+    """Not ready yet, or a dependency (a replica, the registry) is down."""
+
+    code = "unavailable"
+
+
+class RequestTimeout(LorafleetError):
+    code = "timeout"

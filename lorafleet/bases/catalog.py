@@ -75,15 +75,38 @@ def _load_diffusers_directory(path: Path):
     return pipe
 
 
-def _build_pipeline(base: str):
+def _load_single_file(path: Path, base_config: str | None):
+    """An original-layout (LDM) .safetensors checkpoint, with configs from ``base_config``."""
+    from diffusers import StableDiffusionPipeline
+
+    if path.suffix.lower() != ".safetensors":
+        raise BaseModelError(f"{path.name}: only .safetensors checkpoints are loaded (pickle formats can run "
+                             "code)", field="base")
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=base_config, local_files_only=True, safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise BaseModelError(f"cannot load single-file checkpoint {path}: {exc}", field="base") from exc
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    return pipe
+
+
+def _build_pipeline(base: str, base_config: str | None = None):
     if base in BUILTIN_BASES:
         return BUILTIN_BASES[base]()
     path = Path(base).expanduser()
     if path.is_dir():
         return _load_diffusers_directory(path)
+    if path.is_file():
+        return _load_single_file(path, base_config)
     known = ", ".join(sorted(BUILTIN_BASES))
     raise BaseModelError(
-        f"unknown base {base!r}: use a built-in base ({known}) or a diffusers directory", field="base"
+        f"unknown base {base!r}: use a built-in base ({known}), a diffusers directory or a .safetensors "
+        "checkpoint", field="base"
     )
 
 
@@ -92,9 +115,9 @@ def base_id(base: str) -> str:
     return base if base in BUILTIN_BASES else str(Path(base).expanduser().resolve())
 
 
-def load_base(base: str = DEFAULT_BASE) -> LoadedBase:
-    """A fresh pipeline for ``base`` (a built-in name or a diffusers directory), on CPU."""
-    pipe = _build_pipeline(base)
+def load_base(base: str = DEFAULT_BASE, base_config: str | None = None) -> LoadedBase:
+    """A fresh pipeline for ``base`` (built-in name, diffusers directory, single file), on CPU."""
+    pipe = _build_pipeline(base, base_config)
     return LoadedBase(id=base_id(base), pipeline=pipe, fingerprint=pipeline_fingerprint(pipe))
 
 

@@ -1,0 +1,231 @@
+"""Where a replica keeps adapters: host memory and local disk tiers in front of the registry.
+
+    active (in the pipeline, see engine.py) -> host (parsed state dicts) -> disk (files by digest)
+    -> registry
+
+Every tier is keyed by the adapter's digest and bounded by a byte budget with LRU eviction.
+``AdapterFetcher`` walks the chain: a hit in a faster tier skips the slower ones, and the
+fetched bytes are verified against the digest before they are parsed or cached.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from lorafleet.registry.errors import IntegrityError
+from lorafleet.registry.formats import AdapterPayload, payload_from_stored
+from lorafleet.registry.identity import sha256_bytes, validate_digest
+from lorafleet.registry.manifest import Manifest
+
+V = TypeVar("V")
+
+
+class ByteBudgetLRU(Generic[V]):
+    """A thread-safe LRU map bounded by the total size of its values; pinned keys stay."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
+        self._pins: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    def get(self, key: str) -> V | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: str, value: V, size: int) -> list[str]:
+        """Store ``value``; returns the keys evicted to make room (empty if it did not fit)."""
+        with self._lock:
+            if size > self.budget_bytes:
+                return []
+            self._items.pop(key, None)
+            self._items[key] = (value, size)
+            return self._evict_over_budget(keep=key)
+
+    def _evict_over_budget(self, keep: str) -> list[str]:
+        evicted = []
+        for key in list(self._items):
+            if self._bytes_locked() <= self.budget_bytes:
+                break
+            if key != keep and not self._pins.get(key):
+                del self._items[key]
+                evicted.append(key)
+        self.evictions += len(evicted)
+        return evicted
+
+    def _bytes_locked(self) -> int:
+        return sum(size for _, size in self._items.values())
+
+    def pin(self, key: str) -> None:
+        with self._lock:
+            self._pins[key] = self._pins.get(key, 0) + 1
+
+    def unpin(self, key: str) -> None:
+        with self._lock:
+            if self._pins.get(key, 0) <= 1:
+                self._pins.pop(key, None)
+            else:
+                self._pins[key] -= 1
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+    @property
+    def bytes_used(self) -> int:
+        with self._lock:
+            return self._bytes_locked()
+
+
+@dataclass
+class CachedAdapter:
+    """An adapter parsed into host memory. Its tensors are never handed to a model directly."""
+
+    manifest: Manifest
+    payload: AdapterPayload
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.payload.tensors.values())
+
+
+class DiskTier:
+    """Verified adapter files in a local directory, named by digest, LRU within a byte budget."""
+
+    def __init__(self, directory: Path, budget_bytes: int):
+        self.directory = Path(directory).expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.index: ByteBudgetLRU[Path] = ByteBudgetLRU(budget_bytes)
+        self.integrity_failures = 0
+        self.write_failures = 0
+        for path in sorted(self.directory.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
+            self.index.put("sha256:" + path.stem, path, path.stat().st_size)
+
+    def _path(self, digest: str) -> Path:
+        return self.directory / (validate_digest(digest).split(":", 1)[1] + ".safetensors")
+
+    def get(self, digest: str) -> bytes | None:
+        path = self.index.get(digest)
+        if path is None:
+            return None
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self.index.remove(digest)
+            return None
+        if sha256_bytes(data) != digest:  # corrupted on disk: drop it, fetch again
+            self.integrity_failures += 1
+            self.index.remove(digest)
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
+    def put(self, digest: str, data: bytes) -> list[str]:
+        """Cache verified bytes; a full or failing disk only skips caching (serving goes on)."""
+        path = self._path(digest)
+        if not self._write_atomically(path, data):
+            return []
+        evicted = self.index.put(digest, path, len(data))
+        for key in evicted:
+            self._path(key).unlink(missing_ok=True)
+        if self.index.get(digest) is None:  # larger than the whole budget
+            path.unlink(missing_ok=True)
+        return evicted
+
+    def _write_atomically(self, path: Path, data: bytes) -> bool:
+        tmp = None
+        try:
+            fd, name = tempfile.mkstemp(dir=self.directory, prefix=".part-")
+            tmp = Path(name)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+            return True
+        except OSError as exc:
+            self.write_failures += 1
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+                raise
+            return False
+
+
+@dataclass
+class FetchResult:
+    adapter: CachedAdapter
+    tier: str  # "host" | "disk" | "registry"
+    seconds: float
+
+
+@dataclass
+class _Flight:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class AdapterFetcher:
+    """Host tier -> disk tier -> registry, one fetch per digest at a time."""
+
+    def __init__(self, registry, host_bytes: int, disk: DiskTier | None):
+        self.registry = registry
+        self.host: ByteBudgetLRU[CachedAdapter] = ByteBudgetLRU(host_bytes)
+        self.disk = disk
+        self._flights: dict[str, _Flight] = {}
+        self._flights_lock = threading.Lock()
+
+    def _flight(self, digest: str) -> _Flight:
+        with self._flights_lock:
+            return self._flights.setdefault(digest, _Flight())
+
+    def fetch(self, manifest: Manifest) -> FetchResult:
+        started = time.perf_counter()
+        cached = self.host.get(manifest.digest)
+        if cached is not None:
+            return FetchResult(cached, "host", time.perf_counter() - started)
+        with self._flight(manifest.digest).lock:  # others fetching other digests go on
+            cached = self.host.get(manifest.digest)
+            if cached is not None:
+                return FetchResult(cached, "host", time.perf_counter() - started)
+            data, tier = self._bytes(manifest)
+            adapter = CachedAdapter(manifest, payload_from_stored(data))
+            self.host.put(manifest.digest, adapter, adapter.nbytes)
+            return FetchResult(adapter, tier, time.perf_counter() - started)
+
+    def _bytes(self, manifest: Manifest) -> tuple[bytes, str]:
+        data = self.disk.get(manifest.digest) if self.disk else None
+        if data is not None:
+            return data, "disk"
+        data = self.registry.read_blob(manifest)  # verified against the digest
+        if sha256_bytes(data) != manifest.digest:
+            raise IntegrityError(f"blob of {manifest.adapter_id} does not match its digest")
+        if self.disk:
+            self.disk.put(manifest.digest, data)
+        return data, "registry"
+
+    def resident(self) -> dict[str, dict]:
+        tiers = {"host": {"digests": self.host.keys(), "bytes": self.host.bytes_used,
+                          "evictions": self.host.evictions}}
+        if self.disk:
+            tiers["disk"] = {"digests": self.disk.index.keys(), "bytes": self.disk.index.bytes_used,
+                             "evictions": self.disk.index.evictions}
+        return tiers

@@ -1,0 +1,151 @@
+"""The HTTP API (FastAPI). Domain errors become HTTP in one handler, via errors_http.STATUS_BY_ERROR."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from lorafleet.registry.errors import LorafleetError, RequestInvalid
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .auth import TokenTable
+from .errors_http import RETRYABLE_STATUSES, status_for
+from .metrics import CONTENT_TYPE
+from .schemas import (
+    AdapterSummary,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImageResponse,
+)
+from .service import BASE_MODEL_NAME, GenerationService
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 403, 404, 422, 503, 504)}
+
+
+class AliasMoveRequest(BaseModel):
+    version: int = Field(ge=1)
+    expected_version: int | None = Field(None, ge=1, description="Move only if the alias points here now.")
+
+
+def _error_response(status: int, code: str, message: str, field: str | None, retry_after: int) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if status in RETRYABLE_STATUSES else None
+    body = {"error": {"code": code, "message": message, "field": field}}
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def _field_of(location: tuple) -> str:
+    parts = [str(p) for p in location if p != "body"]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
+    return text or "body"
+
+
+def _install_error_handlers(app: FastAPI, retry_after: int) -> None:
+    @app.exception_handler(LorafleetError)
+    async def domain_error(request: Request, exc: LorafleetError):
+        return _error_response(status_for(exc), exc.code, exc.message, exc.field, retry_after)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+        message = str(first.get("msg", "invalid request"))
+        field = "body" if first.get("type") == "json_invalid" else _field_of(tuple(first.get("loc", ())))
+        return _error_response(422, "invalid_request", message, field, retry_after)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error_response(exc.status_code, "http_error", str(exc.detail), None, retry_after)
+
+
+def _install_metrics_middleware(app: FastAPI, service: GenerationService) -> None:
+    @app.middleware("http")
+    async def record(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        service.metrics.record_request(path, response.status_code, time.perf_counter() - started)
+        return response
+
+
+def _parse_size(size: str | None, native: int) -> tuple[int, int]:
+    if size is None:
+        return native, native
+    width, sep, height = size.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or len(size) > 11:
+        raise RequestInvalid(f"size must be 'WIDTHxHEIGHT', got {size!r}", field="size")
+    return int(width), int(height)
+
+
+def create_api(service: GenerationService, tokens: TokenTable) -> FastAPI:
+    app = FastAPI(title="lorafleet", version="0.1.0",
+                  description="Generate images with a frozen diffusion base and registry adapters.")
+    _install_error_handlers(app, service.settings.retry_after_s)
+    _install_metrics_middleware(app, service)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)
+    async def generate(body: GenerateRequest, authorization: str | None = Header(None)) -> GenerateResponse:
+        tokens.authorize(authorization, "generate")
+        return await service.generate(body)
+
+    @app.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERROR_RESPONSES)
+    async def openai_images(body: OpenAIImageRequest, authorization: str | None = Header(None)):
+        tokens.authorize(authorization, "generate")
+        if body.response_format == "url":
+            raise RequestInvalid("only response_format 'b64_json' is supported", field="response_format")
+        width, height = _parse_size(body.size, service.native_size)
+        model = body.model or BASE_MODEL_NAME
+        request = GenerateRequest(prompt=body.prompt, adapter=None if model == BASE_MODEL_NAME else model,
+                                  num_images=body.n, width=width, height=height)
+        result = await service.generate(request)
+        return OpenAIImageResponse(created=int(time.time()), data=[OpenAIImage(b64_json=b) for b in result.images])
+
+    @app.get("/v1/adapters", response_model=list[AdapterSummary], responses=ERROR_RESPONSES)
+    async def list_adapters(authorization: str | None = Header(None)):
+        tokens.authorize(authorization, "generate")
+        manifests = await asyncio.to_thread(service.registry.list)
+        return [_summary(service, m.name, m) for m in manifests]
+
+    @app.get("/v1/adapters/{name}", response_model=AdapterSummary, responses=ERROR_RESPONSES)
+    async def show_adapter(name: str, authorization: str | None = Header(None)):
+        tokens.authorize(authorization, "generate")
+        versions = await asyncio.to_thread(service.registry.list, name)
+        aliases = await asyncio.to_thread(service.registry.aliases, name)
+        live = [m for m in versions if not m.yanked]
+        return _summary(service, name, live[-1] if live else None, aliases)
+
+    @app.put("/v1/adapters/{name}/aliases/{alias}", responses=ERROR_RESPONSES)
+    async def move_alias(name: str, alias: str, body: AliasMoveRequest, authorization: str | None = Header(None)):
+        tokens.authorize(authorization, "admin")
+        record = await asyncio.to_thread(service.registry.set_alias, name, alias, body.version,
+                                         expected_version=body.expected_version)
+        return {"name": name, "alias": alias, "version": record.version, "revision": record.revision}
+
+    @app.get("/healthz", response_model=HealthResponse)
+    async def healthz():
+        return HealthResponse(status="ok")
+
+    @app.get("/readyz", response_model=HealthResponse, responses=ERROR_RESPONSES)
+    async def readyz():
+        return HealthResponse(**await service.readiness())
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _summary(service: GenerationService, name: str, manifest, aliases: dict | None = None) -> AdapterSummary:
+    cached = service.cached_tiers(manifest.digest) if manifest else {}
+    return AdapterSummary(name=name, latest_version=manifest.version if manifest else None,
+                          digest=manifest.digest if manifest else None, aliases=aliases or {}, cached=cached)

@@ -1,0 +1,101 @@
+"""The Serve application: a FastAPI gateway and generator replicas, on Ray Serve or in-process.
+
+    Gateway (FastAPI ingress: auth, limits, adapter resolution, metrics)
+        --handle.options(multiplexed_model_id=<adapter set>)--> Generator replicas (base + adapters)
+
+``app_builder`` is the import path for ``serve build`` / ``serve deploy`` / a RayService:
+``lorafleet.serve.app:app_builder`` with the settings as ``args``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from lorafleet.registry import AdapterRegistry
+from ray import serve
+
+from .api import create_api
+from .auth import TokenTable
+from .backends import LocalGeneratorBackend, RayGeneratorBackend
+from .replica import GenerationTask, GeneratorReplica
+from .service import GenerationService
+from .settings import ServeSettings
+
+GATEWAY_NAME = "Gateway"
+GENERATOR_NAME = "Generator"
+APP_NAME = "lorafleet"
+MULTIPLEX_SLOTS = 64  # adapter-set ids remembered per replica for routing (cheap markers)
+
+
+def create_local_app(settings: ServeSettings, registry: AdapterRegistry | None = None):
+    """The whole service in this process (no Ray): for tests and a single-process server."""
+    registry = registry or AdapterRegistry(settings.registry)
+    replica = GeneratorReplica(settings, registry)
+    backend = LocalGeneratorBackend(replica, settings.max_ongoing_requests, settings.max_queued_requests)
+    service = GenerationService(settings, backend, registry)
+    return create_api(service, TokenTable.from_settings(settings)), service
+
+
+@serve.deployment(name=GENERATOR_NAME)
+class GeneratorDeployment:
+    """One replica: the frozen base in accelerator memory and its adapter tiers."""
+
+    def __init__(self, settings: dict):
+        self.replica = GeneratorReplica(ServeSettings(**settings))
+
+    @serve.multiplexed(max_num_models_per_replica=MULTIPLEX_SLOTS)
+    async def adapter_set(self, set_id: str) -> str:
+        # A routing marker only: adapters are fetched, kept and evicted by the replica's own
+        # tiers with explicit methods (Ray may call a model's __del__ twice on eviction).
+        return set_id
+
+    async def generate(self, task: GenerationTask):
+        await self.adapter_set(serve.get_multiplexed_model_id() or task.set_id)
+        return await asyncio.to_thread(self.replica.generate, task)
+
+    async def health(self) -> dict:
+        return self.replica.health()
+
+
+@serve.deployment(name=GATEWAY_NAME)
+@serve.ingress()
+class GatewayDeployment:
+    def __init__(self, settings: dict, generator):
+        self.settings = ServeSettings(**settings)
+        registry = AdapterRegistry(self.settings.registry)
+        self.service = GenerationService(self.settings, RayGeneratorBackend(generator), registry)
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.service, TokenTable.from_settings(self.settings))
+
+
+def generator_options(settings: ServeSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+    }
+    if settings.autoscaling:
+        scaling = settings.autoscaling
+        options["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+        }
+    else:
+        options["num_replicas"] = settings.replicas
+    return options
+
+
+def build_app(settings: ServeSettings):
+    """The bound Serve application for ``settings``."""
+    payload = settings.model_dump(mode="json", exclude={"config_file"})
+    generator = GeneratorDeployment.options(**generator_options(settings)).bind(payload)
+    gateway = GatewayDeployment.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    return gateway.bind(payload, generator)
+
+
+def app_builder(args: dict[str, Any] | None = None):
+    """Entry point for `serve build` / `serve run` / RayService: ``args`` are ServeSettings fields."""
+    return build_app(ServeSettings(**(args or {})))

@@ -1,0 +1,58 @@
+"""How the gateway reaches generator replicas: in-process (tests, single process) or Ray Serve."""
+
+from __future__ import annotations
+
+import asyncio
+
+from lorafleet.registry.errors import LorafleetError, Overloaded, ServiceUnavailable
+
+from .replica import GenerationOutput, GenerationTask, GeneratorReplica
+
+
+class LocalGeneratorBackend:
+    """One in-process replica; at most ``max_ongoing`` generations at once, ``max_queued`` waiting."""
+
+    def __init__(self, replica: GeneratorReplica, max_ongoing: int = 1, max_queued: int = 16):
+        self.replica = replica
+        self._slots = asyncio.Semaphore(max_ongoing)
+        self._max_waiting = max_ongoing + max_queued
+        self._waiting = 0
+
+    async def generate(self, task: GenerationTask) -> GenerationOutput:
+        if self._waiting >= self._max_waiting:
+            raise Overloaded("the generator queue is full; retry shortly")
+        self._waiting += 1
+        try:
+            async with self._slots:
+                return await asyncio.to_thread(self.replica.generate, task)
+        finally:
+            self._waiting -= 1
+
+    async def health(self) -> dict:
+        return self.replica.health()
+
+
+class RayGeneratorBackend:
+    """Generator replicas behind a Ray Serve handle, routed by adapter set (model multiplexing)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def generate(self, task: GenerationTask) -> GenerationOutput:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:
+            return await self.handle.options(multiplexed_model_id=task.set_id).generate.remote(task)
+        except BackPressureError as exc:
+            raise Overloaded("all generator replicas are busy and their queues are full; retry shortly") from exc
+        except (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError) as exc:
+            raise ServiceUnavailable(f"generator replica unavailable: {type(exc).__name__}") from exc
+        except RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, LorafleetError):
+                raise cause from None
+            raise
+
+    async def health(self) -> dict:
+        return await self.handle.health.remote()

@@ -1,0 +1,82 @@
+"""Prometheus metrics named lorafleet_*, in the service's own registry (prometheus-client).
+
+Replicas report what they did with each response (where each adapter came from, evictions,
+fuse events, what is resident); the gateway turns that into metrics here, so one scrape of
+/metrics shows the whole path.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+LOAD_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+TIERS = ("active", "host", "disk", "registry")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServiceMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("lorafleet_requests", "HTTP requests by route and status.", ["route", "status"],
+                                registry=r)
+        self.request_seconds = Histogram("lorafleet_request_duration_seconds", "HTTP request latency.", ["route"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.generation_seconds = Histogram("lorafleet_generation_duration_seconds", "Pipeline time per request.",
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("lorafleet_queue_depth", "Generation requests in flight or waiting.", registry=r)
+        self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapters fetched, by the tier that had them.",
+                                     ["tier"], registry=r)
+        self.adapter_load_seconds = Histogram("lorafleet_adapter_load_duration_seconds",
+                                              "Adapter fetch latency by tier.", ["tier"], buckets=LOAD_BUCKETS,
+                                              registry=r)
+        self.cache_hits = Counter("lorafleet_cache_hits", "Adapter cache hits by tier.", ["tier"], registry=r)
+        self.cache_misses = Counter("lorafleet_cache_misses", "Adapter cache misses by tier.", ["tier"], registry=r)
+        self.resident_adapters = Gauge("lorafleet_resident_adapters", "Adapters resident per tier and replica.",
+                                       ["tier", "replica"], registry=r)
+        self.resident_bytes = Gauge("lorafleet_resident_bytes", "Bytes resident per tier and replica.",
+                                    ["tier", "replica"], registry=r)
+        self.evictions = Counter("lorafleet_cache_evictions", "Adapters evicted, by tier.", ["tier"], registry=r)
+        self.fuse_events = Counter("lorafleet_fuse_events", "Fuse and unfuse events.", ["event"], registry=r)
+        self.adapter_load_failures = Counter("lorafleet_adapter_load_failures",
+                                             "Adapter resolutions or fetches that failed, by error code.", ["code"],
+                                             registry=r)
+        self.overloads = Counter("lorafleet_overload_rejections", "Requests refused with 503 (overload).",
+                                 registry=r)
+        self._evictions_seen: dict[tuple[str, str], int] = {}
+
+    def record_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.request_seconds.labels(route=route).observe(seconds)
+
+    def record_output(self, output) -> None:
+        """What one replica reported about one generation."""
+        self.generation_seconds.observe(output.generation_ms / 1000)
+        for fetch in output.fetches:
+            self.adapter_loads.labels(tier=fetch.tier).inc()
+            self.adapter_load_seconds.labels(tier=fetch.tier).observe(fetch.seconds)
+            served_at = TIERS.index(fetch.tier)
+            for tier in TIERS[:served_at]:
+                self.cache_misses.labels(tier=tier).inc()
+            if fetch.tier != "registry":
+                self.cache_hits.labels(tier=fetch.tier).inc()
+        for event in output.fuse_events:
+            self.fuse_events.labels(event=event).inc()
+        self.evictions.labels(tier="active").inc(len(output.evicted_active))
+        self._record_resident(output.replica, output.resident)
+
+    def _record_resident(self, replica: str, resident: dict) -> None:
+        for tier, info in resident.items():
+            self.resident_adapters.labels(tier=tier, replica=replica).set(len(info.get("digests", [])))
+            self.resident_bytes.labels(tier=tier, replica=replica).set(info.get("bytes", 0))
+            if tier != "active":  # replicas report cumulative evictions for host/disk
+                seen = self._evictions_seen.get((tier, replica), 0)
+                total = int(info.get("evictions", 0))
+                if total > seen:
+                    self.evictions.labels(tier=tier).inc(total - seen)
+                    self._evictions_seen[(tier, replica)] = total
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

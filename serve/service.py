@@ -1,0 +1,247 @@
+"""The gateway's logic, without HTTP or Ray: check a request, resolve adapters, call a replica.
+
+Stages of one request: limits checked (422 naming the field) -> adapter refs resolved to
+manifests (aliases cached for a short TTL; exact versions for good) -> compatibility with the
+served base checked -> the task sent to a generator backend (routed by the adapter set) ->
+images encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from lorafleet.registry import AdapterRef, AdapterRegistry, Manifest
+from lorafleet.registry.errors import (
+    AdapterIncompatible,
+    LorafleetError,
+    Overloaded,
+    RegistryUnavailable,
+    RequestInvalid,
+    RequestTimeout,
+    ServiceUnavailable,
+)
+
+from .engine import GenerationJob
+from .metrics import ServiceMetrics
+from .replica import GenerationOutput, GenerationTask
+from .schemas import GenerateRequest, GenerateResponse, ResolvedAdapter, Timings
+from .settings import RequestLimits, ServeSettings
+
+BASE_MODEL_NAME = "base"
+
+
+class GeneratorBackend(Protocol):
+    async def generate(self, task: GenerationTask) -> GenerationOutput: ...
+
+    async def health(self) -> dict: ...
+
+
+@dataclass
+class _Resolution:
+    manifest: Manifest
+    at: float
+
+
+class AdapterResolver:
+    """ref -> manifest. Alias and `latest` resolutions live ``ttl_s``; exact versions forever.
+
+    When the registry is unreachable, the last known resolution is used (cached adapters keep
+    serving); a ref never resolved before raises RegistryUnavailable (503).
+    """
+
+    def __init__(self, registry: AdapterRegistry, ttl_s: float):
+        self.registry = registry
+        self.ttl_s = ttl_s
+        self._cache: dict[AdapterRef, _Resolution] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, ref_text: str, field: str) -> Manifest:
+        ref = AdapterRef.parse(ref_text, field=field)
+        with self._lock:
+            known = self._cache.get(ref)
+        exact = ref.version is not None or ref.digest is not None
+        if known and (exact or time.monotonic() - known.at < self.ttl_s):
+            return known.manifest
+        try:
+            manifest = self.registry.resolve(ref)
+        except RegistryUnavailable:
+            if known:
+                return known.manifest
+            raise
+        except LorafleetError as exc:
+            exc.field = field
+            raise
+        with self._lock:
+            self._cache[ref] = _Resolution(manifest, time.monotonic())
+        return manifest
+
+
+def adapter_set_id(adapters: list[tuple[Manifest, float]]) -> str:
+    """The multiplexing key of an adapter set: its digests and weights (never empty)."""
+    if not adapters:
+        return BASE_MODEL_NAME
+    text = "|".join(f"{m.digest}*{w:.6g}" for m, w in sorted(adapters, key=lambda a: a[0].digest))
+    return "set-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def check_limits(request: GenerateRequest, limits: RequestLimits, native_size: int) -> tuple[int, int, int]:
+    """(steps, width, height) for the request, or RequestInvalid naming the field."""
+    def fail(field: str, message: str):
+        raise RequestInvalid(message, field=field)
+
+    if not request.prompt.strip():
+        fail("prompt", "prompt must not be empty")
+    for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt or "")):
+        if len(text) > limits.max_prompt_chars:
+            fail(field, f"{field} is longer than {limits.max_prompt_chars} characters")
+    steps = request.steps or limits.default_steps
+    if steps > limits.max_steps:
+        fail("steps", f"steps must be at most {limits.max_steps}")
+    if request.num_images > limits.max_num_images:
+        fail("num_images", f"num_images must be at most {limits.max_num_images}")
+    if len(request.adapter_weights()) > limits.max_adapters_per_request:
+        fail("adapters", f"at most {limits.max_adapters_per_request} adapters per request")
+    sizes = {"width": request.width or native_size, "height": request.height or native_size}
+    for field, size in sizes.items():
+        if not limits.min_size <= size <= limits.max_size or size % limits.size_multiple:
+            fail(field, f"{field} must be a multiple of {limits.size_multiple} in "
+                        f"[{limits.min_size}, {limits.max_size}]")
+    return steps, sizes["width"], sizes["height"]
+
+
+def encode_image(image: np.ndarray, output_format: str) -> str:
+    """One [height, width, 3] float image in [0, 1] as base64 in ``output_format``."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    if output_format == "npy":
+        np.save(buffer, image.astype(np.float32), allow_pickle=False)
+    else:
+        pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(buffer, format={"jpeg": "JPEG", "webp": "WEBP"}.get(output_format, "PNG"))
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class GenerationService:
+    def __init__(self, settings: ServeSettings, backend: GeneratorBackend, registry: AdapterRegistry,
+                 metrics: ServiceMetrics | None = None):
+        self.settings = settings
+        self.backend = backend
+        self.registry = registry
+        self.resolver = AdapterResolver(registry, settings.resolution_ttl_s)
+        self.base_fingerprint: str | None = None  # learnt from a replica (the gateway loads no model)
+        self.native_size = 512
+        self.metrics = metrics or ServiceMetrics()
+        self._in_flight = 0
+        self.resident_by_replica: dict[str, dict] = {}
+        self._max_pending = settings.max_queued_requests + settings.max_ongoing_requests * max(
+            settings.replicas, settings.autoscaling.max_replicas if settings.autoscaling else 1)
+
+    def _resolve(self, request: GenerateRequest) -> list[tuple[str, Manifest, float]]:
+        resolved = []
+        field_name = "adapter" if request.adapter is not None else "adapters"
+        for index, item in enumerate(request.adapter_weights()):
+            field = field_name if request.adapter is not None else f"adapters[{index}].ref"
+            try:
+                manifest = self.resolver.resolve(item.ref, field)
+            except LorafleetError as exc:
+                self.metrics.adapter_load_failures.labels(code=exc.code).inc()
+                raise
+            if manifest.base.fingerprint != self.base_fingerprint:
+                raise AdapterIncompatible(
+                    f"{manifest.adapter_id} was made for base {manifest.base.id} ({manifest.base.fingerprint[:19]}), "
+                    f"not for the base this server runs ({self.base_fingerprint[:19]})", field=field)
+            resolved.append((item.ref, manifest, item.weight))
+        digests = [m.digest for _, m, _ in resolved]
+        if len(set(digests)) != len(digests):
+            raise RequestInvalid("the same adapter is named twice", field=field_name)
+        return resolved
+
+    def _task(self, request: GenerateRequest, resolved) -> tuple[GenerationTask, list[int]]:
+        steps, width, height = check_limits(request, self.settings.limits, self.native_size)
+        seed = request.seed if request.seed is not None else int.from_bytes(np.random.bytes(4), "little")
+        seeds = [(seed + i) % 2**32 for i in range(request.num_images)]
+        guidance = request.guidance_scale if request.guidance_scale is not None else \
+            self.settings.limits.default_guidance_scale
+        job = GenerationJob(request.prompt, request.negative_prompt, steps, guidance, width, height, tuple(seeds))
+        adapters = tuple((m, w) for _, m, w in resolved)
+        return GenerationTask(adapters=adapters, job=job, set_id=adapter_set_id(list(adapters))), seeds
+
+    async def ensure_base_info(self) -> None:
+        if self.base_fingerprint is None:
+            try:
+                health = await asyncio.wait_for(self.backend.health(), timeout=self.settings.request_timeout_s)
+            except asyncio.TimeoutError as exc:
+                raise ServiceUnavailable("no generator replica answered yet") from exc
+            self.native_size = int(health["native_size"])
+            self.base_fingerprint = health["base_fingerprint"]
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        started = time.perf_counter()
+        await self.ensure_base_info()
+        check_limits(request, self.settings.limits, self.native_size)
+        resolved = await asyncio.to_thread(self._resolve, request)
+        task, seeds = self._task(request, resolved)
+        output = await self._call_backend(task)
+        self.metrics.record_output(output)
+        self.resident_by_replica[output.replica] = output.resident
+        total_ms = 1000 * (time.perf_counter() - started)
+        load_ms = output.fetch_ms + output.activate_ms
+        return GenerateResponse(
+            images=[encode_image(image, request.output_format) for image in output.images],
+            output_format=request.output_format, width=task.job.width, height=task.job.height,
+            adapters=[ResolvedAdapter(ref=ref, name=m.name, version=m.version, digest=m.digest, weight=w)
+                      for ref, m, w in resolved],
+            seed=seeds[0], seeds=seeds,
+            timings=Timings(queue_ms=max(0.0, total_ms - load_ms - output.generation_ms), adapter_load_ms=load_ms,
+                            generation_ms=output.generation_ms, total_ms=total_ms),
+            replica=output.replica,
+        )
+
+    async def _call_backend(self, task: GenerationTask) -> GenerationOutput:
+        if self._in_flight >= self._max_pending:
+            self.metrics.overloads.inc()
+            raise Overloaded("all replicas are busy and the queue is full; retry shortly")
+        self._in_flight += 1
+        self.metrics.queue_depth.set(self._in_flight)
+        try:
+            return await asyncio.wait_for(self.backend.generate(task), timeout=self.settings.request_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise RequestTimeout(f"generation did not finish within {self.settings.request_timeout_s:g}s") from exc
+        except Overloaded:
+            self.metrics.overloads.inc()
+            raise
+        finally:
+            self._in_flight -= 1
+            self.metrics.queue_depth.set(self._in_flight)
+
+    def cached_tiers(self, digest: str) -> dict[str, list[str]]:
+        """Replicas (last reported) holding ``digest``, by tier."""
+        found: dict[str, list[str]] = {}
+        for replica, tiers in self.resident_by_replica.items():
+            for tier, info in tiers.items():
+                if digest in info.get("digests", []):
+                    found.setdefault(tier, []).append(replica)
+        return found
+
+    async def readiness(self) -> dict:
+        try:
+            health = await asyncio.wait_for(self.backend.health(), timeout=10)
+            await self.ensure_base_info()
+        except Exception as exc:  # any failure means: not ready
+            raise ServiceUnavailable(f"no generator replica is ready: {exc}") from exc
+        try:
+            await asyncio.to_thread(self.registry.check)
+            reachable, mode = True, "registry"
+        except LorafleetError:
+            reachable, mode = False, "cached-only"
+        return {"status": "ready", "base": health.get("base"), "base_fingerprint": health.get("base_fingerprint"),
+                "registry": self.registry.uri, "registry_reachable": reachable, "mode": mode}

@@ -1,0 +1,93 @@
+"""Serving settings: defaults < YAML file (--config) < LORAFLEET_* environment < command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+
+class RequestLimits(BaseModel):
+    """Bounds on what one request may ask for (violations answer 422 naming the field)."""
+
+    max_steps: int = Field(50, description="Most denoising steps per request.")
+    default_steps: int = Field(20, description="Steps when the request names none.")
+    default_guidance_scale: float = Field(7.5, description="Guidance when the request names none.")
+    min_size: int = Field(8, description="Smallest width/height in pixels.")
+    max_size: int = Field(1024, description="Largest width/height in pixels.")
+    size_multiple: int = Field(8, description="Width and height must be multiples of this.")
+    max_num_images: int = Field(4, description="Most images per request.")
+    max_prompt_chars: int = Field(2000, description="Longest prompt (and negative prompt), in characters.")
+    max_adapters_per_request: int = Field(4, description="Most adapters in one request.")
+
+
+class CacheBudgets(BaseModel):
+    """Per-replica adapter cache tiers, each with LRU eviction."""
+
+    active_max_adapters: int = Field(8, description="Adapters kept loaded in the pipeline.")
+    host_bytes: int = Field(512 * 1024**2, description="Host-memory tier (state dicts) byte budget.")
+    disk_bytes: int = Field(4 * 1024**3, description="Local disk tier byte budget.")
+    disk_dir: Path = Field(Path("~/.cache/lorafleet/adapters"), description="Local disk tier directory.")
+
+
+class Autoscaling(BaseModel):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+
+class ServeSettings(BaseSettings):
+    """Everything `lorafleet serve` and the Serve app read (env prefix LORAFLEET_, nested with __)."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", env_nested_delimiter="__", extra="forbid")
+
+    base: str = Field("tiny", description="Built-in base name, a diffusers directory or a .safetensors checkpoint.")
+    base_config: str | None = Field(None, description="Diffusers directory with the configs of a single-file checkpoint.")
+    registry: str | None = Field(None, description="Registry URI; default $LORAFLEET_REGISTRY or ~/.lorafleet/registry.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+    dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$")
+    replicas: int = Field(1, ge=1, description="Generator replicas when autoscaling is off.")
+    autoscaling: Autoscaling | None = Field(None, description="Ray Serve autoscaling of generator replicas.")
+    replica_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per generator replica.")
+    replica_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per generator replica.")
+    max_ongoing_requests: int = Field(2, ge=1, description="Requests a generator replica works on at once.")
+    max_queued_requests: int = Field(16, ge=1, description="Requests waiting per caller before 503.")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request still running after this gets 504.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503.")
+    resolution_ttl_s: float = Field(5.0, ge=0, description="How long an alias resolution is reused.")
+    fuse_after: int = Field(0, ge=0, description="Fuse an adapter set served this many times in a row (0: never).")
+    cache: CacheBudgets = Field(default_factory=CacheBudgets)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    auth_enabled: bool = Field(False, description="Require bearer tokens.")
+    api_tokens: str | None = Field(None, description="'token=scope+scope,token2=generate' (or use tokens_file).")
+    tokens_file: Path | None = Field(None, description="File with one 'token scope,scope' per line.")
+    config_file: Path | None = Field(None, description="YAML file these settings were read from.")
+
+    @model_validator(mode="after")
+    def _auth_needs_tokens(self) -> "ServeSettings":
+        if self.auth_enabled and not (self.api_tokens or self.tokens_file):
+            raise ValueError("auth_enabled needs api_tokens or tokens_file")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = init_settings.init_kwargs.get("config_file") if hasattr(init_settings, "init_kwargs") else None
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> ServeSettings:
+    """Settings from a YAML file, the environment and explicit overrides (None values ignored)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if config_file is not None:
+        given["config_file"] = Path(config_file)
+    return ServeSettings(**given)
