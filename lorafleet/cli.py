@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafleet import benchmarks, demo_cli
     from lorafleet.bases import cli as bases_cli
     from lorafleet.registry import cli as registry_cli
+    from lorafleet.serve import cli as serve_cli
 
     parser = argparse.ArgumentParser(
         prog="lorafleet",
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     demo_cli.add_commands(subparsers)
     registry_cli.add_commands(subparsers)
+    serve_cli.add_commands(subparsers)
     bases_cli.add_commands(subparsers)
     benchmarks.add_commands(subparsers)
     return parser

@@ -23,7 +23,7 @@ def _targets(spec: BaseSpec, component: str, suffixes: tuple[str, ...]) -> list[
 
 
 def synthetic_lora(spec: BaseSpec, *, seed: int = 0, rank: int = 4, alpha: float = 4.0,
-                   targets: tuple[str, ...] = DEFAULT_TARGETS, scale: float = 0.5,
+                   targets: tuple[str, ...] = DEFAULT_TARGETS, scale: float = 0.2,
                    text_encoder_targets: tuple[str, ...] = ()) -> AdapterPayload:
     """A random, non-trivial LoRA fitting ``spec``; ``scale`` sets the size of its change."""
     generator = torch.Generator().manual_seed(seed)

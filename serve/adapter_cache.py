@@ -10,7 +10,7 @@ fetched bytes are verified against the digest before they are parsed or cached.
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 import tempfile
 import threading
@@ -26,6 +26,7 @@ from lorafleet.registry.identity import sha256_bytes, validate_digest
 from lorafleet.registry.manifest import Manifest
 
 V = TypeVar("V")
+logger = logging.getLogger(__name__)
 
 
 class ByteBudgetLRU(Generic[V]):
@@ -162,12 +163,11 @@ class DiskTier:
                 handle.write(data)
             os.replace(tmp, path)
             return True
-        except OSError as exc:
+        except OSError as exc:  # full, read-only or broken: serve from memory, say so in the log
             self.write_failures += 1
+            logger.warning("disk cache %s: cannot write %s (%s)", self.directory, path.name, exc)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-                raise
             return False
 
 

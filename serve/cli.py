@@ -1,0 +1,67 @@
+"""`lorafleet serve`: run the Serve app on a local Ray cluster (or print its Serve config)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import yaml
+
+from .settings import load_settings
+
+
+def serve_config(settings) -> dict:
+    """What `serve build lorafleet.serve.app:app_builder` gives, with these settings as args."""
+    from .app import APP_NAME, GATEWAY_NAME, GENERATOR_NAME, generator_options
+
+    generator = {"name": GENERATOR_NAME, **generator_options(settings)}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": settings.port},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": "lorafleet.serve.app:app_builder",
+            "args": settings.model_dump(mode="json", exclude={"config_file", "host"}, exclude_none=True),
+            "deployments": [{"name": GATEWAY_NAME, "ray_actor_options": {"num_cpus": 0}}, generator],
+        }],
+    }
+
+
+def _settings(args):
+    return load_settings(Path(args.config) if args.config else None, base=args.base, registry=args.registry,
+                         host=args.host, port=args.port, replicas=args.replicas)
+
+
+def cmd_serve(args) -> int:
+    from .server import start_server
+
+    settings = _settings(args)
+    if args.print_config:
+        print(yaml.safe_dump(serve_config(settings), sort_keys=False))
+        return 0
+    server = start_server(settings, ray_address=args.ray_address)
+    print(f"lorafleet is serving base {settings.base!r} at {server.url} (POST /v1/generate); Ctrl-C stops it",
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="serve adapters over HTTP with Ray Serve")
+    parser.add_argument("--base", help="built-in base (tiny), a diffusers directory or a .safetensors checkpoint")
+    parser.add_argument("--registry", help="registry URI")
+    parser.add_argument("--host", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (default 8000)")
+    parser.add_argument("--config", help="YAML settings file (keys as in ServeSettings)")
+    parser.add_argument("--replicas", type=int, help="generator replicas (without autoscaling)")
+    parser.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    parser.add_argument("--print-config", action="store_true", help="print the Serve config (serve deploy) and exit")
+    parser.set_defaults(handler=cmd_serve)

@@ -1,0 +1,69 @@
+"""Starting and stopping the Serve app on a local (or given) Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import httpx
+from lorafleet.registry.errors import ServiceUnavailable
+
+from .app import APP_NAME, build_app
+from .settings import ServeSettings
+
+
+@dataclass
+class RunningServer:
+    url: str
+    settings: ServeSettings
+    owns_ray: bool
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            if self.owns_ray:
+                ray.shutdown()
+
+
+def wait_ready(url: str, timeout_s: float = 180.0) -> dict:
+    """Poll /readyz until it answers 200."""
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    with httpx.Client(timeout=10) as client:
+        while time.monotonic() < deadline:
+            try:
+                response = client.get(f"{url}/readyz")
+                if response.status_code == 200:
+                    return response.json()
+                last = f"{response.status_code} {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = str(exc)
+            time.sleep(0.5)
+    raise ServiceUnavailable(f"server at {url} not ready after {timeout_s:.0f}s: {last}")
+
+
+def start_server(settings: ServeSettings, ray_address: str | None = None, num_cpus: int | None = None) -> RunningServer:
+    """Start Ray (a local cluster unless ``ray_address``), Serve, and the app; wait for /readyz."""
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        local = address == "local"
+        ray.init(address=address, num_cpus=(num_cpus or os.cpu_count()) if local else None,
+                 include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    server = RunningServer(url=f"http://{settings.host}:{settings.port}", settings=settings, owns_ray=owns_ray)
+    try:
+        wait_ready(server.url)
+    except BaseException:
+        server.stop()
+        raise
+    return server

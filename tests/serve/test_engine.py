@@ -1,0 +1,102 @@
+"""The replica's pipeline engine against plain diffusers: same images whatever happened before."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
+from lorafleet.registry.errors import AdapterIncompatible
+from lorafleet.serve.adapter_cache import AdapterFetcher
+from lorafleet.serve.engine import AdapterUse, GenerationJob, PipelineEngine
+
+from lorafleet.accelerator import resolve_placement
+from lorafleet.bases import load_base
+
+JOB = GenerationJob(PROMPT, None, STEPS, GUIDANCE, 32, 32, (0,))
+TOLERANCE = 1e-4  # max abs pixel difference to plain diffusers, fused or not
+
+
+@pytest.fixture
+def fetcher(adapter_registry):
+    return AdapterFetcher(adapter_registry, host_bytes=64 * 1024**2, disk=None)
+
+
+def _use(fetcher, registry, ref, weight=1.0):
+    return AdapterUse(fetcher.fetch(registry.resolve(ref)).adapter, weight)
+
+
+def test_images_match_plain_diffusers_across_swaps_fuses_and_evictions(adapter_registry, pulled_files, fetcher):
+    engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=2, fuse_after=2)
+    references = {name: plain_diffusers_image(path) for name, path in pulled_files.items() if name != "sks-token"}
+    references[None] = plain_diffusers_image(None)
+    sequence = ["style0", "style0", "style0", "style1", None, "style0", "style2", "style3", "style0", "style0",
+                None, "style4", "style1", "style1", "style1", "style2"]
+    events = []
+    for name in sequence:
+        uses = [_use(fetcher, adapter_registry, name)] if name else []
+        result = engine.run(uses, JOB)
+        events += result.fuse_events
+        assert np.abs(result.images[0] - references[name]).max() <= TOLERANCE, (name, result.fused)
+    assert "fuse" in events and "unfuse" in events  # the sequence did exercise fusing
+    assert len(engine.active) == 2  # and eviction
+
+
+def test_leaving_the_fused_state_restores_the_base_bit_identically(adapter_registry, fetcher):
+    pristine = {k: v.clone() for k, v in load_base("tiny").pipeline.unet.state_dict().items()}
+    engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=4, fuse_after=1)
+    for _ in range(3):
+        for name in ("style1", "style2"):
+            assert engine.run([_use(fetcher, adapter_registry, name)], JOB).fused
+    assert engine.leave_fused_state()
+    weights = {k.replace(".base_layer", ""): v for k, v in engine.pipe.unet.state_dict().items() if "lora_" not in k}
+    assert set(weights) == set(pristine)
+    for key, tensor in weights.items():
+        assert torch.equal(tensor, pristine[key]), key
+
+
+def test_cached_tensors_are_never_mutated_by_swaps(adapter_registry, fetcher):
+    engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=1, fuse_after=1)
+    use = _use(fetcher, adapter_registry, "style1")
+    before = {k: v.clone() for k, v in use.adapter.payload.tensors.items()}
+    for name in ("style1", "style2", "style1", "style3", "style1"):
+        engine.run([_use(fetcher, adapter_registry, name)], JOB)
+    with torch.no_grad():
+        for parameter in engine.pipe.unet.parameters():
+            parameter.add_(1.0)  # anything sharing storage with the cache would change too
+    for key, tensor in use.adapter.payload.tensors.items():
+        assert torch.equal(tensor, before[key]), key
+
+
+def test_weighted_sets_of_two_adapters_match_diffusers_set_adapters(adapter_registry, pulled_files, fetcher):
+    engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=4)
+    result = engine.run([_use(fetcher, adapter_registry, "style1", 0.7),
+                         _use(fetcher, adapter_registry, "style2", 0.4)], JOB)
+    pipe = load_base("tiny").pipeline
+    pipe.load_lora_weights(str(pulled_files["style1"]), adapter_name="a")
+    pipe.load_lora_weights(str(pulled_files["style2"]), adapter_name="b")
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
+    expected = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                    generator=[torch.Generator().manual_seed(0)], output_type="np").images[0]
+    assert np.abs(result.images[0] - expected).max() <= TOLERANCE
+
+
+def test_textual_inversion_tokens_match_plain_diffusers(adapter_registry, pulled_files, fetcher):
+    engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=4)
+    job = GenerationJob("a photo of <sks>", None, STEPS, GUIDANCE, 32, 32, (0,))
+    result = engine.run([_use(fetcher, adapter_registry, "sks-token")], job)
+    expected = plain_diffusers_image(None, prompt="a photo of <sks>", textual_inversion=pulled_files["sks-token"])
+    assert np.abs(result.images[0] - expected).max() <= TOLERANCE
+    engine.run([_use(fetcher, adapter_registry, "style1")], JOB)  # other adapters still fine afterwards
+
+
+def test_full_fine_tunes_are_refused_by_the_engine(adapter_registry, fetcher, tiny_spec, tmp_path):
+    from lorafleet.registry import PublishRequest
+    from safetensors.torch import save_file
+
+    unet = load_base("tiny").pipeline.unet
+    save_file({f"unet.{k}": v for k, v in unet.state_dict().items()}, str(tmp_path / "full.safetensors"))
+    adapter_registry.publish(tmp_path / "full.safetensors", PublishRequest(name="full", base=tiny_spec, method="full"))
+    engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"))
+    with pytest.raises(AdapterIncompatible):
+        engine.run([_use(fetcher, adapter_registry, "full")], JOB)
