@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafleet.bases import cli as bases_cli
     from lorafleet.registry import cli as registry_cli
     from lorafleet.serve import cli as serve_cli
+    from lorafleet.training import cli as training_cli
 
     parser = argparse.ArgumentParser(
         prog="lorafleet",
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cli.add_commands(subparsers)
     registry_cli.add_commands(subparsers)
     serve_cli.add_commands(subparsers)
+    training_cli.add_commands(subparsers)
     bases_cli.add_commands(subparsers)
     benchmarks.add_commands(subparsers)
     return parser

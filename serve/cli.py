@@ -41,12 +41,12 @@ def cmd_serve(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(serve_config(settings), sort_keys=False))
         return 0
+    stop = threading.Event()
     server = start_server(settings, ray_address=args.ray_address)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
+        signal.signal(sig, lambda *_: stop.set())
     print(f"lorafleet is serving base {settings.base!r} at {server.url} (POST /v1/generate); Ctrl-C stops it",
           flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         stop.wait()
     finally:

@@ -122,6 +122,12 @@ class PipelineEngine:
     def _ensure_active(self, uses: list[AdapterUse]) -> tuple[list[str], list[str]]:
         wanted = [use.adapter.digest for use in uses]
         loaded, evicted = [], []
+        # A loaded token would change every prompt that contains its text, requested or not:
+        # textual-inversion tokens are in the pipeline only while a request names them.
+        for digest in [d for d, a in self.active.items() if a.kind == AdapterFormat.textual_inversion
+                       and d not in wanted]:
+            self._remove(self.active.pop(digest))
+            evicted.append(digest)
         for use in uses:
             digest = use.adapter.digest
             if digest in self.active:

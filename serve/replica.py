@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from lorafleet.registry import AdapterRegistry
 from lorafleet.registry.manifest import Manifest
 
@@ -73,6 +75,9 @@ class GeneratorReplica:
         self.engine = PipelineEngine(self.base.pipeline, self.placement, settings.cache.active_max_adapters,
                                      settings.fuse_after)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
+        # Every torch call on the pipeline runs on this one thread: OpenMP keeps a thread team
+        # per calling thread, and several idle teams spinning on 2 cores starve the busy one.
+        self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-pipeline")
 
     def _fetch(self, task: GenerationTask) -> tuple[list[AdapterUse], list[AdapterFetch]]:
         uses, fetches = [], []
@@ -87,7 +92,7 @@ class GeneratorReplica:
         started = time.perf_counter()
         uses, fetches = self._fetch(task)
         fetched = time.perf_counter()
-        result = self.engine.run(uses, task.job)
+        result = self._pipeline_thread.submit(self.engine.run, uses, task.job).result()
         return GenerationOutput(
             images=result.images, fetches=fetches, fetch_ms=1000 * (fetched - started),
             activate_ms=result.activate_ms, generation_ms=result.generation_ms, replica=self.replica_id,
@@ -103,5 +108,5 @@ class GeneratorReplica:
         pipe = self.base.pipeline
         native_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         return {"base": self.base.id, "base_fingerprint": self.base.fingerprint, "replica": self.replica_id,
-                "native_size": native_size,
+                "native_size": native_size, "torch_threads": torch.get_num_threads(),
                 "device": str(self.placement.device), "dtype": str(self.placement.dtype).removeprefix("torch.")}

@@ -63,3 +63,26 @@ def test_spec_lists_targetable_modules():
     assert spec.module("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k").kind == "linear"
     assert spec.module("text_encoder", "encoder.layers.0.self_attn.q_proj") is not None
     assert spec.text_hidden_size == 32
+
+
+@pytest.mark.parametrize("base", ["tiny", "small"])
+def test_single_file_checkpoint_loads_with_the_same_fingerprint(tmp_path, base):
+    """An original-layout (LDM) checkpoint we write loads through diffusers' from_single_file."""
+    from lorafleet.bases.single_file import export_single_file
+
+    exported = export_base(base, tmp_path / "configs")
+    checkpoint = export_single_file(exported.pipeline, tmp_path / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), "pt") as handle:
+        keys = list(handle.keys())
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
+    assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
+    loaded = load_base(str(checkpoint), base_config=str(tmp_path / "configs"))
+    assert loaded.fingerprint == exported.fingerprint
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04not really")
+    with pytest.raises(BaseModelError, match="only .safetensors"):
+        load_base(str(tmp_path / "model.ckpt"))

@@ -13,10 +13,11 @@ from lorafleet.registry.base_spec import BaseSpec, ModuleShape
 from lorafleet.registry.errors import BaseModelError
 
 from .fingerprint import pipeline_fingerprint
-from .tiny import build_tiny_pipeline
+from .tiny import build_small_pipeline, build_tiny_pipeline
 
 BUILTIN_BASES: dict[str, Callable[[], object]] = {
-    "tiny": build_tiny_pipeline,
+    "tiny": build_tiny_pipeline,  # plumbing tests: a few MB, random weights
+    "small": build_small_pipeline,  # benchmarks: UNet 64/128/256, random weights
 }
 DEFAULT_BASE = "tiny"
 LORA_COMPONENTS = ("unet", "text_encoder")

@@ -7,10 +7,16 @@ from pathlib import Path
 
 
 def cmd_export(args) -> int:
-    from . import export_base
+    from . import export_base, load_base
+    from .single_file import export_single_file
 
-    loaded = export_base(args.base, Path(args.dest))
-    info = {"base": loaded.id, "fingerprint": loaded.fingerprint, "path": str(Path(args.dest).resolve())}
+    if args.format == "single-file":
+        loaded = load_base(args.base)
+        export_single_file(loaded.pipeline, Path(args.dest))
+    else:
+        loaded = export_base(args.base, Path(args.dest))
+    info = {"base": loaded.id, "fingerprint": loaded.fingerprint, "path": str(Path(args.dest).resolve()),
+            "format": args.format}
     print(json.dumps(info, indent=2) if args.json else f"exported {loaded.id} to {info['path']}\n"
           f"fingerprint {loaded.fingerprint}")
     return 0
@@ -19,7 +25,7 @@ def cmd_export(args) -> int:
 def cmd_fingerprint(args) -> int:
     from . import load_base
 
-    loaded = load_base(args.base)
+    loaded = load_base(args.base, base_config=args.base_config)
     print(json.dumps({"base": loaded.id, "fingerprint": loaded.fingerprint}) if args.json else loaded.fingerprint)
     return 0
 
@@ -29,10 +35,13 @@ def add_commands(subparsers) -> None:
     commands = parser.add_subparsers(dest="base_command", required=True)
     export = commands.add_parser("export", help="write a base as a diffusers directory")
     export.add_argument("base", help="built-in base name (tiny) or a diffusers directory")
-    export.add_argument("dest")
+    export.add_argument("dest", help="a directory (diffusers) or a .safetensors file (single-file)")
+    export.add_argument("--format", default="diffusers", choices=["diffusers", "single-file"],
+                        help="diffusers directory, or one original-layout (LDM/A1111) checkpoint")
     export.add_argument("--json", action="store_true")
     export.set_defaults(handler=cmd_export)
     fingerprint = commands.add_parser("fingerprint", help="print a base's fingerprint")
     fingerprint.add_argument("base")
+    fingerprint.add_argument("--base-config", help="diffusers directory with the configs of a single-file checkpoint")
     fingerprint.add_argument("--json", action="store_true")
     fingerprint.set_defaults(handler=cmd_fingerprint)

@@ -113,3 +113,41 @@ def build_tiny_pipeline():
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     return assemble_pipeline(vae, text_encoder, tokenizer, unet, SCHEDULER_CONFIG)
+
+
+# `small`: the benchmark configuration (UNet block_out_channels 64/128/256), random weights,
+# 64x64 images. Big enough that LoRA work is a realistic share of a step.
+SMALL_IMAGE_SIZE = 64
+SMALL_SEED = 20261123
+SMALL_VAE_CONFIG = {**VAE_CONFIG, "block_out_channels": [32, 64, 64], "sample_size": SMALL_IMAGE_SIZE}
+SMALL_UNET_CONFIG = dict(
+    sample_size=SMALL_IMAGE_SIZE // 4,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[64, 128, 256],
+    layers_per_block=1,
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+SMALL_TEXT_CONFIG = {**TEXT_CONFIG, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64}
+
+
+def build_small_pipeline():
+    """The `small` base (benchmarks): same structure as `tiny`, larger UNet."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tokenizer = build_tokenizer(list(TINY_WORDS), model_max_length=SMALL_TEXT_CONFIG["max_position_embeddings"])
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(SMALL_SEED)
+        unet = UNet2DConditionModel(**SMALL_UNET_CONFIG)
+        vae = AutoencoderKL(**SMALL_VAE_CONFIG)
+        text_encoder = build_text_encoder(tokenizer, SMALL_TEXT_CONFIG)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, SCHEDULER_CONFIG)

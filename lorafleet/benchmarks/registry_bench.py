@@ -20,6 +20,10 @@ from lorafleet.demo import synthetic_lora
 BIG_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
 
+REGISTRY_COLUMNS = ["backend", "adapters", "adapter_mb", "publish_adapters_per_s", "publish_mb_per_s",
+                    "pull_adapters_per_s", "pull_mb_per_s", "versions", "list_ms_median", "resolve_latest_ms_median"]
+
+
 def _rank_for_size(spec, size_mb: float) -> int:
     """The LoRA rank that makes a synthetic adapter about ``size_mb`` MB (fp32)."""
     one = synthetic_lora(spec, rank=1, targets=BIG_TARGETS)
@@ -99,18 +103,20 @@ def _backend_uri(backend: str, stack: ExitStack, workdir: Path) -> str:
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def format_table(results: list[dict]) -> str:
-    columns = ["backend", "adapters", "adapter_mb", "publish_adapters_per_s", "publish_mb_per_s",
-               "pull_adapters_per_s", "pull_mb_per_s", "versions", "list_ms_median", "resolve_latest_ms_median"]
-    widths = [max(len(c), *(len(str(r[c])) for r in results)) for c in columns]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)) for r in results]
-    return "\n".join(lines)
+def format_table(results: list[dict], columns: list[str] | None = None, transpose: bool = False) -> str:
+    """A plain-text table: one row per result, or one row per metric when ``transpose``."""
+    columns = columns or list(results[0])
+    if transpose:
+        rows = [[c] + [str(r.get(c, "")) for r in results] for c in columns]
+    else:
+        rows = [columns] + [[str(r.get(c, "")) for c in columns] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
 def cmd_bench_registry(args) -> int:
     results = run_registry_bench(args.adapters, args.size_mb, args.versions, tuple(args.backends.split(",")))
-    print(format_table(results))
+    print(format_table(results, REGISTRY_COLUMNS))
     print(json.dumps(results, indent=2))
     return 0
 

@@ -100,3 +100,14 @@ def test_full_fine_tunes_are_refused_by_the_engine(adapter_registry, fetcher, ti
     engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"))
     with pytest.raises(AdapterIncompatible):
         engine.run([_use(fetcher, adapter_registry, "full")], JOB)
+
+
+def test_a_textual_inversion_token_is_inactive_unless_requested(adapter_registry, fetcher):
+    """After serving <sks>, a request without it must read '<sks>' as plain text again."""
+    engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=4)
+    job = GenerationJob("a photo of <sks>", None, STEPS, GUIDANCE, 32, 32, (0,))
+    before = engine.run([], job).images[0]
+    with_token = engine.run([_use(fetcher, adapter_registry, "sks-token")], job).images[0]
+    after = engine.run([], job).images[0]
+    assert np.abs(with_token - before).max() > 1e-3
+    assert np.abs(after - before).max() == 0

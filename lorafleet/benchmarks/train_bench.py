@@ -1,0 +1,145 @@
+"""`lorafleet bench train`: training speed and memory, lorafleet vs a plain diffusers+peft loop.
+
+Each variant runs in its own process so its peak RSS is its own. Same base (`small`), batch,
+resolution and rank for both loops. Also: QLoRA's base memory vs fp32, and the time to prepare
+1,000 images.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from lorafleet.devtools.shapes import write_shapes_folder
+
+
+def _lorafleet_run(data: str, output: str, steps: int, batch: int, rank: int, base: str, queue) -> None:
+    from lorafleet.training.config import load_train_config
+    from lorafleet.training.loop import Trainer
+
+    config = load_train_config(None, [f"data.path={data}", f"output_dir={output}", f"max_steps={steps}",
+                                      f"batch_size={batch}", f"lora.rank={rank}", f"lora.alpha={rank}",
+                                      f"base={base}", "data.resolution=64"])
+    trainer = Trainer(config)
+    trainer.step(0)  # warm-up outside the timing
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        trainer.step(step)
+    elapsed = time.perf_counter() - started
+    queue.put({"steps_per_s": steps / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def _reference_run(data: str, steps: int, batch: int, rank: int, base: str, queue) -> None:
+    """What one writes directly with diffusers + peft, for comparison."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+    from PIL import Image
+
+    from lorafleet.bases import load_base
+
+    pipe = load_base(base).pipeline
+    images = sorted(Path(data).glob("*.png"))
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((64, 64)), np.float32) / 127.5 - 1
+                       for p in images]).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.from_numpy(pixels)).latent_dist.sample() * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(["sks a photo"] * batch, padding="max_length", truncation=True,
+                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        hidden = pipe.text_encoder(ids)[0]
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def step():
+        index = torch.randint(len(latents), (batch,))
+        noise = torch.randn_like(latents[index])
+        t = torch.randint(0, 1000, (batch,))
+        prediction = pipe.unet(noise_scheduler.add_noise(latents[index], noise, t), t, hidden).sample
+        F.mse_loss(prediction, noise).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - started
+    queue.put({"steps_per_s": steps / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def _in_process(target, *args) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get(timeout=3600)
+    process.join()
+    return result
+
+
+def _qlora_memory(base: str) -> dict:
+    from lorafleet.bases import load_base
+    from lorafleet.training.methods import quantize_linear_layers
+
+    unet = load_base(base).pipeline.unet
+    before = sum(p.numel() * p.element_size() for p in unet.parameters())
+    report = quantize_linear_layers(unet)
+    return {"unet_fp32_mb": round(before / 1e6, 2),
+            "unet_qlora_mb": round((before - report["memory_saving_bytes"]) / 1e6, 2),
+            "quantized_layers": report["quantized_layers"],
+            "full_precision_layers": len(report["full_precision_layers"])}
+
+
+def _prepare_seconds(count: int, workdir: Path) -> float:
+    from lorafleet.training.config import DataConfig
+    from lorafleet.training.data import prepare_folder
+
+    folder = write_shapes_folder(workdir / "many", count, size=96)
+    started = time.perf_counter()
+    prepare_folder(DataConfig(path=folder, resolution=64), workdir / "prepared")
+    return time.perf_counter() - started
+
+
+def run_train_bench(base: str, steps: int, batch: int, rank: int, images: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lorafleet-train-bench-") as tmp:
+        workdir = Path(tmp)
+        data = write_shapes_folder(workdir / "data", 16, size=64)
+        ours = _in_process(_lorafleet_run, str(data), str(workdir / "run"), steps, batch, rank, base)
+        reference = _in_process(_reference_run, str(data), steps, batch, rank, base)
+        return {
+            "base": base, "batch": batch, "rank": rank, "resolution": 64, "steps": steps,
+            "lorafleet_steps_per_s": round(ours["steps_per_s"], 3),
+            "reference_steps_per_s": round(reference["steps_per_s"], 3),
+            "speed_ratio": round(ours["steps_per_s"] / reference["steps_per_s"], 3),
+            "lorafleet_peak_rss_mb": round(ours["peak_rss_mb"], 1),
+            "reference_peak_rss_mb": round(reference["peak_rss_mb"], 1),
+            **{f"qlora_{k}": v for k, v in _qlora_memory(base).items()},
+            f"prepare_{images}_images_s": round(_prepare_seconds(images, workdir), 2),
+        }
+
+
+def cmd_bench_train(args) -> int:
+    from .registry_bench import format_table
+
+    result = run_train_bench(args.base, args.steps, args.batch, args.rank, args.images)
+    print(format_table([result], transpose=True))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--base", default="small")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.set_defaults(handler=cmd_bench_train)

@@ -1,0 +1,90 @@
+"""Settings precedence, the Serve config for `serve deploy`, and `lorafleet serve` as a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+from lorafleet.serve.cli import serve_config
+from lorafleet.serve.settings import ServeSettings, load_settings
+
+
+def test_settings_precedence_file_then_env_then_flags(tmp_path, monkeypatch):
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"port": 9001, "replicas": 3, "cache": {"host_bytes": 1000},
+                                      "limits": {"max_steps": 10}}))
+    monkeypatch.setenv("LORAFLEET_REPLICAS", "2")
+    monkeypatch.setenv("LORAFLEET_CACHE__ACTIVE_MAX_ADAPTERS", "5")
+    settings = load_settings(config, port=9002)
+    assert settings.port == 9002  # flag beats file
+    assert settings.replicas == 2  # env beats file
+    assert settings.cache.host_bytes == 1000 and settings.cache.active_max_adapters == 5
+    assert settings.limits.max_steps == 10
+
+
+@pytest.mark.parametrize("bad", [{"port": 70000}, {"device": "tpu"}, {"unknown_key": 1},
+                                 {"auth_enabled": True}, {"dtype": "float8"}])
+def test_bad_settings_are_refused_naming_the_key(tmp_path, bad):
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError) as caught:
+        load_settings(config)
+    assert next(iter(bad)) in str(caught.value) or "auth_enabled" in str(caught.value)
+
+
+def test_serve_config_is_a_valid_serve_deploy_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    settings = ServeSettings(replicas=2, autoscaling={"min_replicas": 1, "max_replicas": 3})
+    schema = ServeDeploySchema.model_validate(serve_config(settings)) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(serve_config(settings))
+    app = schema.applications[0]
+    assert app.import_path == "lorafleet.serve.app:app_builder"
+    assert {d.name for d in app.deployments} == {"Gateway", "Generator"}
+
+
+def test_app_builder_accepts_the_config_args():
+    from lorafleet.serve.app import app_builder
+
+    args = serve_config(ServeSettings(replicas=2))["applications"][0]["args"]
+    assert app_builder(args) is not None
+
+
+@pytest.mark.slow
+def test_lorafleet_serve_starts_answers_and_stops_cleanly(tmp_path):
+    from lorafleet.devtools.seaweed import free_port
+
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "LORAFLEET_CACHE__DISK_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", "--registry", f"file://{tmp_path}",
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                               text=True, start_new_session=True)
+    try:
+        deadline, ready = time.monotonic() + 120, False
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                pass
+            if ready:
+                break
+            time.sleep(0.5)
+        assert ready, process.stdout.read() if process.poll() is not None else "not ready"
+        while "serving" not in process.stdout.readline():  # handlers are installed before this line
+            assert process.poll() is None
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "a red circle", "steps": 2},
+                              timeout=60)
+        assert response.status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

@@ -1,0 +1,88 @@
+"""Training data: captions, triggers, bad files skipped and reported, preprocessing."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+from lorafleet.registry.errors import RequestInvalid
+from lorafleet.training.config import DataConfig
+from lorafleet.training.data import open_image, prepare_folder, scan
+from PIL import Image
+
+from lorafleet.devtools.shapes import write_shapes_folder
+
+
+def _huge_png(path):
+    """A valid PNG header claiming 100000 x 100000 pixels: a decompression bomb."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+def test_sidecar_and_jsonl_captions_with_trigger(tmp_path):
+    write_shapes_folder(tmp_path / "a", 3, captions="sidecar")
+    write_shapes_folder(tmp_path / "b", 3, captions="jsonl", shape="square")
+    examples, _ = scan(DataConfig(path=tmp_path / "a", trigger="sks"))
+    assert [e.caption for e in examples] == ["sks a red circle"] * 3
+    examples, _ = scan(DataConfig(path=tmp_path / "b"))
+    assert {e.caption for e in examples} == {"a red square"}
+
+
+def test_substitute_trigger(tmp_path):
+    write_shapes_folder(tmp_path, 1)
+    (tmp_path / "circle-000.txt").write_text("a photo of [trigger] circle")
+    examples, _ = scan(DataConfig(path=tmp_path, trigger="sks", trigger_mode="substitute"))
+    assert examples[0].caption == "a photo of sks circle"
+
+
+def test_bad_files_are_skipped_and_reported_never_a_crash(tmp_path):
+    write_shapes_folder(tmp_path, 3)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really an image")
+    (tmp_path / "copy.png").write_bytes((tmp_path / "circle-000.png").read_bytes())
+    Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
+    _huge_png(tmp_path / "bomb.png")
+    Image.new("RGB", (48, 20), (9, 9, 9)).save(tmp_path / "uncaptioned.webp")
+    examples, report = scan(DataConfig(path=tmp_path, min_size=8))
+    assert report.kept == len(examples) == 4
+    assert report.skipped == {"unreadable": ["broken.png"], "too_small": ["tiny.png"], "too_large": ["bomb.png"],
+                              "duplicate": ["copy.png"]}
+    assert report.missing_captions == ["uncaptioned.webp"]
+    assert report.caption_words["max"] == 3 and report.captions_outside_recommended == 4
+    assert report.dataset_digest.startswith("sha256:")
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(RequestInvalid, match="does not exist"):
+        scan(DataConfig(path=tmp_path / "nope"))
+    examples, report = scan(DataConfig(path=tmp_path))
+    assert examples == [] and report.kept == 0
+
+
+def test_bad_metadata_jsonl_names_the_line(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"oops": 1}\n')
+    with pytest.raises(RequestInvalid, match="line 2"):
+        scan(DataConfig(path=tmp_path))
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    image = Image.new("RGB", (16, 32), (200, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert open_image(tmp_path / "rotated.jpg").size == (32, 16)
+
+
+def test_prepare_writes_square_images_captions_and_report(tmp_path):
+    write_shapes_folder(tmp_path / "in", 2, size=40)
+    Image.new("RGB", (80, 30), (1, 2, 3)).save(tmp_path / "in" / "wide.png")
+    (tmp_path / "in" / "wide.txt").write_text("a wide picture")
+    report = prepare_folder(DataConfig(path=tmp_path / "in", resolution=24), tmp_path / "out")
+    outputs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(outputs) == 3 and all(Image.open(p).size == (24, 24) for p in outputs)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["kept"] == 3
+    assert report.resized == 3

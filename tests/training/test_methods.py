@@ -1,0 +1,155 @@
+"""Every method end to end on the tiny base: loss falls, publish, pull, serve, plain diffusers."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from lorafleet.registry import AdapterRegistry
+from lorafleet.registry.errors import RequestInvalid
+from lorafleet.training.config import load_train_config
+from lorafleet.training.loop import Interrupted, train
+from lorafleet.training.publish import publish_result
+
+from lorafleet.devtools.shapes import write_shapes_folder
+
+COMMON = ["max_steps=30", "optimizer.learning_rate=0.005", "batch_size=4", "data.trigger=sks",
+          "validation_prompts=['sks a red circle']"]
+METHOD_SETTINGS = {
+    "lora": ["lora.text_encoder=true"],
+    "dreambooth": ["dreambooth.num_class_images=4", "dreambooth.class_image_steps=4", "dreambooth.class_prompt=a circle"],
+    "qlora": [],
+    "textual_inversion": ["textual_inversion.token=<sks>", "data.trigger=<sks>", "textual_inversion.init_word=circle",
+                          "optimizer.learning_rate=0.05", "validation_prompts=['<sks> a red circle']"],
+    "full": ["optimizer.learning_rate=0.001"],
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_shapes_folder(tmp_path_factory.mktemp("data"), 8, colour="cyan", shape="circle")
+
+
+def _config(method, dataset, output, *extra):
+    return load_train_config(None, [f"method={method}", f"data.path={dataset}", f"output_dir={output}",
+                                    *COMMON, *METHOD_SETTINGS[method], *extra])
+
+
+def _npy(b64):
+    return np.load(io.BytesIO(base64.b64decode(b64)), allow_pickle=False)
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_method_trains_publishes_and_serves(method, dataset, tmp_path):
+    from lorafleet.serve.app import create_local_app
+    from lorafleet.serve.settings import ServeSettings
+
+    config = _config(method, dataset, tmp_path / "run")
+    result = train(config)
+    assert result.metrics["loss_final"] < result.metrics["loss_first"]
+    assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "metrics.json").is_file()
+    assert (tmp_path / "run" / "samples").is_dir()
+    registry = AdapterRegistry(f"file://{tmp_path / 'registry'}")
+    manifest = publish_result(result, config, registry, "trained")
+    assert manifest.method.value == method
+    assert manifest.dataset_digest == result.data_report.dataset_digest
+    assert manifest.training_config["max_steps"] == 30 and manifest.metrics["steps"] == 30
+    if method == "qlora":
+        assert manifest.metrics["method"]["quantized_layers"] > 0
+    if method == "full":
+        return  # a full fine-tune is served as its own base, not as an adapter
+    prompt = "<sks> a red circle" if method == "textual_inversion" else "sks a red circle"
+    settings = ServeSettings(registry=registry.uri, cache={"disk_dir": str(tmp_path / "cache")})
+    app, _ = create_local_app(settings, registry)
+    with TestClient(app) as client:
+        body = {"prompt": prompt, "steps": 6, "seed": 1, "output_format": "npy"}
+        with_adapter = client.post("/v1/generate", json={**body, "adapter": "trained"})
+        without = client.post("/v1/generate", json=body)
+    assert with_adapter.status_code == 200, with_adapter.text
+    served = _npy(with_adapter.json()["images"][0])
+    assert np.abs(served - _npy(without.json()["images"][0])).max() > 1e-3
+    if method in ("lora", "dreambooth", "qlora"):
+        from lorafleet.bases import load_base
+
+        _, path = registry.pull("trained", tmp_path / "pulled")
+        pipe = load_base("tiny").pipeline
+        pipe.load_lora_weights(str(path))
+        plain = pipe(prompt, num_inference_steps=6, generator=[torch.Generator().manual_seed(1)],
+                     output_type="np").images[0]
+        assert np.abs(served - plain).max() <= 1e-4
+
+
+def test_resume_reproduces_the_uninterrupted_run(dataset, tmp_path):
+    full = train(_config("lora", dataset, tmp_path / "full", "checkpoint_every=10", "max_steps=20"))
+
+    def stop_at_ten(state):
+        if state.step == 10:
+            raise Interrupted()
+
+    config = _config("lora", dataset, tmp_path / "cut", "checkpoint_every=10", "max_steps=20")
+    with pytest.raises(Interrupted):
+        train(config, progress=stop_at_ten)
+    resumed = train(config, resume=True)
+    assert len(resumed.state.losses) == 20
+    assert np.allclose(resumed.state.losses, full.state.losses, rtol=0, atol=1e-6)
+    for key, tensor in full.payload.tensors.items():
+        assert torch.allclose(tensor, resumed.payload.tensors[key], atol=1e-6)
+
+
+def test_interrupted_run_publishes_nothing(dataset, tmp_path):
+    from lorafleet.training.cli import cmd_train  # noqa: F401  (the CLI publishes only after train returns)
+
+    registry = AdapterRegistry(f"file://{tmp_path / 'registry'}")
+
+    def stop(state):
+        raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        result = train(_config("lora", dataset, tmp_path / "run"), progress=stop)
+        publish_result(result, _config("lora", dataset, tmp_path / "run"), registry, "never")
+    assert registry.names() == []
+
+
+def test_bad_datasets_give_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RequestInvalid, match="no usable images"):
+        train(_config("lora", tmp_path / "empty", tmp_path / "run"))
+    (tmp_path / "corrupt").mkdir()
+    for index in range(3):
+        (tmp_path / "corrupt" / f"{index}.png").write_bytes(b"garbage")
+    with pytest.raises(RequestInvalid, match="3 unreadable"):
+        train(_config("lora", tmp_path / "corrupt", tmp_path / "run"))
+
+
+def test_mixed_sizes_and_missing_captions_still_train(tmp_path):
+    from PIL import Image
+
+    write_shapes_folder(tmp_path / "mixed", 3, size=40)
+    Image.new("RGB", (64, 24), (10, 200, 10)).save(tmp_path / "mixed" / "wide.png")
+    result = train(_config("lora", tmp_path / "mixed", tmp_path / "run", "max_steps=3"))
+    assert result.data_report.kept == 4 and result.data_report.missing_captions == ["wide.png"]
+
+
+def test_config_rejects_unknown_keys_by_name(tmp_path):
+    with pytest.raises(RequestInvalid) as caught:
+        load_train_config(None, [f"data.path={tmp_path}", "lora.rnk=4"])
+    assert caught.value.field == "lora.rnk"
+    with pytest.raises(RequestInvalid) as caught:
+        load_train_config(None, [f"data.path={tmp_path}", "method=magic"])
+    assert caught.value.field == "method"
+    with pytest.raises(RequestInvalid):
+        load_train_config(None, ["max_steps=10"])  # data.path is required
+
+
+def test_printed_example_configs_are_valid(tmp_path):
+    import yaml
+    from lorafleet.training.cli import EXAMPLE_CONFIG
+    from lorafleet.training.config import TrainConfig
+
+    for method in METHOD_SETTINGS:
+        tree = yaml.safe_load(EXAMPLE_CONFIG.format(method=method))
+        assert TrainConfig.model_validate(tree).method.value == method

@@ -1,0 +1,159 @@
+"""`lorafleet train` and `lorafleet data`: thin layers over the training loop and data tools."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .config import Method, load_train_config
+
+EXAMPLE_CONFIG = """\
+# lorafleet training config ({method}). Every key is documented in training/config.py;
+# unknown keys are refused. Override any key with --set dotted.key=value.
+method: {method}            # lora | dreambooth | qlora | textual_inversion | full
+base: tiny                  # built-in base name or a diffusers directory
+seed: 0
+max_steps: 200              # optimizer steps
+batch_size: 4
+gradient_accumulation: 1
+mixed_precision: "no"       # fp16 / bf16 autocast on CUDA only
+min_snr_gamma: null         # e.g. 5.0 for Min-SNR weighting
+noise_offset: 0.0
+ema_decay: null             # e.g. 0.999
+checkpoint_every: 50        # checkpoint (and validation grid) every N steps
+validation_prompts: ["sks a photo"]
+output_dir: lorafleet-runs/my-run
+data:
+  path: ./images            # images + NAME.txt captions, or metadata.jsonl (file_name, text)
+  resolution: 32
+  trigger: sks              # trigger token
+  trigger_mode: prepend     # prepend | substitute ('[trigger]' in captions) | none
+  crop: center              # center | random
+  flip: false
+  caption_dropout: 0.1
+lora:
+  rank: 4
+  alpha: 4
+  target_modules: [to_q, to_k, to_v, to_out.0]
+  text_encoder: false
+dreambooth:
+  class_prompt: a photo
+  num_class_images: 8
+  prior_loss_weight: 1.0
+textual_inversion:
+  token: "<sks>"
+  init_word: null
+  num_vectors: 1
+optimizer:
+  name: adamw               # adamw | adamw8bit
+  learning_rate: 0.001
+  warmup_steps: 10
+  schedule: cosine          # constant | cosine | linear
+publish:
+  name: null                # registry name; or pass --publish NAME
+  aliases: []
+"""
+
+
+def _progress_printer(config):
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.max_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(state):
+        bar.n = state.step
+        bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
+        bar.refresh()
+    return update, bar
+
+
+def cmd_train(args) -> int:
+    if args.print_config:
+        print(EXAMPLE_CONFIG.format(method=Method(args.print_config).value))
+        return 0
+    config = load_train_config(Path(args.config) if args.config else None, args.set)
+    name = args.publish or config.publish.name
+    if args.ray is not None or args.workers:
+        from .ray_job import run_on_ray
+
+        manifest = run_on_ray(config, name=name, registry_uri=args.registry, address=args.ray or None,
+                              workers=args.workers, resume=args.resume)
+        print(json.dumps(manifest, indent=2) if manifest else "trained (not published)")
+        return 0
+    from .loop import train
+
+    progress, bar = _progress_printer(config)
+    try:
+        result = train(config, resume=args.resume, progress=progress)
+    finally:
+        bar.close()
+    print(f"trained {config.method.value} for {result.state.step} steps: loss {result.metrics['loss_first']:.4f} "
+          f"-> {result.metrics['loss_final']:.4f}; outputs in {result.output_dir}")
+    manifest = None
+    if name:
+        from lorafleet.registry import AdapterRegistry
+
+        from .publish import publish_result
+
+        manifest = publish_result(result, config, AdapterRegistry(args.registry), name)
+        print(f"published {manifest.adapter_id} ({manifest.digest})")
+    if args.result_json:
+        from .ray_job import RESULT_MARKER
+
+        summary = {"metrics": result.metrics, "manifest": json.loads(manifest.model_dump_json()) if manifest else None}
+        print(RESULT_MARKER + json.dumps(summary, default=str), flush=True)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .config import DataConfig
+    from .data import prepare_folder
+
+    config = DataConfig(path=Path(args.dir), resolution=args.resolution, crop=args.crop, trigger=args.trigger,
+                        min_size=args.min_size)
+    report = prepare_folder(config, Path(args.out))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from .captioning import caption_folder
+
+    report = caption_folder(Path(args.dir), Path(args.model), overwrite=args.overwrite, prefix=args.prefix)
+    print(f"captioned {len(report.written)} images; kept {len(report.kept_existing)} existing captions; "
+          f"{len(report.unreadable)} unreadable")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train an adapter (in-process, or as a Ray job)")
+    train.add_argument("config", nargs="?", help="YAML training config")
+    train.add_argument("--publish", help="registry name to publish the adapter under")
+    train.add_argument("--registry", help="registry URI")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="submit as a Ray job (a local cluster when no address)")
+    train.add_argument("--workers", type=int, default=0, help="data-parallel workers with Ray Train")
+    train.add_argument("--print-config", choices=[m.value for m in Method], help="print an example config")
+    train.add_argument("--result-json", action="store_true", help="end with one machine-readable result line")
+    train.set_defaults(handler=cmd_train)
+
+    data = subparsers.add_parser("data", help="prepare training data")
+    commands = data.add_subparsers(dest="data_command", required=True)
+    prepare = commands.add_parser("prepare", help="resize, crop and check a folder; print a report")
+    prepare.add_argument("dir")
+    prepare.add_argument("--out", required=True)
+    prepare.add_argument("--resolution", type=int, default=512)
+    prepare.add_argument("--crop", choices=["center", "random"], default="center")
+    prepare.add_argument("--trigger")
+    prepare.add_argument("--min-size", type=int, default=8)
+    prepare.add_argument("--json", action="store_true")
+    prepare.set_defaults(handler=cmd_prepare)
+    caption = commands.add_parser("caption", help="write sidecar captions with a local BLIP-style model")
+    caption.add_argument("dir")
+    caption.add_argument("--model", required=True, help="local folder of a BLIP captioning model")
+    caption.add_argument("--overwrite", action="store_true", help="replace existing captions")
+    caption.add_argument("--prefix", help="text the captions start with (conditional captioning)")
+    caption.set_defaults(handler=cmd_caption)

@@ -1,0 +1,165 @@
+"""The training configuration: one YAML file validated by pydantic, every field documented.
+
+Fixed, portable keys: ``method``, ``base``, ``data.path``, ``data.resolution``, ``data.trigger``,
+``max_steps``, ``seed``, ``lora.rank``, ``lora.alpha``, ``publish.name``. Unknown keys are
+refused with their name; any key can be overridden with ``--set dotted.key=value``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from lorafleet.registry.errors import RequestInvalid
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Method(str, Enum):
+    lora = "lora"
+    dreambooth = "dreambooth"
+    qlora = "qlora"
+    textual_inversion = "textual_inversion"
+    full = "full"
+
+
+class DataConfig(BaseModel):
+    model_config = _STRICT
+
+    path: Path = Field(description="Folder of images with NAME.txt captions or a metadata.jsonl.")
+    resolution: int = Field(32, ge=8, le=2048, description="Training resolution in pixels (square).")
+    trigger: str | None = Field(None, description="Trigger token / rare identifier, e.g. 'sks'.")
+    trigger_mode: Literal["prepend", "substitute", "none"] = Field(
+        "prepend", description="prepend the trigger to every caption, or substitute it for '[trigger]'.")
+    crop: Literal["center", "random"] = Field("center", description="Crop after the aspect-keeping resize.")
+    flip: bool = Field(False, description="Random horizontal flips.")
+    color_jitter: float = Field(0.0, ge=0, le=0.5, description="Random brightness/contrast change (0 = off).")
+    min_size: int = Field(8, ge=1, description="Images smaller than this (short side) are skipped.")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="Share of captions replaced by '' (for CFG).")
+    cache_latents: bool = Field(True, description="Encode images once (only without random augmentation).")
+    repeats: int = Field(1, ge=1, description="How often each image appears per epoch.")
+
+
+class LoraConfig(BaseModel):
+    model_config = _STRICT
+
+    rank: int = Field(4, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(4.0, gt=0, description="lora_alpha; the update is scaled by alpha / rank.")
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                      description="UNet module names (suffixes) to adapt.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder.")
+    text_encoder_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+                                            description="Text-encoder module names (suffixes).")
+
+
+class DreamBoothConfig(BaseModel):
+    model_config = _STRICT
+
+    class_prompt: str = Field("a photo", description="Prompt for the base model's own class images.")
+    num_class_images: int = Field(8, ge=0, le=10_000, description="Class images generated (and cached).")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss.")
+    class_image_steps: int = Field(20, ge=1, le=200, description="Sampling steps for class images.")
+
+
+class TextualInversionConfig(BaseModel):
+    model_config = _STRICT
+
+    token: str = Field("<new>", description="The new token to learn.")
+    init_word: str | None = Field(None, description="Existing word whose embedding starts the new one.")
+    num_vectors: int = Field(1, ge=1, le=16, description="Embedding vectors for the token.")
+
+
+class OptimizerConfig(BaseModel):
+    model_config = _STRICT
+
+    name: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs bitsandbytes.")
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="After warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+
+
+class PublishConfig(BaseModel):
+    model_config = _STRICT
+
+    name: str | None = Field(None, description="Registry name; nothing is published without one.")
+    aliases: list[str] = Field(default_factory=list, description="Aliases moved to the new version.")
+    description: str = ""
+
+
+class TrainConfig(BaseModel):
+    """One training run."""
+
+    model_config = _STRICT
+
+    method: Method = Field(Method.lora, description="lora, dreambooth, qlora, textual_inversion or full.")
+    base: str = Field("tiny", description="Built-in base name or a diffusers directory.")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    max_steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, le=4096)
+    gradient_accumulation: int = Field(1, ge=1, le=1024)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16/bf16 autocast on CUDA only.")
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (e.g. 5).")
+    noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise strength.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of trained weights (e.g. 0.999).")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    validation_prompts: list[str] = Field(default_factory=list, description="Prompts for validation images.")
+    validation_every: int = Field(0, ge=0, description="Validation images every N steps (0: at the end).")
+    output_dir: Path = Field(Path("lorafleet-runs/run"), description="Checkpoints, samples, metrics.")
+    clip_model: Path | None = Field(None, description="Local CLIP folder: adds a CLIP score of the validation images.")
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    dreambooth: DreamBoothConfig = Field(default_factory=DreamBoothConfig)
+    textual_inversion: TextualInversionConfig = Field(default_factory=TextualInversionConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.method == Method.textual_inversion and not self.textual_inversion.token.strip():
+            raise ValueError("textual_inversion.token must not be empty")
+        return self
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise RequestInvalid(f"--set {dotted}: {key} is not a section", field=dotted)
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_train_config(path: Path | None, overrides: list[str] | None = None, **extra: Any) -> TrainConfig:
+    """The validated config from a YAML file plus ``--set key=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise RequestInvalid(f"cannot read config {path}: {exc}", field="config") from exc
+        if not isinstance(tree, dict):
+            raise RequestInvalid(f"config {path} must be a mapping", field="config")
+    for item in overrides or []:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted:
+            raise RequestInvalid(f"--set expects dotted.key=value, got {item!r}", field="set")
+        _set_dotted(tree, dotted.strip(), raw)
+    for dotted, value in extra.items():
+        if value is not None:
+            _set_dotted(tree, dotted, yaml.safe_dump(value))
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise RequestInvalid(f"invalid training config: {field}: {first['msg']}", field=field,
+                             problems=problems) from exc

@@ -1,0 +1,203 @@
+"""Training data: a folder of images and captions, checked and prepared, with a report.
+
+One bad file never stops a run: unreadable, too small, oversized (decompression bombs) and
+duplicate images are skipped and counted. Captions come from ``metadata.jsonl``
+(``file_name``, ``text``) or sidecar ``NAME.txt`` files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from lorafleet.registry.errors import RequestInvalid
+
+from .config import DataConfig
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # refuse images that decompress beyond this (PIL's bomb guard)
+RECOMMENDED_WORDS = (5, 20)
+
+
+@dataclass
+class Example:
+    path: Path
+    caption: str
+    digest: str
+
+
+@dataclass
+class DataReport:
+    folder: str
+    kept: int = 0
+    resized: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=lambda: {
+        "unreadable": [], "too_small": [], "too_large": [], "duplicate": []})
+    missing_captions: list[str] = field(default_factory=list)
+    caption_words: dict[str, float] = field(default_factory=dict)
+    captions_outside_recommended: int = 0
+    dataset_digest: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in self.skipped.items() if v) or "none"
+        words = self.caption_words
+        return (f"{self.kept} images kept ({self.resized} resized), skipped: {skipped}; "
+                f"{len(self.missing_captions)} without caption; caption words min/mean/max "
+                f"{words.get('min', 0):.0f}/{words.get('mean', 0):.1f}/{words.get('max', 0):.0f} "
+                f"({self.captions_outside_recommended} outside {RECOMMENDED_WORDS[0]}-{RECOMMENDED_WORDS[1]})")
+
+
+def _read_metadata(folder: Path) -> dict[str, str]:
+    metadata = folder / "metadata.jsonl"
+    if not metadata.is_file():
+        return {}
+    captions = {}
+    for number, line in enumerate(metadata.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[str(row["file_name"])] = str(row["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise RequestInvalid(f"metadata.jsonl line {number}: needs file_name and text ({exc})",
+                                 field="data.path") from exc
+    return captions
+
+
+def _caption_for(image: Path, metadata: dict[str, str]) -> str | None:
+    if image.name in metadata:
+        return metadata[image.name]
+    sidecar = image.with_suffix(".txt")
+    return sidecar.read_text(errors="replace").strip() if sidecar.is_file() else None
+
+
+def apply_trigger(caption: str, config: DataConfig) -> str:
+    if not config.trigger or config.trigger_mode == "none":
+        return caption
+    if config.trigger_mode == "substitute":
+        return caption.replace("[trigger]", config.trigger)
+    return f"{config.trigger} {caption}".strip()
+
+
+def open_image(path: Path):
+    """An 8-bit RGB image with its EXIF orientation applied; raises OSError/ValueError if unusable."""
+    from PIL import Image, ImageOps
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    with Image.open(path) as raw:
+        if raw.width * raw.height > MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"{raw.width}x{raw.height} pixels")
+        image = ImageOps.exif_transpose(raw)
+        return image.convert("RGB")
+
+
+def scan(config: DataConfig) -> tuple[list[Example], DataReport]:
+    """Every usable image with its caption, and what was skipped and why."""
+    from PIL import Image
+
+    folder = Path(config.path).expanduser()
+    if not folder.is_dir():
+        raise RequestInvalid(f"data folder {folder} does not exist", field="data.path")
+    metadata = _read_metadata(folder)
+    report, examples, seen = DataReport(folder=str(folder)), [], set()
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in seen:
+            report.skipped["duplicate"].append(path.name)
+            continue
+        try:
+            image = open_image(path)
+        except Image.DecompressionBombError:
+            report.skipped["too_large"].append(path.name)
+            continue
+        except (OSError, ValueError, SyntaxError):
+            report.skipped["unreadable"].append(path.name)
+            continue
+        if min(image.size) < config.min_size:
+            report.skipped["too_small"].append(path.name)
+            continue
+        seen.add(digest)
+        caption = _caption_for(path, metadata)
+        if caption is None:
+            report.missing_captions.append(path.name)
+            caption = ""
+        report.resized += int(image.size != (config.resolution, config.resolution))
+        examples.append(Example(path, apply_trigger(caption, config), digest))
+    _caption_statistics(report, examples)
+    report.kept = len(examples)
+    report.dataset_digest = dataset_digest(examples)
+    return examples, report
+
+
+def _caption_statistics(report: DataReport, examples: list[Example]) -> None:
+    counts = [len(e.caption.split()) for e in examples]
+    if counts:
+        report.caption_words = {"min": min(counts), "mean": statistics.mean(counts), "max": max(counts)}
+        low, high = RECOMMENDED_WORDS
+        report.captions_outside_recommended = sum(1 for c in counts if not low <= c <= high)
+
+
+def dataset_digest(examples: list[Example]) -> str:
+    hasher = hashlib.sha256()
+    for example in sorted(examples, key=lambda e: e.digest):
+        hasher.update(f"{example.digest}|{example.caption}\n".encode())
+    return "sha256:" + hasher.hexdigest()
+
+
+def resize_and_crop(image, resolution: int, crop: str, rng: random.Random):
+    """Resize the short side to ``resolution`` (keeping the aspect ratio), then crop square."""
+    from PIL import Image
+
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    spare_x, spare_y = image.width - resolution, image.height - resolution
+    if crop == "random":
+        left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
+    else:
+        left, top = spare_x // 2, spare_y // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_array(image) -> np.ndarray:
+    """[height, width, 3] uint8 -> [3, height, width] float32 in [-1, 1]."""
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return pixels.transpose(2, 0, 1)
+
+
+def augment(pixels: np.ndarray, config: DataConfig, rng: random.Random) -> np.ndarray:
+    if config.flip and rng.random() < 0.5:
+        pixels = pixels[:, :, ::-1]
+    if config.color_jitter:
+        gain = 1 + rng.uniform(-config.color_jitter, config.color_jitter)
+        shift = rng.uniform(-config.color_jitter, config.color_jitter)
+        pixels = np.clip(pixels * gain + shift, -1, 1)
+    return np.ascontiguousarray(pixels)
+
+
+def random_augmentation(config: DataConfig) -> bool:
+    """Whether images differ between epochs (then cached latents would be wrong)."""
+    return config.flip or config.color_jitter > 0 or config.crop == "random"
+
+
+def prepare_folder(config: DataConfig, destination: Path) -> DataReport:
+    """`lorafleet data prepare`: write resized, cropped PNGs with captions and a report."""
+    examples, report = scan(config)
+    destination.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for index, example in enumerate(examples):
+        image = resize_and_crop(open_image(example.path), config.resolution, config.crop, rng)
+        stem = f"{index:06d}-{example.path.stem}"
+        image.save(destination / f"{stem}.png")
+        (destination / f"{stem}.txt").write_text(example.caption)
+    (destination / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report

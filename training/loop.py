@@ -1,0 +1,263 @@
+"""The one training loop. Methods (methods.py) say what trains; this says how a step runs.
+
+    scan data -> load base -> (class images) -> method.prepare -> batches -> optimizer
+    -> for each step: micro-batches -> loss -> backward -> clip -> step -> method.after_step
+    -> checkpoints / validation -> export -> publish (only on success)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lorafleet.registry.errors import RequestInvalid
+from lorafleet.registry.formats import AdapterPayload
+
+from lorafleet.accelerator import resolve_placement
+
+from .batches import BatchSource, ClassBatchSource, TextEncoder, step_generator
+from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import DataReport, scan
+from .methods import TrainingMethod, method_for
+from .reporting import clip_score, latent_distance, sample_images, save_grid, save_loss_curve, write_metrics
+
+
+@dataclass
+class TrainResult:
+    payload: AdapterPayload
+    state: TrainingState
+    data_report: DataReport
+    metrics: dict
+    output_dir: Path
+    manifest: object | None = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+class Interrupted(Exception):
+    """Raised by a progress callback to stop a run (tests, signals); nothing is published."""
+
+
+def _optimizer(parameters, config: TrainConfig):
+    settings = config.optimizer
+    if settings.name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def _lr_scheduler(optimizer, config: TrainConfig):
+    from diffusers.optimization import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[config.optimizer.schedule]
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=config.optimizer.warmup_steps,
+                         num_training_steps=config.max_steps)
+
+
+def _snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon prediction; ones without gamma."""
+    if gamma is None:
+        return torch.ones(timesteps.shape[0])
+    alphas = noise_scheduler.alphas_cumprod[timesteps.cpu()]
+    snr = alphas / (1 - alphas)
+    return torch.minimum(snr, torch.full_like(snr, gamma)) / snr
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, progress=None, rank: int = 0, world_size: int = 1):
+        from diffusers import DDPMScheduler
+
+        from lorafleet.bases import load_base
+
+        self.config = config
+        self.progress = progress
+        self.rank, self.world_size = rank, world_size
+        self.after_backward = None  # e.g. gradient averaging across data-parallel workers
+        self.placement = resolve_placement()
+        self.examples, self.data_report = scan(config.data)
+        if not self.examples:
+            raise RequestInvalid(f"no usable images in {config.data.path}: {self.data_report.summary()}",
+                                 field="data.path")
+        torch.manual_seed(config.seed)
+        self.base = load_base(config.base)
+        self.pipe = self.base.pipeline.to(self.placement.device)
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.method: TrainingMethod = method_for(config)
+        self.class_source = self._class_images() if self.method.class_examples_needed() else None
+        self.parameters = self.method.prepare(self.pipe)
+        if config.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+        self.batches = BatchSource(self.pipe, self.examples, config, self.placement.device)
+        self.text = TextEncoder(self.pipe, self.method.uses_text_encoder_grad(), self.placement.device)
+        self.optimizer = _optimizer(self.parameters, config)
+        self.lr_scheduler = _lr_scheduler(self.optimizer, config)
+        self.ema = self._ema()
+        self.state = TrainingState()
+
+    def _ema(self):
+        if self.config.ema_decay is None:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(self.parameters, decay=self.config.ema_decay)
+
+    def _class_images(self) -> ClassBatchSource:
+        settings = self.config.dreambooth
+        generator = torch.Generator().manual_seed(self.config.seed + 7)
+        with torch.no_grad():
+            latents = self.pipe(settings.class_prompt, num_inference_steps=settings.class_image_steps,
+                                num_images_per_prompt=settings.num_class_images, generator=generator,
+                                height=self.config.data.resolution, width=self.config.data.resolution,
+                                output_type="latent").images
+        return ClassBatchSource(latents * 1.0, settings.class_prompt, self.config)
+
+    # ------------------------------------------------------------------ one step
+    def _loss(self, latents: torch.Tensor, captions: list[str], step: int, stream: int) -> torch.Tensor:
+        generator = step_generator(self.config.seed, step, 500 + stream)
+        noise = torch.randn(latents.shape, generator=generator)
+        if self.config.noise_offset:
+            noise += self.config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator)
+        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = self.text(captions)
+        with torch.autocast(device_type=self.placement.device.type, dtype=self._autocast_dtype(),
+                            enabled=self._autocast_dtype() is not None):
+            prediction = self.pipe.unet(noisy, timesteps, hidden).sample
+        target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else \
+            self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = _snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma).to(per_sample.device)
+        return (per_sample * weights).mean()
+
+    def _autocast_dtype(self):
+        if not self.placement.is_cuda or self.config.mixed_precision == "no":
+            return None
+        return torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
+
+    def step(self, step: int) -> float:
+        self.pipe.unet.train()
+        total = 0.0
+        for index in range(self.config.gradient_accumulation):
+            micro = self.rank * 10_000 + index  # each data-parallel worker draws its own batches
+            batch = self.batches.batch(step, micro)
+            instance = self._loss(batch.latents, batch.captions, step, micro)
+            prior = None
+            if self.class_source is not None:
+                class_batch = self.class_source.batch(step, micro)
+                prior = self._loss(class_batch.latents, class_batch.captions, step, 5_000 + micro)
+            loss = self.method.combine(instance, prior) / self.config.gradient_accumulation
+            loss.backward()
+            total += float(loss.detach())
+        if self.after_backward is not None:
+            self.after_backward(self.parameters)
+        torch.nn.utils.clip_grad_norm_(self.parameters, self.config.optimizer.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step(self.pipe)
+        if self.ema is not None:
+            self.ema.step(self.parameters)
+        return total
+
+    # ------------------------------------------------------------------ the run
+    def resume(self) -> bool:
+        checkpoint = latest_checkpoint(self.config.output_dir)
+        if checkpoint is None:
+            return False
+        self.state, trainable = load_checkpoint(checkpoint, self.optimizer, self.lr_scheduler, self.ema,
+                                                self._config_json())
+        self.method.load_trainable_state(self.pipe, trainable)
+        return True
+
+    def _config_json(self) -> dict:
+        return self.config.model_dump(mode="json")
+
+    def _checkpoint(self) -> Path:
+        return save_checkpoint(self.config.output_dir, self.state, self.method.trainable_state(self.pipe),
+                               self.optimizer, self.lr_scheduler, self.ema, self._config_json())
+
+    def run(self, save_checkpoints: bool = True) -> TrainResult:
+        every = self.config.checkpoint_every if save_checkpoints else 0
+        started = time.perf_counter() - self.state.seconds
+        for step in range(self.state.step, self.config.max_steps):
+            loss = self.step(step)
+            if not math.isfinite(loss):
+                raise RequestInvalid(f"loss became {loss} at step {step}; lower optimizer.learning_rate",
+                                     field="optimizer.learning_rate")
+            self.state.losses.append(loss)
+            self.state.step = step + 1
+            self.state.seconds = time.perf_counter() - started
+            if every and self.state.step % every == 0 and self.state.step < self.config.max_steps:
+                self._checkpoint()
+                self._validation_grid()
+            if self.progress:
+                self.progress(self.state)
+        if save_checkpoints:
+            self._checkpoint()
+        return self._finish()
+
+    def _validation_grid(self) -> Path | None:
+        prompts = self.config.validation_prompts
+        if not prompts:
+            return None
+        self.pipe.unet.eval()
+        images = sample_images(self.pipe, prompts, self.config.seed)
+        path = Path(self.config.output_dir) / "samples" / f"step-{self.state.step:09d}.png"
+        return save_grid([images], path)
+
+    def _finish(self) -> TrainResult:
+        if self.ema is not None:
+            self.ema.copy_to(self.parameters)
+        self.pipe.unet.eval()
+        output = Path(self.config.output_dir)
+        artifacts = {"loss_curve": save_loss_curve(self.state.losses, output / "loss.png")}
+        grid = self._validation_grid()
+        if grid:
+            artifacts["samples"] = grid
+        metrics = self._metrics()
+        artifacts["metrics"] = write_metrics(output / "metrics.json", metrics)
+        payload = self.method.export(self.pipe)
+        return TrainResult(payload, self.state, self.data_report, metrics, output, artifacts=artifacts)
+
+    def _metrics(self) -> dict:
+        losses = self.state.losses
+        tail = losses[-max(1, len(losses) // 10):]
+        prompts = self.config.validation_prompts or [self.examples[0].caption or "a photo"]
+        metrics = {
+            "steps": self.state.step, "seconds": round(self.state.seconds, 2),
+            "steps_per_second": round(self.state.step / self.state.seconds, 3) if self.state.seconds else None,
+            "loss_first": round(losses[0], 6), "loss_final": round(sum(tail) / len(tail), 6),
+            "latent_distance_with_adapter": latent_distance(self.pipe, prompts, self.batches.cached, self.config.seed),
+            "method": self.method.report.details,
+            "data": {"kept": self.data_report.kept, "skipped": {k: len(v) for k, v in
+                                                               self.data_report.skipped.items()}},
+        }
+        metrics["latent_distance_without_adapter"] = self._distance_without_adapter(prompts)
+        if self.config.clip_model and self.config.validation_prompts:
+            images = sample_images(self.pipe, self.config.validation_prompts, self.config.seed)
+            metrics["clip_score"] = clip_score(images, self.config.validation_prompts, self.config.clip_model)
+        return metrics
+
+    def _distance_without_adapter(self, prompts: list[str]):
+        if not hasattr(self.method, "components") or self.batches.cached is None:
+            return None
+        self.pipe.unet.disable_adapters()
+        try:
+            return latent_distance(self.pipe, prompts, self.batches.cached, self.config.seed)
+        finally:
+            self.pipe.unet.enable_adapters()
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress=None) -> TrainResult:
+    """Run (or resume) one training run; publishing is the caller's next step."""
+    trainer = Trainer(config, progress)
+    if resume:
+        trainer.resume()
+    return trainer.run()

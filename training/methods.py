@@ -1,0 +1,265 @@
+"""Training methods as small strategies over one loop.
+
+A method decides what is trainable (``prepare``), what a batch holds beyond the instance images
+(``extra_examples``), how the losses combine (``combine``), and what is published (``export``).
+LoRA, DreamBooth-LoRA (prior preservation), QLoRA (4-bit base), textual inversion and full
+fine-tuning differ only there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from lorafleet.registry.formats import AdapterPayload
+from lorafleet.registry.manifest import AdapterFormat, AdapterMethod, ComponentLora
+
+from .config import Method, TrainConfig
+
+
+@dataclass
+class MethodReport:
+    """What a method wants recorded (e.g. QLoRA's quantized layers and memory saving)."""
+
+    details: dict = field(default_factory=dict)
+
+
+class TrainingMethod:
+    """Base strategy: nothing trainable, nothing extra. Subclasses override what differs."""
+
+    adapter_method = AdapterMethod.lora
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.report = MethodReport()
+
+    def prepare(self, pipe) -> list[torch.nn.Parameter]:
+        """Make the pipeline trainable as this method wants; return the trainable parameters."""
+        raise NotImplementedError
+
+    def uses_text_encoder_grad(self) -> bool:
+        return False
+
+    def class_examples_needed(self) -> int:
+        return 0
+
+    def combine(self, instance_loss: torch.Tensor, class_loss: torch.Tensor | None) -> torch.Tensor:
+        return instance_loss
+
+    def after_step(self, pipe) -> None:
+        """Called after each optimizer step (e.g. textual inversion restores frozen rows)."""
+
+    def export(self, pipe) -> AdapterPayload:
+        raise NotImplementedError
+
+    def trainable_state(self, pipe) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint must hold to resume (by default: what is exported)."""
+        return dict(self.export(pipe).tensors)
+
+    def load_trainable_state(self, pipe, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+def _lora_config(rank: int, alpha: float, targets: list[str], dropout: float):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout,
+                      init_lora_weights="gaussian")
+
+
+def _peft_targets(model, adapter_name: str = "default") -> list[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return sorted(name for name, module in model.named_modules()
+                  if isinstance(module, LoraLayer) and adapter_name in module.lora_A)
+
+
+class LoraMethod(TrainingMethod):
+    adapter_method = AdapterMethod.lora
+    components = ("unet",)
+
+    def prepare(self, pipe) -> list[torch.nn.Parameter]:
+        settings = self.config.lora
+        pipe.unet.add_adapter(_lora_config(settings.rank, settings.alpha, settings.target_modules, settings.dropout))
+        if settings.text_encoder:
+            pipe.text_encoder.add_adapter(_lora_config(settings.rank, settings.alpha, settings.text_encoder_targets,
+                                                       settings.dropout))
+        return [p for model in (pipe.unet, pipe.text_encoder) for n, p in model.named_parameters() if "lora_" in n
+                and p.requires_grad]
+
+    def uses_text_encoder_grad(self) -> bool:
+        return self.config.lora.text_encoder
+
+    def _components(self, pipe) -> dict:
+        models = {"unet": pipe.unet}
+        if self.config.lora.text_encoder:
+            models["text_encoder"] = pipe.text_encoder
+        return models
+
+    def export(self, pipe) -> AdapterPayload:
+        from peft.utils import get_peft_model_state_dict
+
+        tensors, components = {}, {}
+        for name, model in self._components(pipe).items():
+            for key, value in get_peft_model_state_dict(model).items():
+                tensors[f"{name}.{key}"] = value.detach().to("cpu", torch.float32).clone()
+            components[name] = ComponentLora(rank=self.config.lora.rank, alpha=self.config.lora.alpha,
+                                             target_modules=_peft_targets(model))
+        trigger = [self.config.data.trigger] if self.config.data.trigger else []
+        return AdapterPayload(AdapterFormat.diffusers_lora, tensors, components, trigger_tokens=trigger,
+                              source_format="lorafleet-train")
+
+    def load_trainable_state(self, pipe, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        for name, model in self._components(pipe).items():
+            prefix = f"{name}."
+            set_peft_model_state_dict(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+class DreamBoothMethod(LoraMethod):
+    """LoRA plus prior preservation: the base's own class images keep the class prompt intact."""
+
+    adapter_method = AdapterMethod.dreambooth
+
+    def class_examples_needed(self) -> int:
+        return self.config.dreambooth.num_class_images
+
+    def combine(self, instance_loss: torch.Tensor, class_loss: torch.Tensor | None) -> torch.Tensor:
+        if class_loss is None:
+            return instance_loss
+        return instance_loss + self.config.dreambooth.prior_loss_weight * class_loss
+
+
+class QLoraMethod(LoraMethod):
+    """LoRA over a 4-bit NF4 base (bitsandbytes Linear4bit), built layer by layer.
+
+    bitsandbytes on CPU runs 4-bit layers whose input size is a multiple of 64 (and, in
+    inference, output size a multiple of 32); other layers stay in full precision, and the
+    report says which.
+    """
+
+    adapter_method = AdapterMethod.qlora
+
+    def prepare(self, pipe) -> list[torch.nn.Parameter]:
+        self.report.details = quantize_linear_layers(pipe.unet)
+        return super().prepare(pipe)
+
+
+def _eligible_for_4bit(module: torch.nn.Linear) -> bool:
+    return module.in_features % 64 == 0 and module.out_features % 32 == 0
+
+
+def quantize_linear_layers(model: torch.nn.Module) -> dict:
+    """Replace eligible nn.Linear layers of ``model`` with NF4 Linear4bit, in place."""
+    import bitsandbytes as bnb
+
+    quantized, kept, bytes_before, bytes_after = [], [], 0, 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            path = f"{parent_name}.{child_name}".strip(".")
+            weight_bytes = child.weight.numel() * child.weight.element_size()
+            if not _eligible_for_4bit(child):
+                kept.append(path)
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            layer = layer.to(child.weight.device)  # quantizes
+            setattr(parent, child_name, layer)
+            quantized.append(path)
+            bytes_before += weight_bytes
+            bytes_after += child.weight.numel() // 2
+    return {"quantized_layers": len(quantized), "full_precision_layers": kept,
+            "linear_bytes_fp32": bytes_before, "linear_bytes_4bit": bytes_after,
+            "memory_saving_bytes": bytes_before - bytes_after}
+
+
+class TextualInversionMethod(TrainingMethod):
+    """New token(s) whose embeddings are the only trainable numbers."""
+
+    adapter_method = AdapterMethod.textual_inversion
+
+    def _tokens(self) -> list[str]:
+        settings = self.config.textual_inversion
+        return [settings.token] + [f"{settings.token}_{i}" for i in range(1, settings.num_vectors)]
+
+    def prepare(self, pipe) -> list[torch.nn.Parameter]:
+        tokens = self._tokens()
+        added = pipe.tokenizer.add_tokens(tokens)
+        if added != len(tokens):
+            raise ValueError(f"token {self.config.textual_inversion.token!r} already exists in the tokenizer")
+        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+        embeddings = pipe.text_encoder.get_input_embeddings().weight
+        self.token_ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
+        init = self._init_vector(pipe)
+        with torch.no_grad():
+            for token_id in self.token_ids:
+                embeddings[token_id] = init
+        self.frozen_rows = embeddings.detach().clone()
+        embeddings.requires_grad_(True)
+        return [embeddings]
+
+    def _init_vector(self, pipe) -> torch.Tensor:
+        embeddings = pipe.text_encoder.get_input_embeddings().weight
+        word = self.config.textual_inversion.init_word
+        if word:
+            ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
+            return embeddings[ids].detach().mean(dim=0)
+        return embeddings[: len(pipe.tokenizer) - len(self._tokens())].detach().mean(dim=0)
+
+    def uses_text_encoder_grad(self) -> bool:
+        return True
+
+    def after_step(self, pipe) -> None:
+        embeddings = pipe.text_encoder.get_input_embeddings().weight
+        keep = torch.ones(embeddings.shape[0], dtype=torch.bool)
+        keep[self.token_ids] = False
+        with torch.no_grad():
+            embeddings[keep] = self.frozen_rows[keep]  # only the new rows learn
+
+    def export(self, pipe) -> AdapterPayload:
+        embeddings = pipe.text_encoder.get_input_embeddings().weight
+        vectors = embeddings[self.token_ids].detach().to("cpu", torch.float32).clone()  # [vectors, hidden]
+        token = self.config.textual_inversion.token
+        return AdapterPayload(AdapterFormat.textual_inversion, {token: vectors}, trigger_tokens=[token],
+                              source_format="lorafleet-train")
+
+    def load_trainable_state(self, pipe, state: dict[str, torch.Tensor]) -> None:
+        embeddings = pipe.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            embeddings[self.token_ids] = state[self.config.textual_inversion.token].to(embeddings.dtype)
+
+
+class FullMethod(TrainingMethod):
+    """Every UNet weight trains (sensible for small bases); the result is a full UNet."""
+
+    adapter_method = AdapterMethod.full
+
+    def prepare(self, pipe) -> list[torch.nn.Parameter]:
+        pipe.unet.requires_grad_(True)
+        return list(pipe.unet.parameters())
+
+    def export(self, pipe) -> AdapterPayload:
+        tensors = {f"unet.{k}": v.detach().to("cpu", torch.float32).clone() for k, v in pipe.unet.state_dict().items()}
+        return AdapterPayload(AdapterFormat.full_unet, tensors, source_format="lorafleet-train")
+
+    def load_trainable_state(self, pipe, state: dict[str, torch.Tensor]) -> None:
+        pipe.unet.load_state_dict({k[len("unet."):]: v for k, v in state.items()})
+
+
+METHODS: dict[Method, type[TrainingMethod]] = {
+    Method.lora: LoraMethod,
+    Method.dreambooth: DreamBoothMethod,
+    Method.qlora: QLoraMethod,
+    Method.textual_inversion: TextualInversionMethod,
+    Method.full: FullMethod,
+}
+
+
+def method_for(config: TrainConfig) -> TrainingMethod:
+    return METHODS[config.method](config)
