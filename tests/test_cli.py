@@ -86,7 +86,13 @@ def test_base_export_writes_a_diffusers_directory(tmp_path):
     assert run("base", "fingerprint", str(tmp_path / "tiny")).stdout.strip() == info["fingerprint"]
 
 
-def test_demo_publishes_and_shows_the_demo_adapter(tmp_path):
-    out = run("demo", "--registry", f"file://{tmp_path / 'reg'}").stdout
-    assert "published demo-style@1" in out and "demo-style:prod" in out
-    assert "lorafleet registry list" in out
+@pytest.mark.slow
+def test_demo_publishes_serves_and_saves_pngs(tmp_path):
+    from PIL import Image
+
+    out = run("demo", "--registry", f"file://{tmp_path / 'reg'}", "--out", str(tmp_path / "out"),
+              "--steps", "4").stdout
+    assert "published demo-style@1" in out and "demo-style:prod" in out and "server ready at" in out
+    adapter, base = tmp_path / "out" / "demo-adapter.png", tmp_path / "out" / "demo-base.png"
+    assert str(adapter) in out
+    assert Image.open(adapter).size == (32, 32) and adapter.read_bytes() != base.read_bytes()
