@@ -55,3 +55,15 @@ def registry(registry_uri):
     from lorafleet.registry import AdapterRegistry
 
     return AdapterRegistry(registry_uri)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-only tests (marked `gpu`) skip where no CUDA device exists; their logic has CPU tests."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -153,3 +153,12 @@ def test_printed_example_configs_are_valid(tmp_path):
     for method in METHOD_SETTINGS:
         tree = yaml.safe_load(EXAMPLE_CONFIG.format(method=method))
         assert TrainConfig.model_validate(tree).method.value == method
+
+
+def test_training_options_run_together(dataset, tmp_path):
+    result = train(_config("lora", dataset, tmp_path / "run", "max_steps=6", "gradient_checkpointing=true",
+                           "ema_decay=0.9", "min_snr_gamma=5", "noise_offset=0.05", "data.caption_dropout=0.5",
+                           "gradient_accumulation=2", "optimizer.warmup_steps=2", "optimizer.schedule=cosine",
+                           "data.flip=true", "data.color_jitter=0.1", "data.crop=random", "optimizer.name=adamw8bit"))
+    assert len(result.state.losses) == 6 and all(np.isfinite(result.state.losses))
+    assert result.metrics["latent_distance_with_adapter"] is None  # random augmentation: no cached latents
