@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data import Example, augment, open_image, random_augmentation, resize_and_crop, to_array
+from .data import Example, augment, bucket_for, open_image, random_augmentation, resize_and_crop, to_array
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -26,6 +26,16 @@ class Batch:
     captions: list[str]
 
 
+@dataclass
+class _Group:
+    """Examples trained at one size (the square resolution, or one aspect-ratio bucket)."""
+
+    size: tuple[int, int]  # (width, height) in pixels
+    indices: list[int]
+    weights: torch.Tensor  # [len(indices)]
+    latents: torch.Tensor | None = None  # [len(indices), 4, h/f, w/f] when cached
+
+
 class BatchSource:
     def __init__(self, pipe, examples: list[Example], config: TrainConfig, device: torch.device):
         self.pipe = pipe
@@ -33,12 +43,22 @@ class BatchSource:
         self.config = config
         self.device = device
         self.scaling = float(pipe.vae.config.scaling_factor)
-        self.cached: torch.Tensor | None = None
+        self.groups = self._groups()
         if config.data.cache_latents and not random_augmentation(config.data):
-            self.cached = self._encode_all()
+            for group in self.groups:
+                group.latents = self._encode_group(group)
 
-    def _pixels(self, example: Example, rng: random.Random) -> np.ndarray:
-        image = resize_and_crop(open_image(example.path), self.config.data.resolution, self.config.data.crop, rng)
+    def _groups(self) -> list[_Group]:
+        resolution = self.config.data.resolution
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, example in enumerate(self.examples):
+            size = bucket_for(example.aspect, resolution) if self.config.data.buckets else (resolution, resolution)
+            by_size.setdefault(size, []).append(index)
+        return [_Group(size, indices, torch.tensor([self.examples[i].weight for i in indices], dtype=torch.float64))
+                for size, indices in sorted(by_size.items())]
+
+    def _pixels(self, example: Example, size: tuple[int, int], rng: random.Random) -> np.ndarray:
+        image = resize_and_crop(open_image(example.path), size, self.config.data.crop, rng)
         return augment(to_array(image), self.config.data, rng)
 
     @torch.no_grad()
@@ -48,22 +68,35 @@ class BatchSource:
         noise = torch.randn(distribution.mean.shape, generator=generator).to(self.device, distribution.mean.dtype)
         return (distribution.mean + distribution.std * noise) * self.scaling
 
-    def _encode_all(self) -> torch.Tensor:
+    def _encode_group(self, group: _Group) -> torch.Tensor:
         rng = random.Random(self.config.seed)
-        pixels = np.stack([self._pixels(e, rng) for e in self.examples])
+        pixels = np.stack([self._pixels(self.examples[i], group.size, rng) for i in group.indices])
         return self._encode(pixels, torch.Generator().manual_seed(self.config.seed))
+
+    def _pick(self, generator: torch.Generator) -> tuple[_Group, list[int]]:
+        """A group (by its share of the total weight), then positions in it (by weight)."""
+        totals = torch.tensor([float(g.weights.sum()) for g in self.groups])
+        group = self.groups[int(torch.multinomial(totals, 1, generator=generator))]
+        positions = torch.multinomial(group.weights, self.config.batch_size, replacement=True, generator=generator)
+        return group, positions.tolist()
 
     def batch(self, step: int, micro: int) -> Batch:
         generator = step_generator(self.config.seed, step, micro)
-        size = self.config.batch_size
-        indices = torch.randint(len(self.examples), (size,), generator=generator).tolist()
-        if self.cached is not None:
-            latents = self.cached[indices]
+        group, positions = self._pick(generator)
+        if group.latents is not None:
+            latents = group.latents[positions]
         else:
             rng = random.Random(int(torch.randint(2**31, (1,), generator=generator)))
-            latents = self._encode(np.stack([self._pixels(self.examples[i], rng) for i in indices]), generator)
-        captions = [self._maybe_drop(self.examples[i].caption, generator) for i in indices]
+            pixels = np.stack([self._pixels(self.examples[group.indices[p]], group.size, rng) for p in positions])
+            latents = self._encode(pixels, generator)
+        captions = [self._maybe_drop(self.examples[group.indices[p]].caption, generator) for p in positions]
         return Batch(latents, captions)
+
+    @property
+    def cached(self) -> torch.Tensor | None:
+        """Cached latents at the square training size (for evaluation), if any."""
+        square = (self.config.data.resolution, self.config.data.resolution)
+        return next((g.latents for g in self.groups if g.size == square), None)
 
     def _maybe_drop(self, caption: str, generator: torch.Generator) -> str:
         dropped = float(torch.rand((1,), generator=generator)) < self.config.data.caption_dropout

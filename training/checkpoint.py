@@ -27,23 +27,33 @@ class TrainingState:
     seconds: float = 0.0
 
 
+def _flatten(tree: dict, prefix: str, tensors: dict, scalars: dict) -> None:
+    for name, value in tree.items():
+        key = f"{prefix}/{name}"
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().to("cpu").contiguous()
+        elif isinstance(value, dict):
+            _flatten(value, key, tensors, scalars)
+        else:
+            scalars[key] = value
+
+
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """torch optimizer state_dict -> (tensors, JSON-able rest)."""
+    """torch optimizer state_dict (nested, e.g. bitsandbytes' quant state) -> (tensors, JSON-able rest)."""
     tensors, scalars = {}, {}
     for index, per_param in state["state"].items():
-        for name, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{index}.{name}"] = value
+        _flatten(per_param, str(index), tensors, scalars)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(rest["scalars"].items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        index, *path = key.split("/")
+        node = state.setdefault(int(index), {})
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
     return {"state": state, "param_groups": rest["param_groups"]}
 
 

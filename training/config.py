@@ -40,7 +40,8 @@ class DataConfig(BaseModel):
     min_size: int = Field(8, ge=1, description="Images smaller than this (short side) are skipped.")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Share of captions replaced by '' (for CFG).")
     cache_latents: bool = Field(True, description="Encode images once (only without random augmentation).")
-    repeats: int = Field(1, ge=1, description="How often each image appears per epoch.")
+    buckets: bool = Field(False, description="Aspect-ratio buckets of about resolution^2 pixels, not square crops.")
+    weighted_sampling: bool = Field(True, description="Honour per-image 'weight' values in metadata.jsonl.")
 
 
 class LoraConfig(BaseModel):

@@ -29,6 +29,8 @@ class Example:
     path: Path
     caption: str
     digest: str
+    weight: float = 1.0  # sampling weight (metadata.jsonl "weight")
+    aspect: float = 1.0  # width / height after EXIF rotation
 
 
 @dataclass
@@ -55,26 +57,31 @@ class DataReport:
                 f"({self.captions_outside_recommended} outside {RECOMMENDED_WORDS[0]}-{RECOMMENDED_WORDS[1]})")
 
 
-def _read_metadata(folder: Path) -> dict[str, str]:
+def _read_metadata(folder: Path) -> dict[str, tuple[str, float]]:
+    """file_name -> (caption, weight) from metadata.jsonl."""
     metadata = folder / "metadata.jsonl"
     if not metadata.is_file():
         return {}
-    captions = {}
+    rows = {}
     for number, line in enumerate(metadata.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            captions[str(row["file_name"])] = str(row["text"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            weight = float(row.get("weight", 1.0))
+            rows[str(row["file_name"])] = (str(row["text"]), weight)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RequestInvalid(f"metadata.jsonl line {number}: needs file_name and text ({exc})",
                                  field="data.path") from exc
-    return captions
+        if not (0 < weight < float("inf")):
+            raise RequestInvalid(f"metadata.jsonl line {number}: weight must be a positive number",
+                                 field="data.path")
+    return rows
 
 
-def _caption_for(image: Path, metadata: dict[str, str]) -> str | None:
+def _caption_for(image: Path, metadata: dict[str, tuple[str, float]]) -> str | None:
     if image.name in metadata:
-        return metadata[image.name]
+        return metadata[image.name][0]
     sidecar = image.with_suffix(".txt")
     return sidecar.read_text(errors="replace").strip() if sidecar.is_file() else None
 
@@ -130,7 +137,8 @@ def scan(config: DataConfig) -> tuple[list[Example], DataReport]:
             report.missing_captions.append(path.name)
             caption = ""
         report.resized += int(image.size != (config.resolution, config.resolution))
-        examples.append(Example(path, apply_trigger(caption, config), digest))
+        weight = metadata.get(path.name, ("", 1.0))[1] if config.weighted_sampling else 1.0
+        examples.append(Example(path, apply_trigger(caption, config), digest, weight, image.width / image.height))
     _caption_statistics(report, examples)
     report.kept = len(examples)
     report.dataset_digest = dataset_digest(examples)
@@ -152,20 +160,34 @@ def dataset_digest(examples: list[Example]) -> str:
     return "sha256:" + hasher.hexdigest()
 
 
-def resize_and_crop(image, resolution: int, crop: str, rng: random.Random):
-    """Resize the short side to ``resolution`` (keeping the aspect ratio), then crop square."""
+BUCKET_ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
+
+
+def bucket_for(aspect: float, resolution: int, multiple: int = 8) -> tuple[int, int]:
+    """(width, height) of about resolution^2 pixels whose aspect is nearest ``aspect``."""
+    import math
+
+    nearest = min(BUCKET_ASPECTS, key=lambda a: abs(math.log(a / aspect)))
+    width = max(multiple, round(resolution * math.sqrt(nearest) / multiple) * multiple)
+    height = max(multiple, round(resolution / math.sqrt(nearest) / multiple) * multiple)
+    return width, height
+
+
+def resize_and_crop(image, resolution: int | tuple[int, int], crop: str, rng: random.Random):
+    """Resize to cover the target (keeping the aspect ratio), then crop to it (square or a bucket)."""
     from PIL import Image
 
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
-    spare_x, spare_y = image.width - resolution, image.height - resolution
+    spare_x, spare_y = image.width - width, image.height - height
     if crop == "random":
         left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
     else:
         left, top = spare_x // 2, spare_y // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + width, top + height))
 
 
 def to_array(image) -> np.ndarray:

@@ -86,3 +86,35 @@ def test_prepare_writes_square_images_captions_and_report(tmp_path):
     assert len(outputs) == 3 and all(Image.open(p).size == (24, 24) for p in outputs)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["kept"] == 3
     assert report.resized == 3
+
+
+def test_buckets_group_by_aspect_and_weights_steer_sampling(tmp_path):
+    import torch
+
+    from lorafleet.bases import load_base
+    from lorafleet.training.batches import BatchSource
+    from lorafleet.training.config import load_train_config
+    from lorafleet.training.data import bucket_for
+
+    assert bucket_for(1.0, 32) == (32, 32) and bucket_for(2.0, 32) == (40, 24) and bucket_for(0.5, 32) == (24, 40)
+    rows = []
+    for index, (size, weight) in enumerate([((48, 32), 1.0), ((32, 48), 1.0), ((32, 32), 50.0)]):
+        name = f"img{index}.png"
+        Image.new("RGB", size, (index * 80, 20, 20)).save(tmp_path / name)
+        rows.append(json.dumps({"file_name": name, "text": f"picture {index}", "weight": weight}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows))
+    config = load_train_config(None, [f"data.path={tmp_path}", "data.buckets=true", "batch_size=2"])
+    examples, _ = scan(config.data)
+    source = BatchSource(load_base("tiny").pipeline, examples, config, torch.device("cpu"))
+    assert sorted(g.size for g in source.groups) == [(24, 40), (32, 32), (40, 24)]
+    captions = [c for step in range(40) for c in source.batch(step, 0).captions]
+    assert captions.count("picture 2") > 0.8 * len(captions)  # weight 50 of 52
+    assert {tuple(g.latents.shape[2:]) for g in source.groups} == {(8, 8), (6, 10), (10, 6)}  # [h/4, w/4]
+    sizes = {tuple(source.batch(step, 0).latents.shape[2:]) for step in range(200)}
+    assert len(sizes) >= 2  # batches come from more than one bucket, each batch from one
+
+
+def test_bad_weights_are_refused_naming_the_line(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x", "weight": -2}\n')
+    with pytest.raises(RequestInvalid, match="line 1: weight"):
+        scan(DataConfig(path=tmp_path))
