@@ -63,15 +63,18 @@ def peft_name(digest: str) -> str:
 class _Active:
     digest: str
     kind: AdapterFormat
+    nbytes: int = 0
     components: tuple[str, ...] = ()
     tokens: tuple[str, ...] = ()
 
 
 class PipelineEngine:
-    def __init__(self, pipeline, placement: Placement, max_active: int = 8, fuse_after: int = 0):
+    def __init__(self, pipeline, placement: Placement, max_active: int = 8, fuse_after: int = 0,
+                 max_active_bytes: int = 1024**3):
         self.pipe = pipeline
         self.placement = placement
         self.max_active = max_active
+        self.max_active_bytes = max_active_bytes
         self.fuse_after = fuse_after
         self.active: OrderedDict[str, _Active] = OrderedDict()
         self._lock = threading.Lock()
@@ -100,13 +103,13 @@ class PipelineEngine:
         kind = adapter.payload.format
         if kind == AdapterFormat.diffusers_lora:
             components = self._inject_lora(adapter, peft_name(adapter.digest))
-            return _Active(adapter.digest, kind, components=components)
+            return _Active(adapter.digest, kind, adapter.nbytes, components=components)
         if kind == AdapterFormat.textual_inversion:
             tokens = tuple(adapter.payload.tensors)
             self.pipe.load_textual_inversion({t: adapter.payload.tensors[t].clone() for t in tokens} if len(tokens) == 1
                                              else [{t: adapter.payload.tensors[t].clone()} for t in tokens],
                                              token=list(tokens) if len(tokens) > 1 else tokens[0])
-            return _Active(adapter.digest, kind, tokens=tokens)
+            return _Active(adapter.digest, kind, adapter.nbytes, tokens=tokens)
         raise AdapterIncompatible(
             f"{adapter.manifest.adapter_id} is a {kind.value} adapter; serve full fine-tunes as their own base",
             field="adapters",
@@ -135,12 +138,25 @@ class PipelineEngine:
                 continue
             if self._fused_key is not None:
                 self._unfuse()
-            for old in [d for d in self.active if d not in wanted][: max(0, len(self.active) + 1 - self.max_active)]:
-                self._remove(self.active.pop(old))
-                evicted.append(old)
+            evicted += self._make_room(wanted, use.adapter.nbytes)
             self.active[digest] = self._inject(use.adapter)
             loaded.append(digest)
         return loaded, evicted
+
+    def _make_room(self, wanted: list[str], incoming_bytes: int) -> list[str]:
+        """Evict least recently used adapters (not in this request) until count and bytes fit."""
+        evicted = []
+        for old in [d for d in self.active if d not in wanted]:
+            used = sum(a.nbytes for a in self.active.values())
+            if len(self.active) < self.max_active and used + incoming_bytes <= self.max_active_bytes:
+                break
+            self._remove(self.active.pop(old))
+            evicted.append(old)
+        return evicted
+
+    @property
+    def active_bytes(self) -> int:
+        return sum(a.nbytes for a in self.active.values())
 
     # ------------------------------------------------------------------ applying a set
     def _lora_set(self, uses: list[AdapterUse]) -> tuple[tuple[str, ...], tuple[float, ...]]:
@@ -241,4 +257,4 @@ class PipelineEngine:
 
     def state(self) -> dict:
         return {"active": list(self.active), "fused": self._fused_key is not None,
-                "active_count": len(self.active)}
+                "active_count": len(self.active), "active_bytes": self.active_bytes}

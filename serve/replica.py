@@ -73,7 +73,7 @@ class GeneratorReplica:
         disk = DiskTier(settings.cache.disk_dir, settings.cache.disk_bytes) if settings.cache.disk_bytes else None
         self.fetcher = AdapterFetcher(self.registry, settings.cache.host_bytes, disk)
         self.engine = PipelineEngine(self.base.pipeline, self.placement, settings.cache.active_max_adapters,
-                                     settings.fuse_after)
+                                     settings.fuse_after, settings.cache.active_bytes)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         # Every torch call on the pipeline runs on this one thread: OpenMP keeps a thread team
         # per calling thread, and several idle teams spinning on 2 cores starve the busy one.
@@ -101,7 +101,7 @@ class GeneratorReplica:
 
     def resident(self) -> dict:
         tiers = self.fetcher.resident()
-        tiers["active"] = {"digests": list(self.engine.active), "bytes": 0, "evictions": 0}
+        tiers["active"] = {"digests": list(self.engine.active), "bytes": self.engine.active_bytes, "evictions": 0}
         return tiers
 
     def health(self) -> dict:

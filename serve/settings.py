@@ -26,7 +26,8 @@ class RequestLimits(BaseModel):
 class CacheBudgets(BaseModel):
     """Per-replica adapter cache tiers, each with LRU eviction."""
 
-    active_max_adapters: int = Field(8, description="Adapters kept loaded in the pipeline.")
+    active_max_adapters: int = Field(8, ge=1, description="Adapters kept loaded in the pipeline.")
+    active_bytes: int = Field(1024**3, ge=0, description="Active tier byte budget (adapter weights in pipeline).")
     host_bytes: int = Field(512 * 1024**2, description="Host-memory tier (state dicts) byte budget.")
     disk_bytes: int = Field(4 * 1024**3, description="Local disk tier byte budget.")
     disk_dir: Path = Field(Path("~/.cache/lorafleet/adapters"), description="Local disk tier directory.")
@@ -45,9 +46,9 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LORAFLEET_", env_nested_delimiter="__", extra="forbid")
 
-    base: str = Field("tiny", description="Built-in base name, a diffusers directory or a .safetensors checkpoint.")
-    base_config: str | None = Field(None, description="Diffusers directory with the configs of a single-file checkpoint.")
-    registry: str | None = Field(None, description="Registry URI; default $LORAFLEET_REGISTRY or ~/.lorafleet/registry.")
+    base: str = Field("tiny", description="Built-in base name, a diffusers directory or a .safetensors file.")
+    base_config: str | None = Field(None, description="Diffusers directory with a single-file checkpoint's configs.")
+    active_bytes: int = Field(1024**3, ge=0, description="Active tier byte budget (adapter weights).")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")

@@ -61,6 +61,8 @@ class DreamBoothConfig(BaseModel):
     model_config = _STRICT
 
     class_prompt: str = Field("a photo", description="Prompt for the base model's own class images.")
+    instance_prompt: str | None = Field(None, description="One prompt for every instance image (e.g. "
+                                        "'a photo of sks dog'); default: each image's caption with the trigger.")
     num_class_images: int = Field(8, ge=0, le=10_000, description="Class images generated (and cached).")
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss.")
     class_image_steps: int = Field(20, ge=1, le=200, description="Sampling steps for class images.")
@@ -101,7 +103,9 @@ class TrainConfig(BaseModel):
     method: Method = Field(Method.lora, description="lora, dreambooth, qlora, textual_inversion or full.")
     base: str = Field("tiny", description="Built-in base name or a diffusers directory.")
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    max_steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps.")
+    max_steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps (see epochs).")
+    epochs: float | None = Field(None, gt=0, le=100_000,
+                                 description="If set, train this many passes over the data instead of max_steps.")
     batch_size: int = Field(4, ge=1, le=4096)
     gradient_accumulation: int = Field(1, ge=1, le=1024)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16/bf16 autocast on CUDA only.")

@@ -83,6 +83,14 @@ class Trainer:
         if not self.examples:
             raise RequestInvalid(f"no usable images in {config.data.path}: {self.data_report.summary()}",
                                  field="data.path")
+        if config.epochs is not None:  # passes over the data, as optimizer steps
+            per_step = config.batch_size * config.gradient_accumulation
+            config = config.model_copy(update={"max_steps": max(1, math.ceil(
+                config.epochs * len(self.examples) / per_step))})
+            self.config = config
+        if config.method.value == "dreambooth" and config.dreambooth.instance_prompt:
+            for example in self.examples:
+                example.caption = config.dreambooth.instance_prompt
         torch.manual_seed(config.seed)
         self.base = load_base(config.base)
         self.pipe = self.base.pipeline.to(self.placement.device)
@@ -197,6 +205,7 @@ class Trainer:
             if every and self.state.step % every == 0 and self.state.step < self.config.max_steps:
                 self._checkpoint()
                 self._validation_grid()
+                self._progress_files()
             if self.progress:
                 self.progress(self.state)
         if save_checkpoints:
@@ -211,6 +220,14 @@ class Trainer:
         images = sample_images(self.pipe, prompts, self.config.seed)
         path = Path(self.config.output_dir) / "samples" / f"step-{self.state.step:09d}.png"
         return save_grid([images], path)
+
+    def _progress_files(self) -> None:
+        """Loss curve and metrics so far, next to each checkpoint."""
+        output = Path(self.config.output_dir)
+        save_loss_curve(self.state.losses, output / "loss.png")
+        write_metrics(output / "metrics.json", {"steps": self.state.step, "of": self.config.max_steps,
+                                                "loss_last": self.state.losses[-1],
+                                                "seconds": round(self.state.seconds, 2)})
 
     def _finish(self) -> TrainResult:
         if self.ema is not None:

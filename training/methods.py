@@ -142,8 +142,31 @@ class QLoraMethod(LoraMethod):
     adapter_method = AdapterMethod.qlora
 
     def prepare(self, pipe) -> list[torch.nn.Parameter]:
-        self.report.details = quantize_linear_layers(pipe.unet)
+        if pipe.unet.device.type == "cuda":
+            self.report.details = quantize_with_diffusers(pipe)
+        else:
+            self.report.details = quantize_linear_layers(pipe.unet)
         return super().prepare(pipe)
+
+
+def quantize_with_diffusers(pipe) -> dict:
+    """On CUDA: diffusers' own bitsandbytes path (it refuses to run without a GPU)."""
+    import tempfile
+
+    import bitsandbytes as bnb
+    from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+
+    before = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=pipe.unet.dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        pipe.unet.save_pretrained(folder)
+        unet = UNet2DConditionModel.from_pretrained(folder, quantization_config=config, torch_dtype=pipe.unet.dtype)
+    pipe.register_modules(unet=unet.requires_grad_(False))
+    after = sum(p.numel() * p.element_size() for p in unet.parameters())
+    layers = [name for name, module in unet.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    return {"quantized_layers": len(layers), "full_precision_layers": [], "unet_bytes_before": before,
+            "unet_bytes_after": after, "memory_saving_bytes": before - after}
 
 
 def _eligible_for_4bit(module: torch.nn.Linear) -> bool:

@@ -97,22 +97,27 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config: dict
     return pipe
 
 
-def build_tiny_pipeline():
-    """The `tiny` base, identical on every build (fixed seed, fixed construction order)."""
+def build_from_configs(seed: int, unet_config: dict, vae_config: dict, text_config: dict):
+    """A pipeline with random weights from configs, identical on every build (fixed seed and order)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    tokenizer = build_tokenizer(list(TINY_WORDS), model_max_length=TEXT_CONFIG["max_position_embeddings"])
+    tokenizer = build_tokenizer(list(TINY_WORDS), model_max_length=text_config["max_position_embeddings"])
     generator_state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(TINY_SEED)
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-        vae = AutoencoderKL(**VAE_CONFIG)
-        text_encoder = build_text_encoder(tokenizer, TEXT_CONFIG)
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        text_encoder = build_text_encoder(tokenizer, text_config)
     finally:
         torch.random.set_rng_state(generator_state)
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     return assemble_pipeline(vae, text_encoder, tokenizer, unet, SCHEDULER_CONFIG)
+
+
+def build_tiny_pipeline():
+    """The `tiny` base (plumbing tests, the default)."""
+    return build_from_configs(TINY_SEED, UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG)
 
 
 # `small`: the benchmark configuration (UNet block_out_channels 64/128/256), random weights,
@@ -137,17 +142,4 @@ SMALL_TEXT_CONFIG = {**TEXT_CONFIG, "hidden_size": 64, "intermediate_size": 128,
 
 def build_small_pipeline():
     """The `small` base (benchmarks): same structure as `tiny`, larger UNet."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    tokenizer = build_tokenizer(list(TINY_WORDS), model_max_length=SMALL_TEXT_CONFIG["max_position_embeddings"])
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(SMALL_SEED)
-        unet = UNet2DConditionModel(**SMALL_UNET_CONFIG)
-        vae = AutoencoderKL(**SMALL_VAE_CONFIG)
-        text_encoder = build_text_encoder(tokenizer, SMALL_TEXT_CONFIG)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return assemble_pipeline(vae, text_encoder, tokenizer, unet, SCHEDULER_CONFIG)
+    return build_from_configs(SMALL_SEED, SMALL_UNET_CONFIG, SMALL_VAE_CONFIG, SMALL_TEXT_CONFIG)

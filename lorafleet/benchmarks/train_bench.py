@@ -17,6 +17,10 @@ from pathlib import Path
 from lorafleet.devtools.shapes import write_shapes_folder
 
 
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _lorafleet_run(data: str, output: str, steps: int, batch: int, rank: int, base: str, queue) -> None:
     from lorafleet.training.config import load_train_config
     from lorafleet.training.loop import Trainer
@@ -30,7 +34,7 @@ def _lorafleet_run(data: str, output: str, steps: int, batch: int, rank: int, ba
     for step in range(1, steps + 1):
         trainer.step(step)
     elapsed = time.perf_counter() - started
-    queue.put({"steps_per_s": steps / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put({"steps_per_s": steps / elapsed, "peak_rss_mb": _peak_rss_mb()})
 
 
 def _reference_run(data: str, steps: int, batch: int, rank: int, base: str, queue) -> None:
@@ -73,7 +77,7 @@ def _reference_run(data: str, steps: int, batch: int, rank: int, base: str, queu
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - started
-    queue.put({"steps_per_s": steps / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put({"steps_per_s": steps / elapsed, "peak_rss_mb": _peak_rss_mb()})
 
 
 def _in_process(target, *args) -> dict:

@@ -111,3 +111,14 @@ def test_a_textual_inversion_token_is_inactive_unless_requested(adapter_registry
     after = engine.run([], job).images[0]
     assert np.abs(with_token - before).max() > 1e-3
     assert np.abs(after - before).max() == 0
+
+
+def test_active_tier_respects_its_byte_budget(adapter_registry, fetcher):
+    one = _use(fetcher, adapter_registry, "style1").adapter.nbytes
+    engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=10,
+                            max_active_bytes=2 * one + one // 2)
+    evicted = []
+    for name in ("style1", "style2", "style3", "style4"):
+        evicted += engine.run([_use(fetcher, adapter_registry, name)], JOB).evicted
+    assert len(engine.active) == 2 and engine.active_bytes <= 2 * one + one // 2
+    assert len(evicted) == 2

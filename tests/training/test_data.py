@@ -90,11 +90,11 @@ def test_prepare_writes_square_images_captions_and_report(tmp_path):
 
 def test_buckets_group_by_aspect_and_weights_steer_sampling(tmp_path):
     import torch
-
-    from lorafleet.bases import load_base
     from lorafleet.training.batches import BatchSource
     from lorafleet.training.config import load_train_config
     from lorafleet.training.data import bucket_for
+
+    from lorafleet.bases import load_base
 
     assert bucket_for(1.0, 32) == (32, 32) and bucket_for(2.0, 32) == (40, 24) and bucket_for(0.5, 32) == (24, 40)
     rows = []

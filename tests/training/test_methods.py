@@ -162,3 +162,26 @@ def test_training_options_run_together(dataset, tmp_path):
                            "data.flip=true", "data.color_jitter=0.1", "data.crop=random", "optimizer.name=adamw8bit"))
     assert len(result.state.losses) == 6 and all(np.isfinite(result.state.losses))
     assert result.metrics["latent_distance_with_adapter"] is None  # random augmentation: no cached latents
+
+
+def test_epochs_set_the_number_of_steps(dataset, tmp_path):
+    result = train(_config("lora", dataset, tmp_path / "run", "epochs=2", "batch_size=4", "checkpoint_every=2"))
+    assert result.state.step == 4  # 2 passes over 8 images at 4 per step
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_dreambooth_instance_prompt_replaces_captions(dataset, tmp_path):
+    from lorafleet.training.loop import Trainer
+
+    config = _config("dreambooth", dataset, tmp_path / "run", "dreambooth.instance_prompt=a photo of sks circle",
+                     "max_steps=1")
+    trainer = Trainer(config)
+    assert {e.caption for e in trainer.examples} == {"a photo of sks circle"}
+    assert trainer.class_source is not None and len(trainer.class_source.latents) == 4
+
+
+@pytest.mark.gpu
+def test_qlora_on_cuda_uses_the_diffusers_bitsandbytes_path(dataset, tmp_path):
+    result = train(_config("qlora", dataset, tmp_path / "run", "max_steps=3"))
+    details = result.metrics["method"]
+    assert details["quantized_layers"] > 0 and details["memory_saving_bytes"] > 0
