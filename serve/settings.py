@@ -27,7 +27,7 @@ class CacheBudgets(BaseModel):
     """Per-replica adapter cache tiers, each with LRU eviction."""
 
     active_max_adapters: int = Field(8, ge=1, description="Adapters kept loaded in the pipeline.")
-    active_bytes: int = Field(1024**3, ge=0, description="Active tier byte budget (adapter weights in pipeline).")
+    active_bytes: int = Field(1024**3, ge=0, description="Active tier byte budget (adapter weights).")
     host_bytes: int = Field(512 * 1024**2, description="Host-memory tier (state dicts) byte budget.")
     disk_bytes: int = Field(4 * 1024**3, description="Local disk tier byte budget.")
     disk_dir: Path = Field(Path("~/.cache/lorafleet/adapters"), description="Local disk tier directory.")
@@ -48,7 +48,7 @@ class ServeSettings(BaseSettings):
 
     base: str = Field("tiny", description="Built-in base name, a diffusers directory or a .safetensors file.")
     base_config: str | None = Field(None, description="Diffusers directory with a single-file checkpoint's configs.")
-    active_bytes: int = Field(1024**3, ge=0, description="Active tier byte budget (adapter weights).")
+    registry: str | None = Field(None, description="Registry URI (default $LORAFLEET_REGISTRY, else ~/.lorafleet).")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
