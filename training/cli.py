@@ -56,16 +56,26 @@ publish:
 """
 
 
-def _progress_printer(config):
-    from tqdm import tqdm
+class _ProgressBar:
+    """steps, loss, it/s and ETA on stderr; created at the first step (after the checks)."""
 
-    bar = tqdm(total=config.max_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+    def __init__(self, config):
+        self.config = config
+        self.bar = None
 
-    def update(state):
-        bar.n = state.step
-        bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
-        bar.refresh()
-    return update, bar
+    def __call__(self, state) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.config.max_steps, initial=state.step - 1, unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+        self.bar.n = state.step
+        self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_train(args) -> int:
@@ -83,11 +93,11 @@ def cmd_train(args) -> int:
         return 0
     from .loop import train
 
-    progress, bar = _progress_printer(config)
+    progress = _ProgressBar(config)
     try:
         result = train(config, resume=args.resume, progress=progress)
     finally:
-        bar.close()
+        progress.close()
     print(f"trained {config.method.value} for {result.state.step} steps: loss {result.metrics['loss_first']:.4f} "
           f"-> {result.metrics['loss_final']:.4f}; outputs in {result.output_dir}")
     manifest = None
