@@ -78,11 +78,7 @@ def generator_options(settings: ServeSettings) -> dict[str, Any]:
     }
     if settings.autoscaling:
         scaling = settings.autoscaling
-        options["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
-            "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
-        }
+        options["autoscaling_config"] = scaling.model_dump()
     else:
         options["num_replicas"] = settings.replicas
     return options

@@ -10,7 +10,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.registry.errors import Forbidden, Unauthenticated
+from lorafleet.registry.errors import Forbidden, ServiceUnavailable, Unauthenticated
 
 SCOPES = frozenset({"generate", "admin"})
 IMPLIED = {"admin": {"generate"}}
@@ -59,9 +59,13 @@ class TokenTable:
 
     @classmethod
     def from_settings(cls, settings) -> "TokenTable":
+        """Tokens from settings or LORAFLEET_API_TOKENS / a secret file; refuses auth without tokens."""
         entries = parse_token_spec(settings.api_tokens) if settings.api_tokens else []
         if settings.tokens_file:
             entries += parse_token_file(settings.tokens_file)
+        if settings.auth_enabled and not entries:
+            raise ServiceUnavailable("auth_enabled is set but no tokens are configured (api_tokens, "
+                                     "LORAFLEET_API_TOKENS or tokens_file)", field="api_tokens")
         return cls(entries, settings.auth_enabled)
 
     def _scopes_of(self, presented: bytes) -> frozenset[str] | None:

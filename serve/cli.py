@@ -23,7 +23,9 @@ def serve_config(settings) -> dict:
             "name": APP_NAME,
             "route_prefix": "/",
             "import_path": "lorafleet.serve.app:app_builder",
-            "args": settings.model_dump(mode="json", exclude={"config_file", "host"}, exclude_none=True),
+            # Secrets never go into the Serve config: tokens come from the environment (a Secret).
+            "args": settings.model_dump(mode="json", exclude={"config_file", "host", "api_tokens", "tokens_file"},
+                                        exclude_none=True),
             "deployments": [{"name": GATEWAY_NAME, "ray_actor_options": {"num_cpus": 0}}, generator],
         }],
     }

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from lorafleet.registry.errors import RequestInvalid
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 
@@ -34,11 +35,15 @@ class CacheBudgets(BaseModel):
 
 
 class Autoscaling(BaseModel):
+    """Ray Serve autoscaling of generator replicas (passed to the deployment's autoscaling_config)."""
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica to aim for.")
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their load.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window the load is averaged over.")
 
 
 class ServeSettings(BaseSettings):
@@ -70,12 +75,6 @@ class ServeSettings(BaseSettings):
     tokens_file: Path | None = Field(None, description="File with one 'token scope,scope' per line.")
     config_file: Path | None = Field(None, description="YAML file these settings were read from.")
 
-    @model_validator(mode="after")
-    def _auth_needs_tokens(self) -> "ServeSettings":
-        if self.auth_enabled and not (self.api_tokens or self.tokens_file):
-            raise ValueError("auth_enabled needs api_tokens or tokens_file")
-        return self
-
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
@@ -90,5 +89,14 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> ServeSet
     """Settings from a YAML file, the environment and explicit overrides (None values ignored)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     if config_file is not None:
+        if not Path(config_file).is_file():
+            raise RequestInvalid(f"settings file {config_file} does not exist", field="config")
         given["config_file"] = Path(config_file)
-    return ServeSettings(**given)
+    try:
+        return ServeSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise RequestInvalid(f"invalid serve settings: {field}: {first['msg']}", field=field,
+                             problems=problems) from exc

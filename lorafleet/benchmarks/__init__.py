@@ -4,10 +4,11 @@ from __future__ import annotations
 
 
 def add_commands(subparsers) -> None:
-    from . import registry_bench, serve_bench, train_bench
+    from . import autoscale_bench, registry_bench, serve_bench, train_bench
 
     parser = subparsers.add_parser("bench", help="benchmarks (print a table and JSON)")
     benches = parser.add_subparsers(dest="bench_command", required=True)
     registry_bench.add_arguments(benches.add_parser("registry", help="registry publish/pull/list on file and S3"))
     serve_bench.add_arguments(benches.add_parser("serve", help="serving overhead, tier costs, naive-loop comparison"))
     train_bench.add_arguments(benches.add_parser("train", help="training speed/memory vs a plain diffusers loop"))
+    autoscale_bench.add_arguments(benches.add_parser("autoscale", help="Ray Serve autoscaling under a burst"))

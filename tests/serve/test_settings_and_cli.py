@@ -28,14 +28,29 @@ def test_settings_precedence_file_then_env_then_flags(tmp_path, monkeypatch):
     assert settings.limits.max_steps == 10
 
 
-@pytest.mark.parametrize("bad", [{"port": 70000}, {"device": "tpu"}, {"unknown_key": 1},
-                                 {"auth_enabled": True}, {"dtype": "float8"}])
+@pytest.mark.parametrize("bad", [{"port": 70000}, {"device": "tpu"}, {"unknown_key": 1}, {"dtype": "float8"},
+                                 {"cache": {"active_max_adapters": 0}}])
 def test_bad_settings_are_refused_naming_the_key(tmp_path, bad):
+    from lorafleet.registry.errors import RequestInvalid
+
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(bad))
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(RequestInvalid) as caught:
         load_settings(config)
-    assert next(iter(bad)) in str(caught.value) or "auth_enabled" in str(caught.value)
+    assert caught.value.field.split(".")[0] == next(iter(bad))
+
+
+def test_auth_without_tokens_refuses_to_start(tmp_path):
+    from lorafleet.registry.errors import ServiceUnavailable
+    from lorafleet.serve.auth import TokenTable
+
+    with pytest.raises(ServiceUnavailable, match="no tokens"):
+        TokenTable.from_settings(ServeSettings(auth_enabled=True))
+
+
+def test_serve_config_never_contains_tokens():
+    settings = ServeSettings(auth_enabled=True, api_tokens="secret-token=admin")
+    assert "secret-token" not in yaml.safe_dump(serve_config(settings))
 
 
 def test_serve_config_is_a_valid_serve_deploy_schema():

@@ -1,0 +1,203 @@
+"""The Kubernetes manifests render, validate against real schemas, and match the code.
+
+Core kinds: kubernetes-validate --strict. KubeRay kinds: jsonschema against the CRDs in
+../shared/kuberay-crds with unknown fields refused (kubernetes-validate passes custom resources
+silently). serveConfigV2: Ray's ServeDeploySchema, and equal to what the code generates.
+Prometheus: promtool check config / rules and the rule unit tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+CRDS = ROOT.parent / "shared" / "kuberay-crds"
+OVERLAYS = ["cpu-dev", "gpu-prod"]
+KUBERAY_KINDS = {"RayService": "ray.io_rayservices.yaml", "RayJob": "ray.io_rayjobs.yaml",
+                 "RayCluster": "ray.io_rayclusters.yaml"}
+
+
+def render(target: Path) -> list[dict]:
+    result = subprocess.run(["kubectl", "kustomize", str(target)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def _strict(schema):
+    """Refuse unknown fields wherever the CRD lists properties (as the API server's strict mode)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if schema.get("type") == "object" and "properties" in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema.setdefault("additionalProperties", False)
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load((CRDS / KUBERAY_KINDS[kind]).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
+def kubernetes_validate(documents: list[dict], tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / "core.yaml"
+    path.write_text(yaml.safe_dump_all(documents))
+    return subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", str(path)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def serve_configs(documents: list[dict]) -> list[dict]:
+    return [yaml.safe_load(d["spec"]["serveConfigV2"]) for d in documents if d["kind"] == "RayService"]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request):
+    return request.param, render(K8S / "overlays" / request.param)
+
+
+def test_overlays_render_the_expected_objects(overlay):
+    name, documents = overlay
+    kinds = sorted(d["kind"] for d in documents)
+    assert {"RayService", "RayJob", "Secret"} <= set(kinds) and kinds.count("ConfigMap") == 3
+    assert all(d["metadata"].get("namespace") for d in documents)
+
+
+def test_core_kinds_pass_kubernetes_validate_strict(overlay, tmp_path):
+    _, documents = overlay
+    core = [d for d in documents if d["kind"] not in KUBERAY_KINDS]
+    result = kubernetes_validate(core, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kuberay_kinds_validate_against_the_crds(overlay):
+    _, documents = overlay
+    checked = 0
+    for document in documents:
+        if document["kind"] in KUBERAY_KINDS:
+            errors = sorted(crd_validator(document["kind"]).iter_errors(document), key=str)
+            assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+            checked += 1
+    assert checked == 2
+
+
+def test_serve_config_is_valid_and_generated_from_the_code(overlay):
+    from lorafleet.serve import app as serve_app
+    from lorafleet.serve.cli import serve_config
+    from lorafleet.serve.settings import load_settings
+    from ray.serve.schema import ServeDeploySchema
+
+    name, documents = overlay
+    [config] = serve_configs(documents)
+    schema = ServeDeploySchema.model_validate(config)
+    application = schema.applications[0]
+    module, attribute = application.import_path.split(":")
+    assert module == serve_app.__name__ and callable(getattr(serve_app, attribute))
+    assert {d.name for d in application.deployments} == {serve_app.GATEWAY_NAME, serve_app.GENERATOR_NAME}
+    assert config == serve_config(load_settings(K8S / "overlays" / name / "serve.yaml")), \
+        f"regenerate: lorafleet serve --print-config --config k8s/overlays/{name}/serve.yaml"
+    assert getattr(serve_app, attribute)(application.args) is not None  # the builder accepts the args
+
+
+def test_gpu_prod_requests_gpus_and_autoscales():
+    documents = render(K8S / "overlays" / "gpu-prod")
+    service = next(d for d in documents if d["kind"] == "RayService")
+    [group] = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    container = group["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and group["maxReplicas"] > group["minReplicas"]
+    assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    generator = serve_configs(documents)[0]["applications"][0]["deployments"][1]
+    assert generator["autoscaling_config"]["max_replicas"] == 8
+    assert generator["ray_actor_options"]["num_gpus"] == 1.0
+    settings = next(d for d in documents if d["metadata"]["name"] == "lorafleet-settings")
+    assert settings["data"]["LORAFLEET_REGISTRY"].startswith("s3://")
+    assert serve_configs(documents)[0]["applications"][0]["args"]["auth_enabled"] is True
+
+
+def test_rayjob_trains_from_the_configmap_and_cleans_up():
+    for name in OVERLAYS:
+        job = next(d for d in render(K8S / "overlays" / name) if d["kind"] == "RayJob")
+        assert job["spec"]["entrypoint"].startswith("lorafleet train /config/train.yaml")
+        assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] > 0
+        assert job["spec"]["activeDeadlineSeconds"] > 0
+    from lorafleet.training.config import load_train_config
+
+    assert load_train_config(K8S / "base" / "train.yaml").method.value == "lora"
+
+
+def test_readiness_is_tied_to_readyz():
+    service = next(d for d in render(K8S / "base") if d["kind"] == "RayService")
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+
+
+class TestBrokenManifestsFailEachValidator:
+    def test_kubernetes_validate_refuses_an_unknown_field(self, tmp_path):
+        broken = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"a": "b"},
+                  "surprise": True}
+        assert kubernetes_validate([broken], tmp_path).returncode != 0
+
+    def test_crd_schema_refuses_an_unknown_field_and_a_wrong_type(self):
+        service = next(d for d in render(K8S / "base") if d["kind"] == "RayService")
+        unknown = copy.deepcopy(service)
+        unknown["spec"]["rayClusterConfig"]["headGroupSpec"]["bogus"] = 1
+        assert list(crd_validator("RayService").iter_errors(unknown))
+        wrong = copy.deepcopy(service)
+        wrong["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "many"
+        assert list(crd_validator("RayService").iter_errors(wrong))
+
+    def test_serve_deploy_schema_refuses_a_bad_config(self):
+        from pydantic import ValidationError
+        from ray.serve.schema import ServeDeploySchema
+
+        [config] = serve_configs(render(K8S / "base"))
+        config["applications"][0]["deployments"][1]["max_ongoing_requests"] = "lots"
+        with pytest.raises(ValidationError):
+            ServeDeploySchema.model_validate(config)
+
+    def test_drift_from_the_code_is_caught(self):
+        from lorafleet.serve.cli import serve_config
+        from lorafleet.serve.settings import load_settings
+
+        [config] = serve_configs(render(K8S / "base"))
+        config["applications"][0]["import_path"] = "lorafleet.serve.app:old_builder"
+        assert config != serve_config(load_settings(K8S / "base" / "serve.yaml"))
+
+
+PROMETHEUS = K8S / "base" / "prometheus"
+
+
+def test_prometheus_config_and_rules_pass_promtool():
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is installed by scripts/setup.sh (Debian package prometheus)"
+    for command in (["check", "config", "prometheus.yaml"], ["check", "rules", "alerts.yaml"],
+                    ["test", "rules", "alerts-test.yaml"]):
+        result = subprocess.run([promtool, *command], cwd=PROMETHEUS, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alerts_reference_metrics_the_service_exports():
+    from lorafleet.serve.metrics import ServiceMetrics
+
+    exported = ServiceMetrics().exposition().decode()
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())["groups"][0]["rules"]
+    for rule in rules:
+        names = set(re.findall(r"lorafleet_[a-z_]+", rule["expr"]))
+        assert names
+        for name in names:
+            family = name.removesuffix("_bucket").removesuffix("_total")
+            assert family in exported, f"{rule['alert']} uses {name}, which lorafleet does not export"
