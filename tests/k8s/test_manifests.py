@@ -109,7 +109,7 @@ def test_serve_config_is_valid_and_generated_from_the_code(overlay):
     assert module == serve_app.__name__ and callable(getattr(serve_app, attribute))
     assert {d.name for d in application.deployments} == {serve_app.GATEWAY_NAME, serve_app.GENERATOR_NAME}
     assert config == serve_config(load_settings(K8S / "overlays" / name / "serve.yaml")), \
-        f"regenerate: lorafleet serve --print-config --config k8s/overlays/{name}/serve.yaml"
+        "regenerate with: python scripts/k8s_sync_serve_config.py"
     assert getattr(serve_app, attribute)(application.args) is not None  # the builder accepts the args
 
 
