@@ -8,9 +8,7 @@ where they are; then stops (or keeps serving with --keep-serving).
 from __future__ import annotations
 
 import base64
-import signal
 import tempfile
-import threading
 from pathlib import Path
 
 
@@ -37,18 +35,11 @@ def _generate(url: str, body: dict, out: Path) -> dict:
     return result
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-
-
 def cmd_demo(args) -> int:
     from lorafleet.bases import base_spec
     from lorafleet.devtools.seaweed import free_port
     from lorafleet.registry import AdapterRegistry
-    from lorafleet.serve.server import start_server
+    from lorafleet.serve.server import install_stop_handlers, start_server
     from lorafleet.serve.settings import load_settings
 
     registry = AdapterRegistry(args.registry)
@@ -70,7 +61,7 @@ def cmd_demo(args) -> int:
         print(f"generated with the base alone -> {out / 'demo-base.png'}")
         if args.keep_serving:
             print(f"serving at {server.url} until Ctrl-C", flush=True)
-            _wait_for_signal()
+            install_stop_handlers().wait()
     finally:
         server.stop()
     return 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 
 import yaml
@@ -37,16 +35,14 @@ def _settings(args):
 
 
 def cmd_serve(args) -> int:
-    from .server import start_server
+    from .server import install_stop_handlers, start_server
 
     settings = _settings(args)
     if args.print_config:
         print(yaml.safe_dump(serve_config(settings), sort_keys=False))
         return 0
-    stop = threading.Event()
     server = start_server(settings, ray_address=args.ray_address)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
-        signal.signal(sig, lambda *_: stop.set())
+    stop = install_stop_handlers()
     print(f"lorafleet is serving base {settings.base!r} at {server.url} (POST /v1/generate); Ctrl-C stops it",
           flush=True)
     try:

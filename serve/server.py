@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -67,3 +69,11 @@ def start_server(settings: ServeSettings, ray_address: str | None = None, num_cp
         server.stop()
         raise
     return server
+
+
+def install_stop_handlers() -> threading.Event:
+    """An event set by SIGINT/SIGTERM (install after ray.init, which sets its own handlers)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop

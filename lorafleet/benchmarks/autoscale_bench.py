@@ -6,7 +6,6 @@ up; after it they come back down. Prints when each happened.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 import time
@@ -80,12 +79,10 @@ def _burst_and_watch(url: str, burst_requests: int, concurrency: int, steps: int
 
 
 def cmd_bench_autoscale(args) -> int:
-    from .registry_bench import format_table
+    from .registry_bench import emit
 
     result = run_autoscale(args.requests, args.concurrency, args.steps)
-    print(format_table([result], transpose=True))
-    print(json.dumps(result, indent=2))
-    return 0
+    return emit([result], transpose=True)
 
 
 def add_arguments(parser) -> None:

@@ -114,11 +114,16 @@ def format_table(results: list[dict], columns: list[str] | None = None, transpos
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
-def cmd_bench_registry(args) -> int:
-    results = run_registry_bench(args.adapters, args.size_mb, args.versions, tuple(args.backends.split(",")))
-    print(format_table(results, REGISTRY_COLUMNS))
+def emit(results: list[dict], columns: list[str] | None = None, transpose: bool = False) -> int:
+    """What every benchmark prints: a table, then the same figures as JSON."""
+    print(format_table(results, columns, transpose))
     print(json.dumps(results, indent=2))
     return 0
+
+
+def cmd_bench_registry(args) -> int:
+    results = run_registry_bench(args.adapters, args.size_mb, args.versions, tuple(args.backends.split(",")))
+    return emit(results, REGISTRY_COLUMNS)
 
 
 def add_arguments(parser) -> None:

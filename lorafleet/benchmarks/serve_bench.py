@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import tempfile
@@ -163,12 +162,10 @@ def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int) -
 
 
 def cmd_bench_serve(args) -> int:
-    from .registry_bench import format_table
+    from .registry_bench import emit
 
     results = run_serve_bench(args.bases.split(","), args.steps, args.requests, args.repeats)
-    print(format_table(results, list(results[0]), transpose=True))
-    print(json.dumps(results, indent=2))
-    return 0
+    return emit(results, transpose=True)
 
 
 def add_arguments(parser) -> None:

@@ -7,7 +7,6 @@ resolution and rank for both loops. Also: QLoRA's base memory vs fp32, and the t
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import resource
 import tempfile
@@ -132,12 +131,10 @@ def run_train_bench(base: str, steps: int, batch: int, rank: int, images: int) -
 
 
 def cmd_bench_train(args) -> int:
-    from .registry_bench import format_table
+    from .registry_bench import emit
 
     result = run_train_bench(args.base, args.steps, args.batch, args.rank, args.images)
-    print(format_table([result], transpose=True))
-    print(json.dumps(result, indent=2))
-    return 0
+    return emit([result], transpose=True)
 
 
 def add_arguments(parser) -> None:
