@@ -35,8 +35,11 @@ class AliasMoveRequest(BaseModel):
     expected_version: int | None = Field(None, ge=1, description="Move only if the alias points here now.")
 
 
-def _error_response(status: int, code: str, message: str, field: str | None, retry_after: int) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if status in RETRYABLE_STATUSES else None
+def _error_response(status: int, code: str, message: str, field: str | None, retry_after: int,
+                    headers: dict | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if status in RETRYABLE_STATUSES:
+        headers["Retry-After"] = str(retry_after)
     body = {"error": {"code": code, "message": message, "field": field}}
     return JSONResponse(status_code=status, content=body, headers=headers)
 
@@ -63,7 +66,8 @@ def _install_error_handlers(app: FastAPI, retry_after: int) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error_response(exc.status_code, "http_error", str(exc.detail), None, retry_after)
+        return _error_response(exc.status_code, "http_error", str(exc.detail), None, retry_after,
+                               getattr(exc, "headers", None))  # keeps Allow on 405
 
 
 def _install_metrics_middleware(app: FastAPI, service: GenerationService) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from lorafleet.registry import AdapterRef, AdapterRegistry, Manifest
 from lorafleet.registry.errors import (
     AdapterIncompatible,
+    IntegrityError,
     LorafleetError,
     Overloaded,
     RegistryUnavailable,
@@ -218,6 +219,9 @@ class GenerationService:
             raise RequestTimeout(f"generation did not finish within {self.settings.request_timeout_s:g}s") from exc
         except Overloaded:
             self.metrics.overloads.inc()
+            raise
+        except (IntegrityError, RegistryUnavailable) as exc:  # a replica could not fetch an adapter
+            self.metrics.adapter_load_failures.labels(code=exc.code).inc()
             raise
         finally:
             self._in_flight -= 1

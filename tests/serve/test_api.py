@@ -255,3 +255,26 @@ def test_official_openai_client_against_a_live_server(adapter_registry, tmp_path
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_wrong_method_answers_405_with_allow(client):
+    response = client.request("DELETE", "/v1/generate")
+    assert response.status_code == 405 and "POST" in response.headers["Allow"]
+    assert response.json()["error"]["code"] == "http_error"
+
+
+def test_a_corrupted_blob_is_never_served_and_is_counted(adapter_registry, tiny_spec, tmp_path):
+    from helpers import write_lora
+
+    from lorafleet.registry.adapter_registry import blob_key
+
+    manifest = adapter_registry.publish(write_lora(tmp_path, tiny_spec, seed=91),
+                                        PublishRequest(name="to-corrupt", base=tiny_spec))
+    path = adapter_registry.store.root / blob_key(manifest.digest)
+    path.write_bytes(path.read_bytes()[:-1] + b"\x01")
+    app, service = create_local_app(_settings(adapter_registry, tmp_path), adapter_registry)
+    with TestClient(app) as fresh:
+        response = fresh.post("/v1/generate", json=_body(adapter="to-corrupt"))
+        assert response.status_code == 502 and response.json()["error"]["code"] == "integrity_error"
+        metrics = fresh.get("/metrics").text
+    assert 'lorafleet_adapter_load_failures_total{code="integrity_error"} 1.0' in metrics
