@@ -166,8 +166,8 @@ class GenerationService:
             raise RequestInvalid("the same adapter is named twice", field=field_name)
         return resolved
 
-    def _task(self, request: GenerateRequest, resolved) -> tuple[GenerationTask, list[int]]:
-        steps, width, height = check_limits(request, self.settings.limits, self.native_size)
+    def _task(self, request: GenerateRequest, resolved, size: tuple[int, int, int]) -> tuple[GenerationTask, list[int]]:
+        steps, width, height = size
         seed = request.seed if request.seed is not None else int.from_bytes(np.random.bytes(4), "little")
         seeds = [(seed + i) % 2**32 for i in range(request.num_images)]
         guidance = request.guidance_scale if request.guidance_scale is not None else \
@@ -188,9 +188,9 @@ class GenerationService:
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         started = time.perf_counter()
         await self.ensure_base_info()
-        check_limits(request, self.settings.limits, self.native_size)
+        size = check_limits(request, self.settings.limits, self.native_size)  # before any registry call
         resolved = await asyncio.to_thread(self._resolve, request)
-        task, seeds = self._task(request, resolved)
+        task, seeds = self._task(request, resolved, size)
         output = await self._call_backend(task)
         self.metrics.record_output(output)
         self.resident_by_replica[output.replica] = output.resident
