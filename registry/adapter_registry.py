@@ -10,11 +10,9 @@ Layout in the store (every name validated before it becomes a key)::
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +31,6 @@ from .errors import (
     AliasNotFound,
     IntegrityError,
     InvalidAdapter,
-    RegistryUnavailable,
     VersionConflict,
     VersionNotFound,
     YankedVersion,
@@ -413,8 +410,4 @@ def _copy(source, target, limit: int) -> None:
         remaining -= len(chunk)
 
 
-def manifests_as_json(manifests: Iterable[Manifest]) -> str:
-    return json.dumps([json.loads(m.model_dump_json()) for m in manifests], indent=2)
-
-
-__all__ = ["AdapterRegistry", "PublishRequest", "GcReport", "AliasRecord", "RegistryUnavailable"]
+__all__ = ["AdapterRegistry", "PublishRequest", "GcReport", "AliasRecord"]

@@ -73,6 +73,20 @@ class AdapterPayload:
         return sum(t.numel() for t in self.tensors.values())
 
 
+def json_metadata(metadata: dict[str, str], key: str) -> dict:
+    """A JSON object stored under ``key`` in safetensors metadata ({} when absent)."""
+    raw = metadata.get(key)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidAdapter(f"safetensors metadata {key!r} is not valid JSON", field="path") from exc
+    if not isinstance(value, dict):
+        raise InvalidAdapter(f"safetensors metadata {key!r} must be a JSON object", field="path")
+    return value
+
+
 def find_weights_file(path: Path) -> tuple[Path, dict | None]:
     """The safetensors file to publish from ``path`` and an adapter_config.json beside it."""
     if path.is_dir():
@@ -140,8 +154,7 @@ def _ranks_by_module(keys: dict[str, torch.Tensor], pattern: re.Pattern, group: 
 
 
 def _from_diffusers(tensors, metadata: dict[str, str], adapter_config: dict | None) -> AdapterPayload:
-    raw = metadata.get(LORA_METADATA_KEY)
-    flat = json.loads(raw) if raw else None
+    flat = json_metadata(metadata, LORA_METADATA_KEY) if metadata.get(LORA_METADATA_KEY) else None
     components = {}
     for component in COMPONENTS:
         prefix = f"{component}."
@@ -277,8 +290,7 @@ def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -
     keys = list(tensors)
     if all(_DIFFUSERS_KEY.match(k) for k in keys):
         payload = _from_diffusers(tensors, metadata, adapter_config)
-        info = json.loads(metadata.get(LORAFLEET_METADATA_KEY, "{}"))
-        payload.trigger_tokens = list(info.get("trigger_tokens", []))
+        payload.trigger_tokens = list(json_metadata(metadata, LORAFLEET_METADATA_KEY).get("trigger_tokens", []))
         return payload
     if all(_PEFT_KEY.match(k) for k in keys):
         return _from_peft(tensors, adapter_config, spec)
@@ -319,7 +331,7 @@ def payload_from_stored(data: bytes) -> AdapterPayload:
     tensors = load(data)
     header_length = int.from_bytes(data[:8], "little")
     metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
-    info = json.loads(metadata.get(LORAFLEET_METADATA_KEY, "{}"))
+    info = json_metadata(metadata, LORAFLEET_METADATA_KEY)
     adapter_format = AdapterFormat(info.get("format", AdapterFormat.diffusers_lora.value))
     if adapter_format == AdapterFormat.diffusers_lora:
         payload = _from_diffusers(tensors, metadata, None)

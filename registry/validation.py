@@ -6,14 +6,13 @@ and the weights agree, that ranks are within limits, and that the adapter change
 
 from __future__ import annotations
 
-import json
 import re
 
 import torch
 
 from .base_spec import BaseSpec, ModuleShape
 from .errors import AdapterIncompatible, InvalidAdapter
-from .formats import LORAFLEET_METADATA_KEY, AdapterPayload
+from .formats import LORAFLEET_METADATA_KEY, AdapterPayload, json_metadata
 from .manifest import AdapterFormat
 from .safetensors_io import AdapterLimits
 
@@ -124,8 +123,7 @@ def _validate_full_unet(payload: AdapterPayload, spec: BaseSpec) -> None:
 
 def check_declared_base(metadata: dict[str, str], spec: BaseSpec) -> None:
     """Refuse a file that says it was made for another base (lorafleet metadata)."""
-    raw = metadata.get(LORAFLEET_METADATA_KEY)
-    declared = json.loads(raw).get("base_fingerprint") if raw else None
+    declared = json_metadata(metadata, LORAFLEET_METADATA_KEY).get("base_fingerprint")
     if declared and declared != spec.fingerprint:
         raise AdapterIncompatible(
             f"adapter was made for base {declared}, not for {spec.id!r} ({spec.fingerprint})", field="base"

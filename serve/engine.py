@@ -254,7 +254,3 @@ class PipelineEngine:
                 return False
             self._unfuse()
             return True
-
-    def state(self) -> dict:
-        return {"active": list(self.active), "fused": self._fused_key is not None,
-                "active_count": len(self.active), "active_bytes": self.active_bytes}

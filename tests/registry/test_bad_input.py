@@ -130,6 +130,12 @@ def _unknown_layout(d: Path, spec) -> Path:
     return path
 
 
+def _malformed_lora_metadata(d: Path, spec) -> Path:
+    path = d / "badmeta.safetensors"
+    save_file(synthetic_lora(spec).tensors, str(path), metadata={"lora_adapter_metadata": "{not json"})
+    return path
+
+
 def _missing_file(d: Path, spec) -> Path:
     return d / "does-not-exist.safetensors"
 
@@ -148,6 +154,7 @@ FILE_CASES = [
     (_header_length_lie, InvalidAdapter, "header length"),
     (_empty_file, InvalidAdapter, "no tensors"),
     (_unknown_layout, InvalidAdapter, "unrecognised adapter layout"),
+    (_malformed_lora_metadata, InvalidAdapter, "not valid JSON"),
     (_missing_file, InvalidAdapter, "does not exist"),
 ]
 

@@ -265,7 +265,6 @@ def test_wrong_method_answers_405_with_allow(client):
 
 def test_a_corrupted_blob_is_never_served_and_is_counted(adapter_registry, tiny_spec, tmp_path):
     from helpers import write_lora
-
     from lorafleet.registry.adapter_registry import blob_key
 
     manifest = adapter_registry.publish(write_lora(tmp_path, tiny_spec, seed=91),
