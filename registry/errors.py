@@ -36,6 +36,12 @@ class InvalidName(LorafleetError):
     code = "invalid_name"
 
 
+class ReservedAlias(InvalidName):
+    """A well-formed alias that only the registry may move (``latest``)."""
+
+    code = "reserved_alias"
+
+
 class InvalidReference(LorafleetError):
     code = "invalid_reference"
 

@@ -18,36 +18,41 @@ import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .errors import InvalidName, InvalidReference
+from .errors import InvalidName, InvalidReference, ReservedAlias
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
-DIGEST_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
+NAME_REGEX = r"[a-z0-9][a-z0-9._-]{0,63}"
+ALIAS_REGEX = r"[a-z][a-z0-9._-]{0,31}"
+DIGEST_REGEX = r"sha256:[0-9a-f]{64}"
+VERSION_REGEX = r"[1-9][0-9]{0,8}"
+# The whole reference grammar in one expression (also published in the HTTP API's schema).
+REF_REGEX = rf"^{NAME_REGEX}(?:@(?:{VERSION_REGEX}|{DIGEST_REGEX})|:{ALIAS_REGEX})?$"
+NAME_PATTERN = re.compile(rf"^{NAME_REGEX}$")
+ALIAS_PATTERN = re.compile(rf"^{ALIAS_REGEX}$")
+DIGEST_PATTERN = re.compile(rf"^{DIGEST_REGEX}$")
+VERSION_PATTERN = re.compile(rf"^{VERSION_REGEX}$")
 LATEST = "latest"
 RESERVED_ALIASES = frozenset({LATEST})
 
 
 def validate_name(name: object, field: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in {".", ".."}:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidName(
             f"invalid adapter name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
             "starting with a letter or digit",
             field=field,
         )
-    if ".." in name:
-        raise InvalidName(f"invalid adapter name {name!r}: '..' is not allowed", field=field)
     return name
 
 
 def validate_alias(alias: object, field: str = "alias", *, allow_reserved: bool = False) -> str:
-    if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias) or ".." in alias:
+    if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias):
         raise InvalidName(
             f"invalid alias {alias!r}: use 1-32 characters of a-z, 0-9, '.', '_', '-', starting "
             "with a letter",
             field=field,
         )
     if alias in RESERVED_ALIASES and not allow_reserved:
-        raise InvalidName(f"alias {alias!r} is reserved and follows the newest version", field=field)
+        raise ReservedAlias(f"alias {alias!r} is reserved and follows the newest version", field=field)
     return alias
 
 
@@ -105,7 +110,7 @@ class AdapterRef:
         validate_name(name, field)
         if target.startswith("sha256:"):
             return cls(name=name, digest=validate_digest(target, field))
-        if not target.isdigit() or len(target) > 9:
+        if not VERSION_PATTERN.fullmatch(target):
             raise InvalidReference(
                 f"invalid adapter reference {text!r}: expected NAME@VERSION or NAME@sha256:HEX",
                 field=field,

@@ -1,15 +1,16 @@
 """The HTTP API (FastAPI). Domain errors become HTTP in one handler, via errors_http.STATUS_BY_ERROR."""
 
-from __future__ import annotations
-
 import asyncio
 import time
+from typing import Annotated
 
-from fastapi import FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from lorafleet.registry.errors import LorafleetError, RequestInvalid
-from pydantic import BaseModel, Field
+from lorafleet.registry.identity import ALIAS_REGEX, NAME_REGEX
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import TokenTable
@@ -18,21 +19,46 @@ from .metrics import CONTENT_TYPE
 from .schemas import (
     AdapterSummary,
     ErrorResponse,
-    GenerateRequest,
     GenerateResponse,
     HealthResponse,
     OpenAIImage,
-    OpenAIImageRequest,
     OpenAIImageResponse,
+    json_numbers,
+    request_models,
 )
 from .service import BASE_MODEL_NAME, GenerationService
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 403, 404, 422, 503, 504)}
+ERROR_DESCRIPTIONS = {
+    400: "The body could not be read as JSON.",
+    401: "No or an unknown bearer token.",
+    403: "The token lacks this route's scope.",
+    404: "No such adapter, version or alias (or the version is yanked).",
+    409: "The alias moved meanwhile (expected_version), is reserved, or the registry is read-only.",
+    422: "The request breaks the schema or a limit; `error.field` names the field.",
+    502: "An adapter's stored bytes do not match their digest (never served).",
+    503: "Overloaded, no replica ready, or the registry unreachable; retry after `Retry-After` seconds.",
+    504: "Generation did not finish within the request timeout.",
+}
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in ERROR_DESCRIPTIONS.items()}
+NOT_READY_RESPONSES = {503: ERROR_RESPONSES[503]}
+_BEARER = HTTPBearer(auto_error=False, description="A token with the route's scope (generate or admin).")
 
 
 class AliasMoveRequest(BaseModel):
-    version: int = Field(ge=1)
-    expected_version: int | None = Field(None, ge=1, description="Move only if the alias points here now.")
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, le=10**9 - 1)
+    expected_version: int | None = Field(None, ge=1, le=10**9 - 1,
+                                         description="Move only if the alias points here now.")
+
+    _numbers = json_numbers("version", "expected_version")
+
+
+class AliasMoved(BaseModel):
+    name: str
+    alias: str
+    version: int
+    revision: int
 
 
 def _error_response(status: int, code: str, message: str, field: str | None, retry_after: int,
@@ -66,7 +92,8 @@ def _install_error_handlers(app: FastAPI, retry_after: int) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error_response(exc.status_code, "http_error", str(exc.detail), None, retry_after,
+        field = "body" if exc.status_code == 400 else None  # FastAPI could not parse the body
+        return _error_response(exc.status_code, "http_error", str(exc.detail), field, retry_after,
                                getattr(exc, "headers", None))  # keeps Allow on 405
 
 
@@ -90,59 +117,75 @@ def _parse_size(size: str | None, native: int) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def _scope_guards(tokens: TokenTable, scope: str) -> list:
+    """The route dependency checking ``scope`` (and declaring bearer auth in the schema), if auth is on."""
+    if not tokens.enabled:
+        return []
+
+    async def guard(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]) -> None:
+        tokens.authorize(request.headers.get("authorization"), scope)
+
+    return [Depends(guard)]
+
+
 def create_api(service: GenerationService, tokens: TokenTable) -> FastAPI:
     app = FastAPI(title="lorafleet", version="0.1.0",
                   description="Generate images with a frozen diffusion base and registry adapters.")
     _install_error_handlers(app, service.settings.retry_after_s)
     _install_metrics_middleware(app, service)
+    models = request_models(service.settings.limits)
+    GenerateBody, OpenAIBody = models.generate, models.openai_images  # noqa: N806 (classes)
+    generate_scope, admin_scope = _scope_guards(tokens, "generate"), _scope_guards(tokens, "admin")
+    adapter_name = Path(pattern=f"^{NAME_REGEX}$", max_length=64)
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)
-    async def generate(body: GenerateRequest, authorization: str | None = Header(None)) -> GenerateResponse:
-        tokens.authorize(authorization, "generate")
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES,
+              dependencies=generate_scope)
+    async def generate(body: GenerateBody) -> GenerateResponse:
         return await service.generate(body)
 
-    @app.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERROR_RESPONSES)
-    async def openai_images(body: OpenAIImageRequest, authorization: str | None = Header(None)):
-        tokens.authorize(authorization, "generate")
-        if body.response_format == "url":
-            raise RequestInvalid("only response_format 'b64_json' is supported", field="response_format")
+    @app.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERROR_RESPONSES,
+              dependencies=generate_scope)
+    async def openai_images(body: OpenAIBody):
         width, height = _parse_size(body.size, service.native_size)
         model = body.model or BASE_MODEL_NAME
-        request = GenerateRequest(prompt=body.prompt, adapter=None if model == BASE_MODEL_NAME else model,
-                                  num_images=body.n, width=width, height=height)
+        request = GenerateBody(prompt=body.prompt, adapter=None if model == BASE_MODEL_NAME else model,
+                               num_images=body.n, width=width, height=height)
         result = await service.generate(request)
         return OpenAIImageResponse(created=int(time.time()), data=[OpenAIImage(b64_json=b) for b in result.images])
 
-    @app.get("/v1/adapters", response_model=list[AdapterSummary], responses=ERROR_RESPONSES)
-    async def list_adapters(authorization: str | None = Header(None)):
-        tokens.authorize(authorization, "generate")
+    @app.get("/v1/adapters", response_model=list[AdapterSummary], responses=ERROR_RESPONSES,
+             dependencies=generate_scope)
+    async def list_adapters():
         manifests = await asyncio.to_thread(service.registry.list)
         return [_summary(service, m.name, m) for m in manifests]
 
-    @app.get("/v1/adapters/{name}", response_model=AdapterSummary, responses=ERROR_RESPONSES)
-    async def show_adapter(name: str, authorization: str | None = Header(None)):
-        tokens.authorize(authorization, "generate")
+    @app.get("/v1/adapters/{name}", response_model=AdapterSummary, responses=ERROR_RESPONSES,
+             dependencies=generate_scope)
+    async def show_adapter(name: str = adapter_name):
         versions = await asyncio.to_thread(service.registry.list, name)
         aliases = await asyncio.to_thread(service.registry.aliases, name)
         live = [m for m in versions if not m.yanked]
         return _summary(service, name, live[-1] if live else None, aliases)
 
-    @app.put("/v1/adapters/{name}/aliases/{alias}", responses=ERROR_RESPONSES)
-    async def move_alias(name: str, alias: str, body: AliasMoveRequest, authorization: str | None = Header(None)):
-        tokens.authorize(authorization, "admin")
+    @app.put("/v1/adapters/{name}/aliases/{alias}", response_model=AliasMoved, responses=ERROR_RESPONSES,
+             dependencies=admin_scope)
+    async def move_alias(body: AliasMoveRequest, name: str = adapter_name,
+                         alias: str = Path(pattern=f"^{ALIAS_REGEX}$", max_length=32)):
         record = await asyncio.to_thread(service.registry.set_alias, name, alias, body.version,
                                          expected_version=body.expected_version)
-        return {"name": name, "alias": alias, "version": record.version, "revision": record.revision}
+        return AliasMoved(name=name, alias=alias, version=record.version, revision=record.revision)
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz():
         return HealthResponse(status="ok")
 
-    @app.get("/readyz", response_model=HealthResponse, responses=ERROR_RESPONSES)
+    @app.get("/readyz", response_model=HealthResponse, responses=NOT_READY_RESPONSES)
     async def readyz():
         return HealthResponse(**await service.readiness())
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition."}})
     async def metrics():
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
 

@@ -35,11 +35,14 @@ def _settings(args):
 
 
 def cmd_serve(args) -> int:
-    from .server import install_stop_handlers, start_server
+    from .server import install_stop_handlers, serve_in_process, start_server
 
     settings = _settings(args)
     if args.print_config:
         print(yaml.safe_dump(serve_config(settings), sort_keys=False))
+        return 0
+    if args.no_ray:
+        serve_in_process(settings)
         return 0
     server = start_server(settings, ray_address=args.ray_address)
     stop = install_stop_handlers()
@@ -61,5 +64,7 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--config", help="YAML settings file (keys as in ServeSettings)")
     parser.add_argument("--replicas", type=int, help="generator replicas (without autoscaling)")
     parser.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="run in this process with uvicorn (one replica, no Ray): development, tests")
     parser.add_argument("--print-config", action="store_true", help="print the Serve config (serve deploy) and exit")
     parser.set_defaults(handler=cmd_serve)

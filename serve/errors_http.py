@@ -17,6 +17,10 @@ STATUS_BY_ERROR: list[tuple[type[registry_errors.LorafleetError], int]] = [
     (Forbidden, 403),
     (registry_errors.AdapterNotFound, 404),  # includes VersionNotFound, AliasNotFound
     (registry_errors.YankedVersion, 404),
+    (registry_errors.ReservedAlias, 409),
+    (registry_errors.AliasConflict, 409),
+    (registry_errors.VersionConflict, 409),
+    (registry_errors.RegistryReadOnly, 409),
     (registry_errors.InvalidName, 422),
     (registry_errors.InvalidReference, 422),
     (registry_errors.AdapterIncompatible, 422),

@@ -2,39 +2,65 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from lorafleet.registry.identity import REF_REGEX
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from .settings import RequestLimits
 
 OutputFormat = Literal["png", "jpeg", "webp", "npy"]
-_FINITE = ConfigDict(extra="forbid", allow_inf_nan=False)
+# Not blank: some character other than ASCII whitespace (the same in JSON Schema, pydantic and re).
+NOT_BLANK = r"[^ \t\n\r\f\v]"
+_CLOSED = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _json_number(value):
+    """JSON Schema's numbers: 3 and 3.0 are integers, but true and "3" are no numbers."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+def json_numbers(*fields: str):
+    """A before-validator for ``fields`` refusing what pydantic's lax mode would coerce to a number."""
+    return field_validator(*fields, mode="before")(lambda cls, value: _json_number(value))
 
 
 class AdapterWeight(BaseModel):
-    model_config = _FINITE
+    model_config = _CLOSED
 
-    ref: str = Field(min_length=1, max_length=200, description="NAME, NAME@7, NAME:alias or NAME@sha256:HEX")
+    ref: str = Field(max_length=200, pattern=REF_REGEX, description="NAME, NAME@7, NAME:alias or NAME@sha256:HEX")
     weight: float = Field(1.0, ge=-8.0, le=8.0, description="Strength of this adapter.")
+
+    _numbers = json_numbers("weight")
 
 
 class GenerateRequest(BaseModel):
-    model_config = _FINITE
+    """A generation request. The limits in the published schema are the server's configured ones
+    (``request_models``), so every request the schema allows is one the server accepts."""
 
-    prompt: str = Field(description="Text prompt.")
+    model_config = ConfigDict(**_CLOSED, json_schema_extra={"not": {"required": ["adapter", "adapters"]}})
+
+    prompt: str = Field(min_length=1, pattern=NOT_BLANK, description="Text prompt (not blank).")
     negative_prompt: str | None = Field(None, description="What to steer away from.")
-    adapters: list[AdapterWeight] | None = Field(None, description="Adapters with weights.")
-    adapter: str | None = Field(None, min_length=1, max_length=200, description="One adapter ref (weight 1).")
+    adapters: list[AdapterWeight] | None = Field(None, description="Adapters with weights (the same adapter twice "
+                                                                     "adds its weights).")
+    adapter: str | None = Field(None, max_length=200, pattern=REF_REGEX, description="One adapter ref (weight 1).")
     steps: int | None = Field(None, ge=1, description="Denoising steps (default from settings).")
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
-    width: int | None = Field(None, ge=8, description="Image width in pixels, a multiple of 8.")
-    height: int | None = Field(None, ge=8, description="Image height in pixels, a multiple of 8.")
+    width: int | None = Field(None, ge=8, description="Image width in pixels.")
+    height: int | None = Field(None, ge=8, description="Image height in pixels.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Seed; image i uses seed + i.")
     num_images: int = Field(1, ge=1, description="Images to generate for this prompt.")
     output_format: OutputFormat = Field("png", description="png, jpeg, webp, or npy (float32 array, exact).")
 
+    _numbers = json_numbers("steps", "guidance_scale", "width", "height", "seed", "num_images")
+
     @model_validator(mode="after")
     def _one_way_to_name_adapters(self) -> "GenerateRequest":
-        if self.adapter is not None and self.adapters:
+        if {"adapter", "adapters"} <= self.model_fields_set:
             raise ValueError("give either 'adapter' or 'adapters', not both")
         return self
 
@@ -86,14 +112,52 @@ class OpenAIImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    prompt: str
-    model: str | None = Field("base", description="An adapter ref, or 'base' for no adapter.")
+    prompt: str = Field(min_length=1, pattern=NOT_BLANK)
+    model: str | None = Field("base", max_length=200, pattern=REF_REGEX,
+                              description="An adapter ref, or 'base' for no adapter.")
     n: int = Field(1, ge=1)
-    size: str | None = Field(None, description="'WIDTHxHEIGHT'.")
-    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    size: str | None = Field(None, description="'WIDTHxHEIGHT', a square size the server allows.")
+    response_format: Literal["b64_json"] | None = "b64_json"
     quality: str | None = None
     style: str | None = None
     user: str | None = None
+
+    _numbers = json_numbers("n")
+
+
+def allowed_square_sizes(limits: RequestLimits) -> list[str]:
+    first = -(-limits.min_size // limits.size_multiple) * limits.size_multiple
+    return [f"{n}x{n}" for n in range(first, limits.max_size + 1, limits.size_multiple)]
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    generate: type[GenerateRequest]
+    openai_images: type[OpenAIImageRequest]
+
+
+def request_models(limits: RequestLimits) -> RequestModels:
+    """The request bodies with the configured limits in their schema (what /openapi.json shows)."""
+    size = {"ge": limits.min_size, "le": limits.max_size, "multiple_of": limits.size_multiple}
+    prompt = {"max_length": limits.max_prompt_chars}
+    generate = _narrowed(GenerateRequest, prompt=prompt, negative_prompt=prompt, width=size, height=size,
+                         steps={"le": limits.max_steps}, num_images={"le": limits.max_num_images},
+                         adapters={"max_length": limits.max_adapters_per_request})
+    square_size = Literal[tuple(allowed_square_sizes(limits))]  # type: ignore[valid-type]
+    openai = _narrowed(OpenAIImageRequest, prompt=prompt, n={"le": limits.max_num_images},
+                       retyped={"size": square_size | None})
+    return RequestModels(generate, openai)
+
+
+def _narrowed(model: type[BaseModel], retyped: dict | None = None, **constraints: dict) -> type:
+    """A subclass of ``model`` (same name in the schema) whose fields carry extra constraints."""
+    fields = {}
+    for name, extra in constraints.items():
+        original = model.model_fields[name]
+        fields[name] = (Annotated[original.rebuild_annotation(), Field(**extra)], original)
+    for name, annotation in (retyped or {}).items():
+        fields[name] = (annotation, model.model_fields[name])
+    return create_model(model.__name__, __base__=model, __doc__=model.__doc__, **fields)
 
 
 class OpenAIImage(BaseModel):

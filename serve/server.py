@@ -32,11 +32,11 @@ class RunningServer:
                 ray.shutdown()
 
 
-def wait_ready(url: str, timeout_s: float = 180.0) -> dict:
-    """Poll /readyz until it answers 200."""
+def wait_ready(url: str, timeout_s: float = 180.0, alive=lambda: True) -> dict:
+    """Poll /readyz until it answers 200 (give up early once ``alive()`` turns false)."""
     deadline, last = time.monotonic() + timeout_s, "no answer"
     with httpx.Client(timeout=10) as client:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and alive():
             try:
                 response = client.get(f"{url}/readyz")
                 if response.status_code == 200:
@@ -69,6 +69,21 @@ def start_server(settings: ServeSettings, ray_address: str | None = None, num_cp
         server.stop()
         raise
     return server
+
+
+def serve_in_process(settings: ServeSettings) -> None:
+    """The whole service in this process with uvicorn, no Ray (one replica): development and tests.
+
+    Blocks until SIGINT/SIGTERM; requests in flight finish first.
+    """
+    import uvicorn
+
+    from .app import create_local_app
+
+    app, _ = create_local_app(settings)
+    print(f"lorafleet is serving base {settings.base!r} at http://{settings.host}:{settings.port} "
+          "(in-process, no Ray); Ctrl-C stops it", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
 
 
 def install_stop_handlers() -> threading.Event:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from lorafleet.registry.errors import (
 from .engine import GenerationJob
 from .metrics import ServiceMetrics
 from .replica import GenerationOutput, GenerationTask
-from .schemas import GenerateRequest, GenerateResponse, ResolvedAdapter, Timings
+from .schemas import NOT_BLANK, GenerateRequest, GenerateResponse, ResolvedAdapter, Timings
 from .settings import RequestLimits, ServeSettings
 
 BASE_MODEL_NAME = "base"
@@ -98,7 +99,7 @@ def check_limits(request: GenerateRequest, limits: RequestLimits, native_size: i
     def fail(field: str, message: str):
         raise RequestInvalid(message, field=field)
 
-    if not request.prompt.strip():
+    if not re.search(NOT_BLANK, request.prompt):
         fail("prompt", "prompt must not be empty")
     for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt or "")):
         if len(text) > limits.max_prompt_chars:
@@ -147,7 +148,9 @@ class GenerationService:
             settings.replicas, settings.autoscaling.max_replicas if settings.autoscaling else 1)
 
     def _resolve(self, request: GenerateRequest) -> list[tuple[str, Manifest, float]]:
-        resolved = []
+        """(ref, manifest, weight) per distinct adapter; naming one adapter twice adds the weights
+        (a LoRA's update is linear in its weight, so this is the same model)."""
+        merged: dict[str, tuple[str, Manifest, float]] = {}
         field_name = "adapter" if request.adapter is not None else "adapters"
         for index, item in enumerate(request.adapter_weights()):
             field = field_name if request.adapter is not None else f"adapters[{index}].ref"
@@ -160,11 +163,9 @@ class GenerationService:
                 raise AdapterIncompatible(
                     f"{manifest.adapter_id} was made for base {manifest.base.id} ({manifest.base.fingerprint[:19]}), "
                     f"not for the base this server runs ({self.base_fingerprint[:19]})", field=field)
-            resolved.append((item.ref, manifest, item.weight))
-        digests = [m.digest for _, m, _ in resolved]
-        if len(set(digests)) != len(digests):
-            raise RequestInvalid("the same adapter is named twice", field=field_name)
-        return resolved
+            ref, _, weight = merged.get(manifest.digest, (item.ref, manifest, 0.0))
+            merged[manifest.digest] = (ref, manifest, weight + item.weight)
+        return list(merged.values())
 
     def _task(self, request: GenerateRequest, resolved, size: tuple[int, int, int]) -> tuple[GenerationTask, list[int]]:
         steps, width, height = size

@@ -67,3 +67,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def record():
+    """record(test, parameters, figures): one row of docs/reliability.md (`lorafleet bench reliability`).
+
+    Rows go to $LORAFLEET_RELIABILITY_RECORD (JSON lines) when set, and always to the test's output.
+    """
+    import json
+
+    path = os.environ.get("LORAFLEET_RELIABILITY_RECORD")
+
+    def write(test: str, parameters: dict, figures: dict) -> None:
+        row = {"test": test, "parameters": parameters, "figures": figures}
+        print("reliability:", json.dumps(row))
+        if path:
+            with open(path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    return write

@@ -38,3 +38,10 @@ def snapshot(registry: AdapterRegistry) -> dict[str, bytes]:
         stored = registry.store.read(info.key)
         result[info.key] = stored.data if stored else b""
     return result
+
+
+def soak_scaled(ci_value, soak_value):
+    """CI runs the reliability tests with bounded parameters; `make soak` (LORAFLEET_SOAK=1) with larger ones."""
+    import os
+
+    return soak_value if os.environ.get("LORAFLEET_SOAK") == "1" else ci_value

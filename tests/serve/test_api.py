@@ -88,7 +88,6 @@ BAD_REQUESTS = [
     (_body(guidance_scale=1e9), 422, "guidance_scale"),
     (_body(adapter="style1", adapters=[{"ref": "style2"}]), 422, "body"),
     (_body(adapters=[{"ref": f"style{i}"} for i in range(5)]), 422, "adapters"),
-    (_body(adapters=[{"ref": "style1"}, {"ref": "style1@1"}]), 422, "adapters"),
     (_body(adapters=[{"ref": "style1", "weight": 100}]), 422, "adapters[0].weight"),
     (_body(output_format="gif"), 422, "output_format"),
     (_body(unexpected="field"), 422, "unexpected"),
@@ -102,6 +101,15 @@ def test_bad_requests_get_json_errors_naming_the_field(client, body, status, fie
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["field"] == field and error["message"] and error["code"]
+
+
+def test_one_adapter_named_twice_adds_its_weights(client):
+    twice = client.post("/v1/generate", json=_body(output_format="npy", adapters=[
+        {"ref": "style1", "weight": 0.5}, {"ref": "style1@1", "weight": 0.5}]))
+    once = client.post("/v1/generate", json=_body(output_format="npy", adapter="style1"))
+    assert twice.status_code == once.status_code == 200, twice.text
+    assert [(a["ref"], a["weight"]) for a in twice.json()["adapters"]] == [("style1", 1.0)]
+    assert np.array_equal(_npy(twice.json()["images"][0]), _npy(once.json()["images"][0]))
 
 
 @pytest.mark.parametrize("raw", [b"\xff\xfe\x00garbage", b'{"prompt": "a", "guidance_scale": NaN}', b"[1, 2",
