@@ -227,5 +227,5 @@ class AdapterFetcher:
                           "evictions": self.host.evictions}}
         if self.disk:
             tiers["disk"] = {"digests": self.disk.index.keys(), "bytes": self.disk.index.bytes_used,
-                             "evictions": self.disk.index.evictions}
+                             "evictions": self.disk.index.evictions, "write_failures": self.disk.write_failures}
         return tiers

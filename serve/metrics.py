@@ -45,7 +45,10 @@ class ServiceMetrics:
                                              registry=r)
         self.overloads = Counter("lorafleet_overload_rejections", "Requests refused with 503 (overload).",
                                  registry=r)
-        self._evictions_seen: dict[tuple[str, str], int] = {}
+        self.disk_write_failures = Counter("lorafleet_disk_cache_write_failures",
+                                           "Adapter files the disk tier could not write (full or failing disk).",
+                                           registry=r)
+        self._cumulative_seen: dict[tuple, int] = {}
 
     def record_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
@@ -72,11 +75,16 @@ class ServiceMetrics:
             self.resident_adapters.labels(tier=tier, replica=replica).set(len(info.get("digests", [])))
             self.resident_bytes.labels(tier=tier, replica=replica).set(info.get("bytes", 0))
             if tier != "active":  # replicas report cumulative evictions for host/disk
-                seen = self._evictions_seen.get((tier, replica), 0)
-                total = int(info.get("evictions", 0))
-                if total > seen:
-                    self.evictions.labels(tier=tier).inc(total - seen)
-                    self._evictions_seen[(tier, replica)] = total
+                self._count_new(self.evictions.labels(tier=tier), ("evictions", tier, replica), info.get("evictions"))
+            if tier == "disk":
+                self._count_new(self.disk_write_failures, ("write_failures", replica), info.get("write_failures"))
+
+    def _count_new(self, counter, key: tuple, total) -> None:
+        """Advance ``counter`` by what a replica's cumulative ``total`` grew since it was last seen."""
+        seen = self._cumulative_seen.get(key, 0)
+        if total is not None and int(total) > seen:
+            counter.inc(int(total) - seen)
+            self._cumulative_seen[key] = int(total)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
