@@ -2,7 +2,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench-registry clean
+.PHONY: setup demo test test-fast soak reliability-report bench-registry clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,14 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Long reliability runs (fuzzing, load, faults) with soak parameters; rewrites docs/reliability.md.
+soak: setup
+	$(BIN)/lorafleet bench reliability --soak
+
+# The same tests with the bounded CI parameters (they also run in `make test`).
+reliability-report: setup
+	$(BIN)/lorafleet bench reliability
 
 bench-registry: setup
 	$(BIN)/lorafleet bench registry

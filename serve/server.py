@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -80,6 +81,7 @@ def serve_in_process(settings: ServeSettings) -> None:
 
     from .app import create_local_app
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, _ = create_local_app(settings)
     print(f"lorafleet is serving base {settings.base!r} at http://{settings.host}:{settings.port} "
           "(in-process, no Ray); Ctrl-C stops it", flush=True)

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import logging
 import re
 import threading
 import time
@@ -38,6 +39,7 @@ from .schemas import NOT_BLANK, GenerateRequest, GenerateResponse, ResolvedAdapt
 from .settings import RequestLimits, ServeSettings
 
 BASE_MODEL_NAME = "base"
+logger = logging.getLogger(__name__)
 
 
 class GeneratorBackend(Protocol):
@@ -223,6 +225,8 @@ class GenerationService:
             raise
         except (IntegrityError, RegistryUnavailable) as exc:  # a replica could not fetch an adapter
             self.metrics.adapter_load_failures.labels(code=exc.code).inc()
+            logger.error("adapter load failed (%s) for %s: %s", exc.code,
+                         ", ".join(str(m.adapter_id) for m, _ in task.adapters), exc.message)
             raise
         finally:
             self._in_flight -= 1

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-S3_BUCKET = "lorafleet-tests"
+from helpers import S3_BUCKET  # noqa: E402 (after the environment defaults)
 
 
 @pytest.fixture(scope="session")

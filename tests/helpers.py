@@ -8,6 +8,8 @@ from lorafleet.registry import AdapterRegistry, PublishRequest
 
 from lorafleet.demo import synthetic_embedding, synthetic_lora
 
+S3_BUCKET = "lorafleet-tests"  # created by the session's SeaweedFS fixture
+
 
 def write_lora(directory: Path, spec, seed: int = 0, name: str = "lora.safetensors", **kwargs) -> Path:
     directory.mkdir(parents=True, exist_ok=True)

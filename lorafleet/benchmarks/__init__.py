@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_commands(subparsers) -> None:
-    from . import autoscale_bench, registry_bench, serve_bench, train_bench
+    from . import autoscale_bench, registry_bench, reliability_report, serve_bench, train_bench
 
     parser = subparsers.add_parser("bench", help="benchmarks (print a table and JSON)")
     benches = parser.add_subparsers(dest="bench_command", required=True)
@@ -12,3 +12,5 @@ def add_commands(subparsers) -> None:
     serve_bench.add_arguments(benches.add_parser("serve", help="serving overhead, tier costs, naive-loop comparison"))
     train_bench.add_arguments(benches.add_parser("train", help="training speed/memory vs a plain diffusers loop"))
     autoscale_bench.add_arguments(benches.add_parser("autoscale", help="Ray Serve autoscaling under a burst"))
+    reliability_report.add_arguments(benches.add_parser(
+        "reliability", help="run the reliability tests and write docs/reliability.md (--soak: longer)"))

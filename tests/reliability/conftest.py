@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import pytest
 from lorafleet.registry import AdapterRegistry, PublishRequest
-
-TOKENS = "admin-token=admin,gen-token=generate"
-LOOKS = [f"look{i}" for i in range(4)]
-CHEAP_LIMITS = {"max_steps": 2, "default_steps": 1, "max_size": 32, "max_num_images": 2, "max_prompt_chars": 200}
+from reliability_setup import CHEAP_LIMITS, LOOKS
 
 
 @pytest.fixture(scope="module")

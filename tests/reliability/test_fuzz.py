@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TOKENS
 from helpers import soak_scaled
+from reliability_setup import TOKENS
 
 EXAMPLES_PER_OPERATION = soak_scaled(40, 300)
 

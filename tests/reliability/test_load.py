@@ -15,8 +15,8 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
-from conftest import LOOKS
 from helpers import soak_scaled
+from reliability_setup import LOOKS
 
 QUEUE = 4
 MIXED = ",".join(["base", *(f"{name}:prod" for name in LOOKS), f"{LOOKS[0]}@1"])

@@ -81,6 +81,7 @@ BAD_REQUESTS = [
     (_body(height=4096), 422, "height"),
     (_body(num_images=50), 422, "num_images"),
     (_body(prompt="x" * 5000), 422, "prompt"),
+    (_body(prompt="x" * 1_000_000), 422, "prompt"),
     (_body(prompt="   "), 422, "prompt"),
     (_body(negative_prompt="y" * 5000), 422, "negative_prompt"),
     (_body(seed=-1), 422, "seed"),

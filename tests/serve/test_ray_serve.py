@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import subprocess
+import threading
 import time
 
 import httpx
@@ -149,22 +150,83 @@ def test_metrics_from_the_ray_app_pass_promtool(live):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_registry_outage_cached_adapters_keep_serving(live, s3_server):
+def test_registry_outage_cached_adapters_keep_serving(live, s3_server, record):
     _, url, _ = live
     assert _generate(url, adapter="look1").status_code == 200  # cached on a replica
     s3_server.stop()
     try:
-        started = time.monotonic()
         for _ in range(3):
             assert _generate(url, adapter="look1").status_code == 200
+        started = time.monotonic()
         cold = _generate(url, adapter="look6")  # never fetched: needs the registry
+        cold_seconds = time.monotonic() - started
         assert cold.status_code == 503, cold.text
-        assert cold.headers.get("Retry-After") and time.monotonic() - started < 60
+        assert cold.headers.get("Retry-After") and cold_seconds < 60
         ready = httpx.get(f"{url}/readyz").json()
         assert ready["mode"] == "cached-only" and ready["registry_reachable"] is False
     finally:
         s3_server.restart()
-    deadline = time.monotonic() + 30
+    restarted = time.monotonic()
+    deadline = restarted + 30
     while _generate(url, adapter="look6").status_code != 200 and time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(0.5)
+    recovery_seconds = time.monotonic() - restarted
     assert _generate(url, adapter="look6").status_code == 200
+    record("S3 registry stopped mid-traffic (Ray Serve, 2 replicas)", {"cached_requests": 3, "uncached_requests": 1},
+           {"cached_ok": 3, "uncached_status": 503, "uncached_answer_s": round(cold_seconds, 2),
+            "recovery_after_restart_s": round(recovery_seconds, 1)})
+
+
+def _generator_replica_names() -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and "#Generator#" in a["name"])
+
+
+def test_a_killed_replica_is_replaced_and_no_client_hangs(live, record):
+    """Runs last in this module: a Generator replica is killed mid-traffic (SIGKILL-like ray.kill)."""
+    import ray
+
+    _, url, _ = live
+    outcomes: list[tuple[int | str, float]] = []
+    stop = threading.Event()
+
+    def client(index: int) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                response = _generate(url, adapter=f"look{index % 3}", steps=8)
+                error = response.json().get("error") if response.status_code != 200 else None
+                assert response.status_code == 200 or (error and error["code"]), response.text
+                outcomes.append((response.status_code, time.monotonic() - started))
+            except httpx.TimeoutException:
+                outcomes.append(("timeout", time.monotonic() - started))
+
+    before = _generator_replica_names()
+    assert len(before) == 2, before
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in clients:
+        thread.start()
+    time.sleep(3)
+    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+    killed = time.monotonic()
+    while time.monotonic() - killed < 120:
+        current = _generator_replica_names()
+        if len(current) == 2 and before[0] not in current:
+            break
+        time.sleep(0.5)
+    replaced_after = time.monotonic() - killed
+    time.sleep(3)
+    stop.set()
+    for thread in clients:
+        thread.join(timeout=150)
+    assert not any(thread.is_alive() for thread in clients), "a client hangs"
+    statuses = [status for status, _ in outcomes]
+    assert replaced_after < 120, "the killed replica was not replaced"
+    assert "timeout" not in statuses and set(statuses) <= {200, 503}, statuses
+    assert statuses[-4:] == [200] * 4, "not serving normally after the replacement"
+    record("replica killed (Ray Serve, 2 replicas, 4 clients)", {"clients": 4, "steps": 8},
+           {"requests": len(statuses), "ok": statuses.count(200), "503": statuses.count(503),
+            "hung": 0, "replaced_after_s": round(replaced_after, 1),
+            "slowest_s": round(max(seconds for _, seconds in outcomes), 2)})
