@@ -1,64 +1,67 @@
-"""`lorafleet demo`: the README's first command — the main job on the built-in default.
+"""`lorafleet demo`: the README's first command — the main job on the built-in default base `toy`.
 
-Publishes the built-in demo adapter to the local registry, starts the server on the built-in
-base, generates an image with and without the adapter over HTTP, saves the PNGs and prints
-where they are; then stops (or keeps serving with --keep-serving).
+1. Train a LoRA on 16 images of a colour the `toy` base never learnt (cyan), captioned with the
+   trigger word `sks`, and publish it to the local registry as `demo-cyan:prod`.
+2. Start the Ray Serve app on `toy`, generate every prompt with and without the adapter over HTTP.
+3. Save a grid (rows = prompts; columns = base alone | with the adapter) and print the scorer's
+   accuracies; then stop (or keep serving with --keep-serving).
 """
 
 from __future__ import annotations
 
-import base64
 import tempfile
 from pathlib import Path
 
-
-def _publish_demo_adapter(registry, spec, seed: int):
-    from lorafleet.demo import DEMO_ADAPTER_NAME, synthetic_lora
-    from lorafleet.registry import PublishRequest
-
-    payload = synthetic_lora(spec, seed=seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "pytorch_lora_weights.safetensors"
-        path.write_bytes(payload.to_bytes())
-        request = PublishRequest(name=DEMO_ADAPTER_NAME, base=spec, aliases=["prod"],
-                                 description="built-in demo adapter (synthetic LoRA)")
-        return registry.publish(path, request)
+DEMO_ADAPTER_NAME = "demo-cyan"
 
 
-def _generate(url: str, body: dict, out: Path) -> dict:
-    import httpx
+def _grid_and_scores(generate, ref: str, prompts: dict, seeds: int, out: Path) -> list[dict]:
+    from lorafleet.toyworld.concepts import BASE_CHECK_PROMPTS, _accuracy
+    from lorafleet.training.reporting import save_grid
 
-    response = httpx.post(f"{url}/v1/generate", json=body, timeout=300)
-    response.raise_for_status()
-    result = response.json()
-    out.write_bytes(base64.b64decode(result["images"][0]))
-    return result
+    rows, table = [], []
+    for prompt, target in {**prompts, **BASE_CHECK_PROMPTS}.items():
+        base_images, adapter_images = generate(prompt, None, seeds), generate(prompt, ref, seeds)
+        rows.append(list(base_images) + list(adapter_images))
+        base_accuracy, _ = _accuracy({prompt: base_images}, {prompt: target})
+        adapter_accuracy, _ = _accuracy({prompt: adapter_images}, {prompt: target})
+        table.append({"prompt": prompt, "wanted": " ".join(w for w in target if w) or "-",
+                      "base": f"{base_accuracy:.0%}", "with adapter": f"{adapter_accuracy:.0%}"})
+    save_grid(rows, out / "demo-grid.png")
+    return table
 
 
 def cmd_demo(args) -> int:
-    from lorafleet.bases import base_spec
+    import httpx
+
+    from lorafleet.benchmarks.registry_bench import format_table
     from lorafleet.devtools.seaweed import free_port
     from lorafleet.registry import AdapterRegistry
     from lorafleet.serve.server import install_stop_handlers, start_server
     from lorafleet.serve.settings import load_settings
+    from lorafleet.toyworld.concepts import generate_over_http, train_and_publish
 
     registry = AdapterRegistry(args.registry)
-    manifest = _publish_demo_adapter(registry, base_spec(args.base), args.seed)
-    print(f"registry {registry.uri}: published {manifest.adapter_id} ({manifest.digest[:19]}...), "
-          f"{manifest.name}:prod -> v{manifest.version}")
-    settings = load_settings(base=args.base, registry=registry.uri, port=args.port or free_port())
+    print(f"training a LoRA on 16 images of a colour the `toy` base never saw ({args.method}, CPU)...", flush=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        trained = train_and_publish(args.method, Path(workdir), registry, name=DEMO_ADAPTER_NAME, aliases=["prod"],
+                                    train_seed=args.seed)
+    manifest = trained.manifest
+    print(f"trained in {trained.train_seconds:.0f}s; registry {registry.uri}: published {manifest.adapter_id} "
+          f"({manifest.digest[:19]}...), {manifest.name}:prod -> v{manifest.version}")
+    settings = load_settings(base="toy", registry=registry.uri, port=args.port or free_port(),
+                             limits={"max_num_images": 8})
     server = start_server(settings)
     print(f"server ready at {server.url}")
     try:
         out = Path(args.out).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        body = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps}
-        with_adapter = _generate(server.url, {**body, "adapter": f"{manifest.name}:prod"}, out / "demo-adapter.png")
-        _generate(server.url, body, out / "demo-base.png")
-        timings = with_adapter["timings"]
-        print(f"generated with {manifest.name}:prod -> {out / 'demo-adapter.png'} "
-              f"({timings['total_ms']:.0f} ms, replica {with_adapter['replica']})")
-        print(f"generated with the base alone -> {out / 'demo-base.png'}")
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            table = _grid_and_scores(lambda p, ref, n: generate_over_http(client, p, ref, n, seed=args.seed),
+                                     f"{manifest.name}:prod", trained.prompts, args.images, out)
+        print(format_table(table))
+        print(f"grid (rows = prompts; left {args.images}: base alone, right {args.images}: with {manifest.name}:prod)"
+              f" -> {out / 'demo-grid.png'}")
         if args.keep_serving:
             print(f"serving at {server.url} until Ctrl-C", flush=True)
             install_stop_handlers().wait()
@@ -68,13 +71,12 @@ def cmd_demo(args) -> int:
 
 
 def add_commands(subparsers) -> None:
-    demo = subparsers.add_parser("demo", help="publish the demo adapter, serve it, and generate an image")
+    demo = subparsers.add_parser("demo", help="train an adapter on the toy base, publish, serve, and show a grid")
     demo.add_argument("--registry", help="registry URI (default $LORAFLEET_REGISTRY or ~/.lorafleet/registry)")
-    demo.add_argument("--base", default="tiny")
+    demo.add_argument("--method", default="lora", choices=["lora", "dreambooth", "qlora", "textual_inversion", "full"])
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--prompt", default="a red circle on the left")
+    demo.add_argument("--images", type=int, default=4, help="images per prompt and column")
     demo.add_argument("--port", type=int, help="HTTP port (default: a free one)")
-    demo.add_argument("--out", default="lorafleet-demo", help="directory for the PNGs")
+    demo.add_argument("--out", default="lorafleet-demo", help="directory for the grid")
     demo.add_argument("--keep-serving", action="store_true", help="keep the server running after the demo")
     demo.set_defaults(handler=cmd_demo)

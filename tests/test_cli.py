@@ -87,12 +87,13 @@ def test_base_export_writes_a_diffusers_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_publishes_serves_and_saves_pngs(tmp_path):
+def test_demo_trains_publishes_serves_and_saves_a_grid(tmp_path):
     from PIL import Image
 
     out = run("demo", "--registry", f"file://{tmp_path / 'reg'}", "--out", str(tmp_path / "out"),
-              "--steps", "4").stdout
-    assert "published demo-style@1" in out and "demo-style:prod" in out and "server ready at" in out
-    adapter, base = tmp_path / "out" / "demo-adapter.png", tmp_path / "out" / "demo-base.png"
-    assert str(adapter) in out
-    assert Image.open(adapter).size == (32, 32) and adapter.read_bytes() != base.read_bytes()
+              "--images", "2").stdout
+    assert "published demo-cyan@1" in out and "demo-cyan:prod" in out and "server ready at" in out
+    grid = tmp_path / "out" / "demo-grid.png"
+    assert str(grid) in out and "with adapter" in out and "a sks circle" in out
+    rows = 3 + 4  # the concept's prompts, then the base's own
+    assert Image.open(grid).size == (4 * 4 * 34, 4 * rows * 34)

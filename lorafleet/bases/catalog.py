@@ -15,9 +15,20 @@ from lorafleet.registry.errors import BaseModelError
 from .fingerprint import pipeline_fingerprint
 from .tiny import build_small_pipeline, build_tiny_pipeline
 
+TOY_DIRECTORY = Path(__file__).parent / "toy"  # trained by `lorafleet base train-toy`, committed
+
+
+def _load_toy_pipeline():
+    if not (TOY_DIRECTORY / "model_index.json").is_file():
+        raise BaseModelError(f"the toy base's weights are missing from {TOY_DIRECTORY}; run `lorafleet base "
+                             "train-toy`", field="base")
+    return _load_diffusers_directory(TOY_DIRECTORY)
+
+
 BUILTIN_BASES: dict[str, Callable[[], object]] = {
     "tiny": build_tiny_pipeline,  # plumbing tests: a few MB, random weights
     "small": build_small_pipeline,  # benchmarks: UNet 64/128/256, random weights
+    "toy": _load_toy_pipeline,  # draws the toy world: trained weights (docs/toy-model-card.md)
 }
 DEFAULT_BASE = "tiny"
 LORA_COMPONENTS = ("unet", "text_encoder")

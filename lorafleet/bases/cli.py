@@ -30,6 +30,30 @@ def cmd_fingerprint(args) -> int:
     return 0
 
 
+def cmd_train_toy(args) -> int:
+    import json
+    from dataclasses import asdict
+
+    from lorafleet.bases.catalog import TOY_DIRECTORY
+    from lorafleet.toyworld.base_model import ToyRecipe, base_targets, held_out_targets, train_toy_base
+    from lorafleet.toyworld.evaluate import concept_accuracy
+
+    recipe = ToyRecipe(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps, threads=args.threads)
+    output = Path(args.out) if args.out else TOY_DIRECTORY
+    report = train_toy_base(output, recipe, log=lambda line: print(line, flush=True))
+    if args.evaluate:
+        from . import load_base
+
+        pipe = load_base(str(output)).pipeline
+        seeds = list(range(args.eval_seeds))
+        report["base_concepts"] = asdict(concept_accuracy(pipe, base_targets(), seeds))
+        report["held_out"] = {kind: asdict(concept_accuracy(pipe, targets, seeds))
+                              for kind, targets in held_out_targets().items()}
+    (output / "training_report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser("base", help="built-in and local base models")
     commands = parser.add_subparsers(dest="base_command", required=True)
@@ -45,3 +69,12 @@ def add_commands(subparsers) -> None:
     fingerprint.add_argument("--base-config", help="diffusers directory with the configs of a single-file checkpoint")
     fingerprint.add_argument("--json", action="store_true")
     fingerprint.set_defaults(handler=cmd_fingerprint)
+    toy = commands.add_parser("train-toy", help="train the `toy` base on the procedural shapes world (CPU)")
+    toy.add_argument("--out", help="diffusers directory to write (default: the packaged toy base)")
+    toy.add_argument("--seed", type=int, default=20261124)
+    toy.add_argument("--vae-steps", type=int, default=1200)
+    toy.add_argument("--unet-steps", type=int, default=2000)
+    toy.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    toy.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip scoring generated images")
+    toy.add_argument("--eval-seeds", type=int, default=8, help="images per prompt when evaluating")
+    toy.set_defaults(handler=cmd_train_toy)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_commands(subparsers) -> None:
-    from . import autoscale_bench, registry_bench, reliability_report, serve_bench, train_bench
+    from . import autoscale_bench, concepts_bench, registry_bench, reliability_report, serve_bench, train_bench
 
     parser = subparsers.add_parser("bench", help="benchmarks (print a table and JSON)")
     benches = parser.add_subparsers(dest="bench_command", required=True)
@@ -14,3 +14,5 @@ def add_commands(subparsers) -> None:
     autoscale_bench.add_arguments(benches.add_parser("autoscale", help="Ray Serve autoscaling under a burst"))
     reliability_report.add_arguments(benches.add_parser(
         "reliability", help="run the reliability tests and write docs/reliability.md (--soak: longer)"))
+    concepts_bench.add_arguments(benches.add_parser(
+        "concepts", help="concept learning per training method on the toy base (held-out colour and shape)"))

@@ -1,0 +1,42 @@
+"""`lorafleet bench concepts`: how well each training method teaches the `toy` base a held-out concept.
+
+For each method and concept: train on 16 images with a trigger word, publish, serve, generate
+(8 seeds per prompt) and score. Prints accuracy without/with the adapter and how much of the base's
+own accuracy survives with it loaded.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from .registry_bench import emit
+
+COLUMNS = ["method", "concept", "images", "train_s", "without", "with", "base_without", "base_with", "retained"]
+
+
+def run_concepts(methods: list[str], concepts: list[str], seeds: int) -> list[dict]:
+    from lorafleet.toyworld.concepts import learn_concept
+
+    results = []
+    for concept in concepts:
+        for method in methods:
+            with tempfile.TemporaryDirectory() as workdir:
+                r = learn_concept(method, Path(workdir), concept, seeds=seeds)
+            results.append({"method": method, "concept": concept, "images": r.images, "train_s": r.train_seconds,
+                            "without": round(r.target_without, 3), "with": round(r.target_with, 3),
+                            "base_without": round(r.base_without, 3), "base_with": round(r.base_with, 3),
+                            "retained": round(r.retained, 3)})
+            print(results[-1], flush=True)
+    return results
+
+
+def cmd_bench_concepts(args) -> int:
+    return emit(run_concepts(args.methods.split(","), args.concepts.split(","), args.seeds), COLUMNS)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--methods", default="lora,dreambooth,qlora,textual_inversion,full")
+    parser.add_argument("--concepts", default="colour,shape", help="held-out colour (cyan) and/or shape (star)")
+    parser.add_argument("--seeds", type=int, default=8, help="images per prompt")
+    parser.set_defaults(handler=cmd_bench_concepts)

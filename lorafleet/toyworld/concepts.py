@@ -1,0 +1,175 @@
+"""Measured concept learning on the `toy` base: train an adapter on a held-out concept with a trigger
+word, publish it, serve it, generate and score — with and without the adapter.
+
+One procedure for every method (the methods differ only in their training overrides); used by
+the concept-learning tests and by `lorafleet bench concepts`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .base_model import BASE_SHAPES, HELD_OUT_COLOUR, HELD_OUT_SHAPE
+from .scorer import score
+from .world import write_dataset
+
+TRIGGER = "sks"
+TI_TOKEN = "<sks>"
+BASE_CHECK_PROMPTS = {"a red circle": ("red", "circle"), "a blue square": ("blue", "square"),
+                      "a yellow triangle": ("yellow", "triangle"), "a purple circle": ("purple", "circle")}
+COMMON = ["base=toy", "data.resolution=32", "data.trigger_mode=substitute", "data.cache_latents=true",
+          "batch_size=8", "optimizer.warmup_steps=20", "optimizer.schedule=cosine", "checkpoint_every=0"]
+# Per method: training overrides (the trigger binds the concept; `full` is the reference).
+METHODS: dict[str, list[str]] = {
+    "lora": ["max_steps=300", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
+             "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']"],
+    "dreambooth": ["max_steps=300", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
+                   "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']",
+                   "dreambooth.class_prompt=a circle", "dreambooth.num_class_images=16",
+                   "dreambooth.class_image_steps=20", "dreambooth.prior_loss_weight=1.0"],
+    "qlora": ["max_steps=300", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
+              "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']"],
+    "textual_inversion": ["max_steps=300", "optimizer.learning_rate=0.02", f"textual_inversion.token={TI_TOKEN}",
+                          "textual_inversion.init_word=blue"],
+    "full": ["max_steps=200", "optimizer.learning_rate=0.0002"],
+}
+
+
+@dataclass
+class ConceptResult:
+    method: str
+    concept: str
+    images: int
+    train_seconds: float
+    target_without: float  # accuracy on the concept's prompts, base alone
+    target_with: float  # ... with the adapter
+    base_without: float  # both-right accuracy on base prompts, base alone
+    base_with: float  # ... with the adapter loaded (language drift)
+    digest: str = ""
+    per_prompt: dict = field(default_factory=dict)
+
+    @property
+    def retained(self) -> float:
+        return self.base_with / self.base_without if self.base_without else 0.0
+
+
+def concept_dataset(folder: Path, concept: str, count: int = 16, seed: int = 5) -> tuple[Path, dict]:
+    """Images of a held-out colour (or shape) with the concept's word replaced by the trigger."""
+    if concept == "colour":
+        write_dataset(folder, count, seed=seed, shapes=BASE_SHAPES, colours=[HELD_OUT_COLOUR], detail="short")
+        word = HELD_OUT_COLOUR
+    else:
+        write_dataset(folder, count, seed=seed, shapes=[HELD_OUT_SHAPE], colours=["red", "blue", "yellow"],
+                      detail="short")
+        word = HELD_OUT_SHAPE
+    for caption in folder.glob("*.txt"):
+        caption.write_text(caption.read_text().replace(word, "[trigger]"))
+    return folder, _targets(concept)
+
+
+def _targets(concept: str) -> dict[str, tuple[str | None, str | None]]:
+    """Prompts (with the trigger word) -> what a right image shows (None: anything)."""
+    if concept == "colour":
+        return {f"a [trigger] {shape}": (HELD_OUT_COLOUR, None) for shape in BASE_SHAPES}
+    return {f"a {colour} [trigger]": (colour, HELD_OUT_SHAPE) for colour in ("red", "blue")}
+
+
+def _accuracy(images_by_prompt: dict[str, list[np.ndarray]], targets: dict) -> tuple[float, dict]:
+    right = total = 0
+    per_prompt = {}
+    for prompt, images in images_by_prompt.items():
+        want_colour, want_shape = targets[prompt]
+        verdicts = [score(image) for image in images]
+        hits = [(want_colour is None or v.colour == want_colour) and (want_shape is None or v.shape == want_shape)
+                for v in verdicts]
+        per_prompt[prompt] = sum(hits) / len(hits)
+        right += sum(hits)
+        total += len(hits)
+    return right / total, per_prompt
+
+
+@dataclass
+class TrainedConcept:
+    manifest: object  # the published Manifest
+    prompts: dict  # prompt (trigger filled in) -> (colour, shape) a right image shows
+    images: int
+    train_seconds: float
+
+
+def train_and_publish(method: str, workdir: Path, registry, concept: str = "colour", name: str | None = None,
+                      train_seed: int = 0, aliases: list[str] | None = None) -> TrainedConcept:
+    """Train ``method`` on the held-out ``concept`` (≤20 images, a trigger word) and publish it."""
+    from lorafleet.training.config import load_train_config
+    from lorafleet.training.loop import train
+    from lorafleet.training.publish import publish_result
+
+    workdir = Path(workdir)
+    data, targets = concept_dataset(workdir / "data", concept)
+    trigger = TI_TOKEN if method == "textual_inversion" else TRIGGER
+    aliases_setting = [f"publish.aliases={list(aliases)}"] if aliases else []
+    config = load_train_config(None, [f"method={method}", f"data.path={data}", f"output_dir={workdir / 'run'}",
+                                      f"data.trigger={trigger}", f"seed={train_seed}", *COMMON, *METHODS[method],
+                                      *aliases_setting])
+    started = time.perf_counter()
+    result = train(config)
+    train_seconds = time.perf_counter() - started
+    manifest = publish_result(result, config, registry, name or f"toy-{concept}-{method.replace('_', '-')}")
+    prompts = {p.replace("[trigger]", trigger): t for p, t in targets.items()}
+    return TrainedConcept(manifest, prompts, len(list(data.glob("*.png"))), round(train_seconds, 1))
+
+
+def measure(generate, ref: str, prompts: dict, seeds: int) -> dict:
+    """Accuracies with and without ``ref`` on the concept's prompts and on the base's own prompts."""
+    target_without, _ = _accuracy({p: generate(p, None, seeds) for p in prompts}, prompts)
+    target_with, per_prompt = _accuracy({p: generate(p, ref, seeds) for p in prompts}, prompts)
+    base_without, _ = _accuracy({p: generate(p, None, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
+    base_with, _ = _accuracy({p: generate(p, ref, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
+    return {"target_without": target_without, "target_with": target_with, "base_without": base_without,
+            "base_with": base_with, "per_prompt": per_prompt}
+
+
+def learn_concept(method: str, workdir: Path, concept: str = "colour", seeds: int = 8, train_seed: int = 0) -> \
+        ConceptResult:
+    """Train ``method`` on the held-out ``concept``, publish, serve (HTTP, in-process) and score."""
+    from lorafleet.registry import AdapterRegistry
+
+    registry = AdapterRegistry(f"file://{Path(workdir) / 'registry'}")
+    trained = train_and_publish(method, workdir, registry, concept, train_seed=train_seed)
+    with _served(registry, Path(workdir)) as generate:
+        figures = measure(generate, f"{trained.manifest.name}@{trained.manifest.version}", trained.prompts, seeds)
+    return ConceptResult(method, concept, trained.images, trained.train_seconds, digest=trained.manifest.digest,
+                         **figures)
+
+
+def generate_over_http(client, prompt: str, ref: str | None, count: int, seed: int = 1000) -> list[np.ndarray]:
+    """``count`` images from a lorafleet server (an httpx or test client) as float arrays."""
+    body = {"prompt": prompt, "seed": seed, "num_images": count, "steps": 20, "guidance_scale": 4.0,
+            "output_format": "npy"}
+    if ref:
+        body["adapter"] = ref
+    response = client.post("/v1/generate", json=body)
+    if response.status_code != 200:
+        raise RuntimeError(f"generation failed: {response.status_code} {response.text[:300]}")
+    return [np.load(io.BytesIO(base64.b64decode(b)), allow_pickle=False) for b in response.json()["images"]]
+
+
+@contextmanager
+def _served(registry, workdir: Path):
+    """The toy base served in-process over HTTP (FastAPI app + a real replica): generate(prompt, ref, n)."""
+    from fastapi.testclient import TestClient
+
+    from lorafleet.serve.app import create_local_app
+    from lorafleet.serve.settings import ServeSettings
+
+    settings = ServeSettings(base="toy", registry=registry.uri, cache={"disk_dir": str(workdir / "cache")},
+                             limits={"max_num_images": 8})
+    app, _ = create_local_app(settings, registry)
+    with TestClient(app) as client:
+        yield lambda prompt, ref, count: generate_over_http(client, prompt, ref, count)
