@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -86,3 +89,34 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04not really")
     with pytest.raises(BaseModelError, match="only .safetensors"):
         load_base(str(tmp_path / "model.ckpt"))
+
+
+def test_toy_base_is_stable_diffusion_shaped_and_draws_its_concepts():
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from lorafleet.bases import load_base
+    from lorafleet.toyworld.evaluate import concept_accuracy
+
+    pipe = load_base("toy").pipeline
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.scheduler, DDIMScheduler)
+    assert isinstance(pipe.tokenizer, CLIPTokenizer)
+    targets = {"a red circle": ("red", "circle"), "a blue triangle": ("blue", "triangle"),
+               "a yellow square": ("yellow", "square"), "a purple circle": ("purple", "circle")}
+    measured = concept_accuracy(pipe, targets, seeds=[0, 1, 2, 3])
+    assert measured.colour_accuracy >= 0.8 and measured.shape_accuracy >= 0.7, measured
+    held_out = concept_accuracy(pipe, {"a cyan circle": ("cyan", "circle")}, seeds=[0, 1, 2, 3])
+    assert held_out.colour_accuracy <= 0.25, held_out  # cyan was held out of its training
+
+
+def test_train_toy_command_runs_the_recipe_end_to_end(tmp_path):
+    from lorafleet.bases import load_base
+
+    result = subprocess.run([sys.executable, "-m", "lorafleet.cli", "base", "train-toy", "--out", str(tmp_path / "toy"),
+                             "--vae-steps", "3", "--unet-steps", "3", "--no-evaluate", "--threads", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "toy" / "training_report.json").read_text())
+    assert report["recipe"]["unet_steps"] == 3 and report["parameters"]["unet"] > 1_000_000
+    assert load_base(str(tmp_path / "toy")).pipeline.unet.config.cross_attention_dim == 64

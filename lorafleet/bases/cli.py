@@ -40,7 +40,8 @@ def cmd_train_toy(args) -> int:
 
     recipe = ToyRecipe(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps, threads=args.threads)
     output = Path(args.out) if args.out else TOY_DIRECTORY
-    report = train_toy_base(output, recipe, log=lambda line: print(line, flush=True))
+    report = train_toy_base(output, recipe, log=lambda line: print(line, flush=True),
+                            vae_from=Path(args.vae_from) if args.vae_from else None)
     if args.evaluate:
         from . import load_base
 
@@ -74,6 +75,7 @@ def add_commands(subparsers) -> None:
     toy.add_argument("--seed", type=int, default=20261124)
     toy.add_argument("--vae-steps", type=int, default=1200)
     toy.add_argument("--unet-steps", type=int, default=2000)
+    toy.add_argument("--vae-from", help="a VAE directory from an earlier run of this recipe (skips stage 2)")
     toy.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     toy.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip scoring generated images")
     toy.add_argument("--eval-seeds", type=int, default=8, help="images per prompt when evaluating")

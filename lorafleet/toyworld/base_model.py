@@ -168,16 +168,18 @@ def train_unet(unet, vae, tokenizer, text_encoder, recipe: ToyRecipe, log=print)
     rng = random.Random(recipe.seed + 2)
     scenes = [base_scene(rng) for _ in range(recipe.dataset_size)]
     started = time.perf_counter()
-    latents = []
+    means, stds = [], []
     with torch.no_grad():
         for start in range(0, len(scenes), 256):
             chunk = scenes[start:start + 256]
             images = _to_model(np.stack([render(s, TOY_IMAGE_SIZE).astype(np.float32) / 255 for s in chunk]))
-            latents.append(vae.encode(images).latent_dist.mode())
-    latents = torch.cat(latents)
-    scaling = float(1.0 / latents.std())
+            posterior = vae.encode(images).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+    means, stds = torch.cat(means), torch.cat(stds)
+    # Like Stable Diffusion (and the adapter trainer): the UNet sees posterior *samples*, scaled to unit variance.
+    scaling = float(1.0 / torch.sqrt(means.var() + stds.pow(2).mean()))
     vae.register_to_config(scaling_factor=scaling)
-    latents = latents * scaling
     captions = [caption(s, rng.choice(["full", "short"])) for s in scenes]
     unique = sorted(set(captions)) + [""]
     embeddings = _encode_prompts(tokenizer, text_encoder, unique)
@@ -195,7 +197,7 @@ def train_unet(unet, vae, tokenizer, text_encoder, recipe: ToyRecipe, log=print)
         for group in optimizer.param_groups:
             group["lr"] = recipe.unet_lr * _cosine_lr(step, recipe.unet_steps, recipe.warmup_steps)
         rows = torch.randint(0, len(scenes), (recipe.unet_batch,), generator=generator)
-        clean = latents[rows]
+        clean = (means[rows] + stds[rows] * torch.randn(means[rows].shape, generator=generator)) * scaling
         text_rows = caption_index[rows].clone()
         dropped = torch.rand(recipe.unet_batch, generator=generator) < recipe.caption_dropout
         text_rows[dropped] = index_of[""]
@@ -216,16 +218,23 @@ def train_unet(unet, vae, tokenizer, text_encoder, recipe: ToyRecipe, log=print)
             "latent_scaling_factor": round(scaling, 5)}
 
 
-def train_toy_base(output: Path, recipe: ToyRecipe | None = None, log=print) -> dict:
+def train_toy_base(output: Path, recipe: ToyRecipe | None = None, log=print, vae_from: Path | None = None) -> dict:
     """Train the toy base from scratch and save it as a diffusers directory at ``output``."""
     recipe = recipe or ToyRecipe()
     torch.set_num_threads(recipe.threads)
     tokenizer, text_encoder, vae, unet = build_untrained(recipe.seed)
+    if vae_from is not None:  # a VAE trained by this recipe's first stage (deterministic from the seed)
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(vae_from)).eval().requires_grad_(False)
     report = {"recipe": {k: v for k, v in asdict(recipe).items() if k != "timings"},
               "parameters": {"unet": sum(p.numel() for p in unet.parameters()),
                              "vae": sum(p.numel() for p in vae.parameters()),
                              "text_encoder": sum(p.numel() for p in text_encoder.parameters())}}
-    report.update(train_vae(vae, recipe, log))
+    if vae_from is None:
+        report.update(train_vae(vae, recipe, log))
+    else:
+        report["vae_from"] = str(vae_from)
     rng = random.Random(recipe.seed + 4)
     report["vae_psnr_db"] = {
         "base_concepts": round(psnr(vae, [base_scene(rng) for _ in range(256)]), 2),

@@ -9,28 +9,34 @@ from __future__ import annotations
 
 import base64
 import io
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .base_model import BASE_SHAPES, HELD_OUT_COLOUR, HELD_OUT_SHAPE
+from .base_model import BASE_SHAPES, HELD_OUT_COLOUR, HELD_OUT_SHAPE, base_scene
 from .scorer import score
-from .world import write_dataset
+from .world import caption, render, write_dataset
 
 TRIGGER = "sks"
 TI_TOKEN = "<sks>"
 BASE_CHECK_PROMPTS = {"a red circle": ("red", "circle"), "a blue square": ("blue", "square"),
                       "a yellow triangle": ("yellow", "triangle"), "a purple circle": ("purple", "circle")}
 COMMON = ["base=toy", "data.resolution=32", "data.trigger_mode=substitute", "data.cache_latents=true",
+          "data.caption_dropout=0.1",
           "batch_size=8", "optimizer.warmup_steps=20", "optimizer.schedule=cosine", "checkpoint_every=0"]
 # Per method: training overrides (the trigger binds the concept; `full` is the reference).
+# LoRA-type methods also get REGULARIZATION_IMAGES renders of the base's own concepts in the folder
+# (kohya-style regularization images): without them the update leaks into every prompt.
+REGULARIZED_METHODS = {"lora": 48, "qlora": 48, "full": 48}
 METHODS: dict[str, list[str]] = {
     "lora": ["max_steps=300", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
              "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']"],
-    "dreambooth": ["max_steps=300", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
+    "dreambooth": ["max_steps=450", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
                    "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']",
                    "dreambooth.class_prompt=a circle", "dreambooth.num_class_images=16",
                    "dreambooth.class_image_steps=20", "dreambooth.prior_loss_weight=1.0"],
@@ -38,7 +44,7 @@ METHODS: dict[str, list[str]] = {
               "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']"],
     "textual_inversion": ["max_steps=300", "optimizer.learning_rate=0.02", f"textual_inversion.token={TI_TOKEN}",
                           "textual_inversion.init_word=blue"],
-    "full": ["max_steps=200", "optimizer.learning_rate=0.0002"],
+    "full": ["max_steps=500", "optimizer.learning_rate=0.001"],
 }
 
 
@@ -60,8 +66,10 @@ class ConceptResult:
         return self.base_with / self.base_without if self.base_without else 0.0
 
 
-def concept_dataset(folder: Path, concept: str, count: int = 16, seed: int = 5) -> tuple[Path, dict]:
-    """Images of a held-out colour (or shape) with the concept's word replaced by the trigger."""
+def concept_dataset(folder: Path, concept: str, count: int = 16, seed: int = 5, regularization: int = 0) -> \
+        tuple[Path, dict]:
+    """Images of a held-out colour (or shape) with the concept's word replaced by the trigger, plus
+    ``regularization`` renders of the base's own concepts with their plain captions."""
     if concept == "colour":
         write_dataset(folder, count, seed=seed, shapes=BASE_SHAPES, colours=[HELD_OUT_COLOUR], detail="short")
         word = HELD_OUT_COLOUR
@@ -69,8 +77,14 @@ def concept_dataset(folder: Path, concept: str, count: int = 16, seed: int = 5) 
         write_dataset(folder, count, seed=seed, shapes=[HELD_OUT_SHAPE], colours=["red", "blue", "yellow"],
                       detail="short")
         word = HELD_OUT_SHAPE
-    for caption in folder.glob("*.txt"):
-        caption.write_text(caption.read_text().replace(word, "[trigger]"))
+    for text_file in folder.glob("*.txt"):
+        text_file.write_text(text_file.read_text().replace(word, "[trigger]"))
+    if regularization:
+        rng = random.Random(seed + 1)
+        for index in range(regularization):
+            scene = base_scene(rng)
+            Image.fromarray(render(scene)).save(folder / f"regularization-{index:03d}.png")
+            (folder / f"regularization-{index:03d}.txt").write_text(caption(scene, "short"))
     return folder, _targets(concept)
 
 
@@ -101,6 +115,7 @@ class TrainedConcept:
     prompts: dict  # prompt (trigger filled in) -> (colour, shape) a right image shows
     images: int
     train_seconds: float
+    payload: object = None  # the trained AdapterPayload
 
 
 def train_and_publish(method: str, workdir: Path, registry, concept: str = "colour", name: str | None = None,
@@ -111,7 +126,7 @@ def train_and_publish(method: str, workdir: Path, registry, concept: str = "colo
     from lorafleet.training.publish import publish_result
 
     workdir = Path(workdir)
-    data, targets = concept_dataset(workdir / "data", concept)
+    data, targets = concept_dataset(workdir / "data", concept, regularization=REGULARIZED_METHODS.get(method, 0))
     trigger = TI_TOKEN if method == "textual_inversion" else TRIGGER
     aliases_setting = [f"publish.aliases={list(aliases)}"] if aliases else []
     config = load_train_config(None, [f"method={method}", f"data.path={data}", f"output_dir={workdir / 'run'}",
@@ -122,15 +137,17 @@ def train_and_publish(method: str, workdir: Path, registry, concept: str = "colo
     train_seconds = time.perf_counter() - started
     manifest = publish_result(result, config, registry, name or f"toy-{concept}-{method.replace('_', '-')}")
     prompts = {p.replace("[trigger]", trigger): t for p, t in targets.items()}
-    return TrainedConcept(manifest, prompts, len(list(data.glob("*.png"))), round(train_seconds, 1))
+    concept_images = len(list(data.glob("*.png"))) - REGULARIZED_METHODS.get(method, 0)
+    return TrainedConcept(manifest, prompts, concept_images, round(train_seconds, 1), result.payload)
 
 
-def measure(generate, ref: str, prompts: dict, seeds: int) -> dict:
-    """Accuracies with and without ``ref`` on the concept's prompts and on the base's own prompts."""
-    target_without, _ = _accuracy({p: generate(p, None, seeds) for p in prompts}, prompts)
-    target_with, per_prompt = _accuracy({p: generate(p, ref, seeds) for p in prompts}, prompts)
-    base_without, _ = _accuracy({p: generate(p, None, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
-    base_with, _ = _accuracy({p: generate(p, ref, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
+def measure(without, with_adapter, prompts: dict, seeds: int) -> dict:
+    """Accuracies without and with the adapter (each a generate(prompt, n) callable) on the concept's
+    prompts and on the base's own prompts."""
+    target_without, _ = _accuracy({p: without(p, seeds) for p in prompts}, prompts)
+    target_with, per_prompt = _accuracy({p: with_adapter(p, seeds) for p in prompts}, prompts)
+    base_without, _ = _accuracy({p: without(p, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
+    base_with, _ = _accuracy({p: with_adapter(p, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
     return {"target_without": target_without, "target_with": target_with, "base_without": base_without,
             "base_with": base_with, "per_prompt": per_prompt}
 
@@ -140,10 +157,18 @@ def learn_concept(method: str, workdir: Path, concept: str = "colour", seeds: in
     """Train ``method`` on the held-out ``concept``, publish, serve (HTTP, in-process) and score."""
     from lorafleet.registry import AdapterRegistry
 
-    registry = AdapterRegistry(f"file://{Path(workdir) / 'registry'}")
+    workdir = Path(workdir)
+    registry = AdapterRegistry(f"file://{workdir / 'registry'}")
     trained = train_and_publish(method, workdir, registry, concept, train_seed=train_seed)
-    with _served(registry, Path(workdir)) as generate:
-        figures = measure(generate, f"{trained.manifest.name}@{trained.manifest.version}", trained.prompts, seeds)
+    if method == "full":  # a full UNet is served as its own base, next to the original
+        fine_tuned = _full_unet_as_base(trained.payload, workdir / "full-base")
+        with _served(registry, workdir / "base") as base, _served(registry, workdir / "tuned", fine_tuned) as tuned:
+            figures = measure(lambda p, n: base(p, None, n), lambda p, n: tuned(p, None, n), trained.prompts, seeds)
+    else:
+        ref = f"{trained.manifest.name}@{trained.manifest.version}"
+        with _served(registry, workdir) as served:
+            figures = measure(lambda p, n: served(p, None, n), lambda p, n: served(p, ref, n), trained.prompts,
+                              seeds)
     return ConceptResult(method, concept, trained.images, trained.train_seconds, digest=trained.manifest.digest,
                          **figures)
 
@@ -160,15 +185,25 @@ def generate_over_http(client, prompt: str, ref: str | None, count: int, seed: i
     return [np.load(io.BytesIO(base64.b64decode(b)), allow_pickle=False) for b in response.json()["images"]]
 
 
+def _full_unet_as_base(payload, directory: Path) -> str:
+    """The toy base with a fully fine-tuned UNet, written as a diffusers directory."""
+    from lorafleet.bases import load_base
+
+    pipe = load_base("toy").pipeline
+    pipe.unet.load_state_dict({key.removeprefix("unet."): tensor for key, tensor in payload.tensors.items()})
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    return str(directory)
+
+
 @contextmanager
-def _served(registry, workdir: Path):
+def _served(registry, workdir: Path, base: str = "toy"):
     """The toy base served in-process over HTTP (FastAPI app + a real replica): generate(prompt, ref, n)."""
     from fastapi.testclient import TestClient
 
     from lorafleet.serve.app import create_local_app
     from lorafleet.serve.settings import ServeSettings
 
-    settings = ServeSettings(base="toy", registry=registry.uri, cache={"disk_dir": str(workdir / "cache")},
+    settings = ServeSettings(base=base, registry=registry.uri, cache={"disk_dir": str(workdir / "cache")},
                              limits={"max_num_images": 8})
     app, _ = create_local_app(settings, registry)
     with TestClient(app) as client:
