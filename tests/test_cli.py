@@ -14,8 +14,8 @@ from helpers import write_lora
 LORAFLEET = [sys.executable, "-m", "lorafleet.cli"]
 
 
-def run(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(LORAFLEET + list(args), capture_output=True, text=True, timeout=180,
+def run(*args: str, check: bool = True, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    result = subprocess.run(LORAFLEET + list(args), capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, **(env or {})})
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_demo_trains_publishes_serves_and_saves_a_grid(tmp_path):
     from PIL import Image
 
     out = run("demo", "--registry", f"file://{tmp_path / 'reg'}", "--out", str(tmp_path / "out"),
-              "--images", "2").stdout
+              "--images", "2", timeout=600).stdout  # trains a LoRA, starts Ray, generates 28 images
     assert "published demo-cyan@1" in out and "demo-cyan:prod" in out and "server ready at" in out
     grid = tmp_path / "out" / "demo-grid.png"
     assert str(grid) in out and "with adapter" in out and "a sks circle" in out
