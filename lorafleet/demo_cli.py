@@ -16,15 +16,15 @@ DEMO_ADAPTER_NAME = "demo-cyan"
 
 
 def _grid_and_scores(generate, ref: str, prompts: dict, seeds: int, out: Path) -> list[dict]:
-    from lorafleet.toyworld.concepts import BASE_CHECK_PROMPTS, _accuracy
+    from lorafleet.toyworld.concepts import BASE_CHECK_PROMPTS, accuracy
     from lorafleet.training.reporting import save_grid
 
     rows, table = [], []
     for prompt, target in {**prompts, **BASE_CHECK_PROMPTS}.items():
         base_images, adapter_images = generate(prompt, None, seeds), generate(prompt, ref, seeds)
         rows.append(list(base_images) + list(adapter_images))
-        base_accuracy, _ = _accuracy({prompt: base_images}, {prompt: target})
-        adapter_accuracy, _ = _accuracy({prompt: adapter_images}, {prompt: target})
+        base_accuracy, _ = accuracy({prompt: base_images}, {prompt: target})
+        adapter_accuracy, _ = accuracy({prompt: adapter_images}, {prompt: target})
         table.append({"prompt": prompt, "wanted": " ".join(w for w in target if w) or "-",
                       "base": f"{base_accuracy:.0%}", "with adapter": f"{adapter_accuracy:.0%}"})
     save_grid(rows, out / "demo-grid.png")

@@ -95,7 +95,7 @@ def _targets(concept: str) -> dict[str, tuple[str | None, str | None]]:
     return {f"a {colour} [trigger]": (colour, HELD_OUT_SHAPE) for colour in ("red", "blue")}
 
 
-def _accuracy(images_by_prompt: dict[str, list[np.ndarray]], targets: dict) -> tuple[float, dict]:
+def accuracy(images_by_prompt: dict[str, list[np.ndarray]], targets: dict) -> tuple[float, dict]:
     right = total = 0
     per_prompt = {}
     for prompt, images in images_by_prompt.items():
@@ -144,10 +144,10 @@ def train_and_publish(method: str, workdir: Path, registry, concept: str = "colo
 def measure(without, with_adapter, prompts: dict, seeds: int) -> dict:
     """Accuracies without and with the adapter (each a generate(prompt, n) callable) on the concept's
     prompts and on the base's own prompts."""
-    target_without, _ = _accuracy({p: without(p, seeds) for p in prompts}, prompts)
-    target_with, per_prompt = _accuracy({p: with_adapter(p, seeds) for p in prompts}, prompts)
-    base_without, _ = _accuracy({p: without(p, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
-    base_with, _ = _accuracy({p: with_adapter(p, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
+    target_without, _ = accuracy({p: without(p, seeds) for p in prompts}, prompts)
+    target_with, per_prompt = accuracy({p: with_adapter(p, seeds) for p in prompts}, prompts)
+    base_without, _ = accuracy({p: without(p, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
+    base_with, _ = accuracy({p: with_adapter(p, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
     return {"target_without": target_without, "target_with": target_with, "base_without": base_without,
             "base_with": base_with, "per_prompt": per_prompt}
 

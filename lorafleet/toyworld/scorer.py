@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .world import COLOUR_HUES, SHAPES, render, sample_scene, shape_polygon
+from .world import COLOUR_HUES, SHAPES, Scene, background_pixels, render, sample_scene, shape_polygon
 
 MIN_SATURATION = 0.28
 MIN_BACKGROUND_DISTANCE = 0.14
@@ -253,8 +253,6 @@ def _noise(rng: random.Random, size: int) -> np.ndarray:
 
 def _two_shapes(rng: random.Random, size: int) -> np.ndarray:
     """Two small shapes side by side (never touching)."""
-    from .world import Scene
-
     first = sample_scene(rng)
     second = sample_scene(rng)
     radius = 0.15
@@ -268,10 +266,7 @@ def _two_shapes(rng: random.Random, size: int) -> np.ndarray:
 
 
 def _empty(rng: random.Random, size: int) -> np.ndarray:
-    scene = sample_scene(rng)
-    from .world import _background
-
-    return (_background(scene, size) * 255).round().astype(np.uint8)
+    return (background_pixels(sample_scene(rng), size) * 255).round().astype(np.uint8)
 
 
 DISTRACTORS = {"irregular blob": _blob, "noise": _noise, "two shapes": _two_shapes, "empty": _empty}

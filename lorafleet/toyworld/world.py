@@ -89,7 +89,7 @@ def shape_polygon(shape: str, cx: float, cy: float, radius: float) -> list[tuple
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _background(scene: Scene, size: int) -> np.ndarray:
+def background_pixels(scene: Scene, size: int) -> np.ndarray:
     grey = np.full((size, size, 3), scene.background, dtype=np.float32)
     if scene.texture_seed is None:
         return grey
@@ -113,7 +113,7 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
     else:
         draw.polygon(polygon, fill=255)
     alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float32)[..., None] / 255
-    image = _background(scene, size) * (1 - alpha) + np.asarray(scene.rgb(), dtype=np.float32) * alpha
+    image = background_pixels(scene, size) * (1 - alpha) + np.asarray(scene.rgb(), dtype=np.float32) * alpha
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
