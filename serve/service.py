@@ -121,6 +121,11 @@ def check_limits(request: GenerateRequest, limits: RequestLimits, native_size: i
     return steps, sizes["width"], sizes["height"]
 
 
+def decode_npy(image_b64: str) -> np.ndarray:
+    """The exact float32 image of an ``npy`` response entry (the inverse of ``encode_image(..., "npy")``)."""
+    return np.load(io.BytesIO(base64.b64decode(image_b64)), allow_pickle=False)
+
+
 def encode_image(image: np.ndarray, output_format: str) -> str:
     """One [height, width, 3] float image in [0, 1] as base64 in ``output_format``."""
     from PIL import Image

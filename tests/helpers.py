@@ -42,6 +42,14 @@ def snapshot(registry: AdapterRegistry) -> dict[str, bytes]:
     return result
 
 
+def metric_samples(text: str) -> dict:
+    """Prometheus text -> {(sample name, sorted label pairs): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def soak_scaled(ci_value, soak_value):
     """CI runs the reliability tests with bounded parameters; `make soak` (LORAFLEET_SOAK=1) with larger ones."""
     import os

@@ -7,8 +7,6 @@ the concept-learning tests and by `lorafleet bench concepts`.
 
 from __future__ import annotations
 
-import base64
-import io
 import random
 import time
 from contextlib import contextmanager
@@ -175,6 +173,8 @@ def learn_concept(method: str, workdir: Path, concept: str = "colour", seeds: in
 
 def generate_over_http(client, prompt: str, ref: str | None, count: int, seed: int = 1000) -> list[np.ndarray]:
     """``count`` images from a lorafleet server (an httpx or test client) as float arrays."""
+    from lorafleet.serve.service import decode_npy
+
     body = {"prompt": prompt, "seed": seed, "num_images": count, "steps": 20, "guidance_scale": 4.0,
             "output_format": "npy"}
     if ref:
@@ -182,7 +182,7 @@ def generate_over_http(client, prompt: str, ref: str | None, count: int, seed: i
     response = client.post("/v1/generate", json=body)
     if response.status_code != 200:
         raise RuntimeError(f"generation failed: {response.status_code} {response.text[:300]}")
-    return [np.load(io.BytesIO(base64.b64decode(b)), allow_pickle=False) for b in response.json()["images"]]
+    return [decode_npy(b) for b in response.json()["images"]]
 
 
 def _full_unet_as_base(payload, directory: Path) -> str:

@@ -4,8 +4,6 @@ image is exactly the image of that digest's adapter."""
 
 from __future__ import annotations
 
-import base64
-import io
 import random
 import threading
 import time
@@ -14,6 +12,7 @@ import httpx
 import numpy as np
 from helpers import soak_scaled, write_lora
 from lorafleet.registry import AdapterRegistry, PublishRequest
+from lorafleet.serve.service import decode_npy
 
 PUBLISHERS, CLIENTS = 4, 4
 ROUNDS = soak_scaled(6, 12)  # 4 x 12 + 1 moves stay within the alias history kept (50)
@@ -25,7 +24,7 @@ def _body(ref: str) -> dict:
 
 
 def _image(response) -> np.ndarray:
-    return np.load(io.BytesIO(base64.b64decode(response.json()["images"][0])), allow_pickle=False)
+    return decode_npy(response.json()["images"][0])
 
 
 def test_clients_only_see_what_prod_pointed_to(tiny_spec, tmp_path, live_server, record):

@@ -6,8 +6,6 @@ corrupted blob in tests/serve/test_api.py.)
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import random
@@ -20,8 +18,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import metric_samples
 from lorafleet.registry import AdapterRegistry
-from prometheus_client.parser import text_string_to_metric_families
+from lorafleet.serve.service import decode_npy
 from reliability_setup import LOOKS
 
 
@@ -39,14 +38,6 @@ def small_disk(tmp_path, looks_registry):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def _counter(metrics_text: str, name: str) -> float:
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    return 0.0
-
-
 def test_full_disk_cache_keeps_serving_and_counts_the_failures(looks_registry, live_server, small_disk, record):
     server = live_server(looks_registry, cache={"disk_dir": str(small_disk), "host_bytes": 1, "active_max_adapters": 1})
     first: dict[str, np.ndarray] = {}
@@ -58,9 +49,10 @@ def test_full_disk_cache_keeps_serving_and_counts_the_failures(looks_registry, l
                                                          "steps": 1, "width": 32, "height": 32, "output_format": "npy"})
             statuses.append(response.status_code)
             assert response.status_code == 200, response.text
-            image = np.load(io.BytesIO(base64.b64decode(response.json()["images"][0])), allow_pickle=False)
+            image = decode_npy(response.json()["images"][0])
             assert np.array_equal(first.setdefault(name, image), image)  # same adapter, same image, every time
-        failures = _counter(client.get("/metrics").text, "lorafleet_disk_cache_write_failures_total")
+        failures = metric_samples(client.get("/metrics").text).get(("lorafleet_disk_cache_write_failures_total", ()),
+                                                                   0.0)
     assert failures >= 1, "the full disk was never hit"
     assert len(list(small_disk.glob("*.safetensors"))) <= 1 and not list(small_disk.glob(".part-*"))
     assert "cannot write" in server.log()
@@ -144,7 +136,8 @@ def test_a_blob_corrupted_in_the_bucket_is_never_served(seaweed, tiny_spec, tmp_
     with httpx.Client(base_url=server.url, timeout=120) as client:
         answers = [client.post("/v1/generate", json={**body, "adapter": "victim"}) for _ in range(3)]
         fine = client.post("/v1/generate", json={**body, "adapter": "healthy"})
-        counted = _counter(client.get("/metrics").text, "lorafleet_adapter_load_failures_total")
+        counted = metric_samples(client.get("/metrics").text).get(
+            ("lorafleet_adapter_load_failures_total", (("code", "integrity_error"),)), 0.0)
     assert all(a.status_code == 502 and a.json()["error"]["code"] == "integrity_error" for a in answers)
     assert all("images" not in a.json() for a in answers)
     assert fine.status_code == 200 and fine.json()["adapters"][0]["digest"] == healthy.digest

@@ -1,17 +1,10 @@
-"""Fixtures for serving tests: a registry with adapters, and plain-diffusers reference images."""
+"""Fixtures for serving tests: a registry with adapters (constants and the plain-diffusers reference are in
+serve_setup.py: conftest modules are not importable by name when several exist)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
-import torch
 from lorafleet.registry import AdapterRegistry, PublishRequest
-
-STEPS = 4
-GUIDANCE = 5.0
-PROMPT = "a red circle on the left"
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +21,6 @@ def adapter_registry(tmp_path_factory, tiny_spec):
     registry.publish(write_embedding(root / "ti", tiny_spec, "<sks>", seed=3),
                      PublishRequest(name="sks-token", base=tiny_spec))
     return registry
-
-
-def plain_diffusers_image(adapter_file: Path | None, prompt: str = PROMPT, seed: int = 0, steps: int = STEPS,
-                          guidance: float = GUIDANCE, textual_inversion: Path | None = None) -> np.ndarray:
-    """The reference: a fresh base pipeline, plain diffusers loading of the adapter file."""
-    from lorafleet.bases import load_base
-
-    pipe = load_base("tiny").pipeline
-    if adapter_file is not None:
-        pipe.load_lora_weights(str(adapter_file))
-    if textual_inversion is not None:
-        pipe.load_textual_inversion(str(textual_inversion))
-    generator = [torch.Generator().manual_seed(seed)]
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                output_type="np").images[0]
 
 
 @pytest.fixture(scope="module")

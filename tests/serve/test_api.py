@@ -14,12 +14,13 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
 from fastapi.testclient import TestClient
 from lorafleet.registry import PublishRequest
 from lorafleet.serve.app import create_local_app
+from lorafleet.serve.service import decode_npy
 from lorafleet.serve.settings import ServeSettings
 from PIL import Image
+from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
 
 TOKENS = "gen-token=generate,admin-token=admin"
 
@@ -40,8 +41,7 @@ def _body(**fields):
     return {"prompt": PROMPT, "steps": STEPS, "guidance_scale": GUIDANCE, "seed": 0, **fields}
 
 
-def _npy(b64: str) -> np.ndarray:
-    return np.load(io.BytesIO(base64.b64decode(b64)), allow_pickle=False)
+_npy = decode_npy
 
 
 def test_generate_returns_png_images_resolved_adapters_and_timings(client, adapter_registry):

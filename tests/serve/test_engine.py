@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
 from lorafleet.registry.errors import AdapterIncompatible
 from lorafleet.serve.adapter_cache import AdapterFetcher
 from lorafleet.serve.engine import AdapterUse, GenerationJob, PipelineEngine
+from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
 
 from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import load_base

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import shutil
 import subprocess
@@ -14,8 +12,9 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
+from helpers import metric_samples
 from lorafleet.registry import AdapterRegistry, PublishRequest
+from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
 
 pytestmark = pytest.mark.slow
 ADMIN = {"Authorization": "Bearer admin-token"}
@@ -79,13 +78,6 @@ def live(s3_server, tiny_spec, tmp_path_factory):
     assert _ray_children() == [], "Ray processes left behind"
 
 
-def _samples(text: str) -> dict:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def _generate(url, headers=GENERATE, **fields):
     body = {"prompt": PROMPT, "steps": STEPS, "guidance_scale": GUIDANCE, "seed": 0, "output_format": "npy",
             **fields}
@@ -93,7 +85,9 @@ def _generate(url, headers=GENERATE, **fields):
 
 
 def _image(response) -> np.ndarray:
-    return np.load(io.BytesIO(base64.b64decode(response.json()["images"][0])), allow_pickle=False)[None][0]
+    from lorafleet.serve.service import decode_npy
+
+    return decode_npy(response.json()["images"][0])
 
 
 def test_correctness_invariant_over_20_requests_5_adapters_2_replicas(live):
@@ -108,7 +102,7 @@ def test_correctness_invariant_over_20_requests_5_adapters_2_replicas(live):
         replicas.add(response.json()["replica"])
         assert np.abs(_image(response) - references[name]).max() <= 1e-4, name
     assert len(replicas) == 2
-    metrics = _samples(httpx.get(f"{url}/metrics").text)
+    metrics = metric_samples(httpx.get(f"{url}/metrics").text)
     assert metrics[("lorafleet_fuse_events_total", (("event", "fuse"),))] > 0  # fusing and
     assert metrics[("lorafleet_cache_evictions_total", (("tier", "active"),))] > 0  # eviction happened
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from lorafleet.registry import AdapterRegistry
 from lorafleet.registry.errors import RequestInvalid
+from lorafleet.serve.service import decode_npy
 from lorafleet.training.config import load_train_config
 from lorafleet.training.loop import Interrupted, train
 from lorafleet.training.publish import publish_result
@@ -39,8 +37,7 @@ def _config(method, dataset, output, *extra):
                                     *COMMON, *METHOD_SETTINGS[method], *extra])
 
 
-def _npy(b64):
-    return np.load(io.BytesIO(base64.b64decode(b64)), allow_pickle=False)
+_npy = decode_npy
 
 
 @pytest.mark.parametrize("method", list(METHOD_SETTINGS))

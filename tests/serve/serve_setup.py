@@ -1,0 +1,27 @@
+"""Constants of the serving tests and their reference: plain diffusers with the adapter file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEPS = 4
+GUIDANCE = 5.0
+PROMPT = "a red circle on the left"
+
+
+def plain_diffusers_image(adapter_file: Path | None, prompt: str = PROMPT, seed: int = 0, steps: int = STEPS,
+                          guidance: float = GUIDANCE, textual_inversion: Path | None = None) -> np.ndarray:
+    """The reference: a fresh base pipeline, plain diffusers loading of the adapter file."""
+    from lorafleet.bases import load_base
+
+    pipe = load_base("tiny").pipeline
+    if adapter_file is not None:
+        pipe.load_lora_weights(str(adapter_file))
+    if textual_inversion is not None:
+        pipe.load_textual_inversion(str(textual_inversion))
+    generator = [torch.Generator().manual_seed(seed)]
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                output_type="np").images[0]
