@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from lorafleet.registry.errors import LorafleetError, RequestInvalid
+from lorafleet.registry.errors import LorafleetError
 from lorafleet.registry.identity import ALIAS_REGEX, NAME_REGEX
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -109,11 +109,10 @@ def _install_metrics_middleware(app: FastAPI, service: GenerationService) -> Non
 
 
 def _parse_size(size: str | None, native: int) -> tuple[int, int]:
+    """(width, height) of an OpenAI size (the schema allows only 'NxN' sizes within the limits)."""
     if size is None:
         return native, native
-    width, sep, height = size.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit() or len(size) > 11:
-        raise RequestInvalid(f"size must be 'WIDTHxHEIGHT', got {size!r}", field="size")
+    width, _, height = size.partition("x")
     return int(width), int(height)
 
 
@@ -133,18 +132,24 @@ def create_api(service: GenerationService, tokens: TokenTable) -> FastAPI:
                   description="Generate images with a frozen diffusion base and registry adapters.")
     _install_error_handlers(app, service.settings.retry_after_s)
     _install_metrics_middleware(app, service)
+    generate_scope, admin_scope = _scope_guards(tokens, "generate"), _scope_guards(tokens, "admin")
+    _install_generation_routes(app, service, generate_scope)
+    _install_adapter_routes(app, service, generate_scope, admin_scope)
+    _install_health_routes(app, service)
+    return app
+
+
+def _install_generation_routes(app: FastAPI, service: GenerationService, scope: list) -> None:
+    """/v1/generate and the OpenAI-compatible route, with the configured limits in their schemas."""
     models = request_models(service.settings.limits)
     GenerateBody, OpenAIBody = models.generate, models.openai_images  # noqa: N806 (classes)
-    generate_scope, admin_scope = _scope_guards(tokens, "generate"), _scope_guards(tokens, "admin")
-    adapter_name = Path(pattern=f"^{NAME_REGEX}$", max_length=64)
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES,
-              dependencies=generate_scope)
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, dependencies=scope)
     async def generate(body: GenerateBody) -> GenerateResponse:
         return await service.generate(body)
 
     @app.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERROR_RESPONSES,
-              dependencies=generate_scope)
+              dependencies=scope)
     async def openai_images(body: OpenAIBody):
         width, height = _parse_size(body.size, service.native_size)
         model = body.model or BASE_MODEL_NAME
@@ -152,6 +157,10 @@ def create_api(service: GenerationService, tokens: TokenTable) -> FastAPI:
                                num_images=body.n, width=width, height=height)
         result = await service.generate(request)
         return OpenAIImageResponse(created=int(time.time()), data=[OpenAIImage(b64_json=b) for b in result.images])
+
+
+def _install_adapter_routes(app: FastAPI, service: GenerationService, generate_scope: list, admin_scope: list) -> None:
+    adapter_name = Path(pattern=f"^{NAME_REGEX}$", max_length=64)
 
     @app.get("/v1/adapters", response_model=list[AdapterSummary], responses=ERROR_RESPONSES,
              dependencies=generate_scope)
@@ -175,6 +184,10 @@ def create_api(service: GenerationService, tokens: TokenTable) -> FastAPI:
                                          expected_version=body.expected_version)
         return AliasMoved(name=name, alias=alias, version=record.version, revision=record.revision)
 
+
+def _install_health_routes(app: FastAPI, service: GenerationService) -> None:
+    """Open routes (no token): liveness, readiness, Prometheus metrics."""
+
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz():
         return HealthResponse(status="ok")
@@ -188,8 +201,6 @@ def create_api(service: GenerationService, tokens: TokenTable) -> FastAPI:
                               "description": "Prometheus text exposition."}})
     async def metrics():
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
-
-    return app
 
 
 def _summary(service: GenerationService, name: str, manifest, aliases: dict | None = None) -> AdapterSummary:

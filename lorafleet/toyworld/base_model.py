@@ -197,7 +197,8 @@ def train_unet(unet, vae, tokenizer, text_encoder, recipe: ToyRecipe, log=print)
         for group in optimizer.param_groups:
             group["lr"] = recipe.unet_lr * _cosine_lr(step, recipe.unet_steps, recipe.warmup_steps)
         rows = torch.randint(0, len(scenes), (recipe.unet_batch,), generator=generator)
-        clean = (means[rows] + stds[rows] * torch.randn(means[rows].shape, generator=generator)) * scaling
+        mean = means[rows]
+        clean = (mean + stds[rows] * torch.randn(mean.shape, generator=generator)) * scaling
         text_rows = caption_index[rows].clone()
         dropped = torch.rand(recipe.unet_batch, generator=generator) < recipe.caption_dropout
         text_rows[dropped] = index_of[""]

@@ -124,7 +124,8 @@ def train_and_publish(method: str, workdir: Path, registry, concept: str = "colo
     from lorafleet.training.publish import publish_result
 
     workdir = Path(workdir)
-    data, targets = concept_dataset(workdir / "data", concept, regularization=REGULARIZED_METHODS.get(method, 0))
+    regularization = REGULARIZED_METHODS.get(method, 0)
+    data, targets = concept_dataset(workdir / "data", concept, regularization=regularization)
     trigger = TI_TOKEN if method == "textual_inversion" else TRIGGER
     aliases_setting = [f"publish.aliases={list(aliases)}"] if aliases else []
     config = load_train_config(None, [f"method={method}", f"data.path={data}", f"output_dir={workdir / 'run'}",
@@ -135,7 +136,7 @@ def train_and_publish(method: str, workdir: Path, registry, concept: str = "colo
     train_seconds = time.perf_counter() - started
     manifest = publish_result(result, config, registry, name or f"toy-{concept}-{method.replace('_', '-')}")
     prompts = {p.replace("[trigger]", trigger): t for p, t in targets.items()}
-    concept_images = len(list(data.glob("*.png"))) - REGULARIZED_METHODS.get(method, 0)
+    concept_images = len(list(data.glob("*.png"))) - regularization
     return TrainedConcept(manifest, prompts, concept_images, round(train_seconds, 1), result.payload)
 
 
