@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from lorafleet.registry import AdapterRegistry
@@ -52,7 +51,7 @@ class GeneratorDeployment:
 
     async def generate(self, task: GenerationTask):
         await self.adapter_set(serve.get_multiplexed_model_id() or task.set_id)
-        return await asyncio.to_thread(self.replica.generate, task)
+        return await self.replica.generate_async(task)
 
     async def health(self) -> dict:
         return self.replica.health()

@@ -24,7 +24,7 @@ class LocalGeneratorBackend:
         self._waiting += 1
         try:
             async with self._slots:
-                return await asyncio.to_thread(self.replica.generate, task)
+                return await self.replica.generate_async(task)
         finally:
             self._waiting -= 1
 

@@ -45,6 +45,11 @@ class ServiceMetrics:
                                              registry=r)
         self.overloads = Counter("lorafleet_overload_rejections", "Requests refused with 503 (overload).",
                                  registry=r)
+        self.batch_images = Histogram("lorafleet_batch_images", "Images in the pipeline pass a request shared.",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.generations_by_mode = Counter("lorafleet_generations_by_mode",
+                                           "Requests by how their pass applied adapters (base, active, fused, mixed).",
+                                           ["mode"], registry=r)
         self.disk_write_failures = Counter("lorafleet_disk_cache_write_failures",
                                            "Adapter files the disk tier could not write (full or failing disk).",
                                            registry=r)
@@ -57,6 +62,8 @@ class ServiceMetrics:
     def record_output(self, output) -> None:
         """What one replica reported about one generation."""
         self.generation_seconds.observe(output.generation_ms / 1000)
+        self.batch_images.observe(output.batch_images)
+        self.generations_by_mode.labels(mode=output.mode).inc()
         for fetch in output.fetches:
             self.adapter_loads.labels(tier=fetch.tier).inc()
             self.adapter_load_seconds.labels(tier=fetch.tier).observe(fetch.seconds)

@@ -81,8 +81,10 @@ class ResolvedAdapter(BaseModel):
 class Timings(BaseModel):
     queue_ms: float = Field(description="Waiting for a replica and the pipeline.")
     adapter_load_ms: float = Field(description="Fetching and activating adapters.")
-    generation_ms: float = Field(description="Running the pipeline.")
+    generation_ms: float = Field(description="Running the pipeline (the whole pass this request shared).")
     total_ms: float
+    batch_images: int = Field(1, description="Images in the pipeline pass this request shared.")
+    adapter_mode: str = Field("base", description="How the pass applied adapters: base, active, fused or mixed.")
 
 
 class GenerateResponse(BaseModel):

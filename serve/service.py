@@ -211,7 +211,8 @@ class GenerationService:
                       for ref, m, w in resolved],
             seed=seeds[0], seeds=seeds,
             timings=Timings(queue_ms=max(0.0, total_ms - load_ms - output.generation_ms), adapter_load_ms=load_ms,
-                            generation_ms=output.generation_ms, total_ms=total_ms),
+                            generation_ms=output.generation_ms, total_ms=total_ms,
+                            batch_images=output.batch_images, adapter_mode=output.mode),
             replica=output.replica,
         )
 

@@ -34,6 +34,20 @@ class CacheBudgets(BaseModel):
     disk_dir: Path = Field(Path("~/.cache/lorafleet/adapters"), description="Local disk tier directory.")
 
 
+class Batching(BaseModel):
+    """How a replica groups concurrent requests into pipeline passes (serve/batching.py)."""
+
+    max_batch_images: int = Field(8, ge=1, description="Most images in one pipeline pass.")
+    wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a pass that is not full waits for more requests.")
+
+
+class Hotswap(BaseModel):
+    """A compile-safe adapter slot (serve/slots.py): for a torch.compile'd UNet on CUDA."""
+
+    target_rank: int = Field(64, ge=1, le=1024, description="Largest total rank of an adapter set served.")
+    compile: bool = Field(True, description="torch.compile the UNet once the slot exists.")
+
+
 class Autoscaling(BaseModel):
     """Ray Serve autoscaling of generator replicas (passed to the deployment's autoscaling_config)."""
 
@@ -62,13 +76,16 @@ class ServeSettings(BaseSettings):
     autoscaling: Autoscaling | None = Field(None, description="Ray Serve autoscaling of generator replicas.")
     replica_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per generator replica.")
     replica_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per generator replica.")
-    max_ongoing_requests: int = Field(2, ge=1, description="Requests a generator replica works on at once.")
+    max_ongoing_requests: int = Field(8, ge=1,
+                                      description="Requests a generator replica holds at once (batched into passes).")
     max_queued_requests: int = Field(16, ge=1, description="Requests waiting per caller before 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="A request still running after this gets 504.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503.")
     resolution_ttl_s: float = Field(5.0, ge=0, description="How long an alias resolution is reused.")
     fuse_after: int = Field(0, ge=0, description="Fuse an adapter set served this many times in a row (0: never).")
     cache: CacheBudgets = Field(default_factory=CacheBudgets)
+    batching: Batching = Field(default_factory=Batching)
+    hotswap: Hotswap | None = Field(None, description="Serve through one compile-safe slot (off: batch mixed sets).")
     limits: RequestLimits = Field(default_factory=RequestLimits)
     auth_enabled: bool = Field(False, description="Require bearer tokens.")
     api_tokens: str | None = Field(None, description="'token=scope+scope,token2=generate' (or use tokens_file).")

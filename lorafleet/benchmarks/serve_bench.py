@@ -1,19 +1,18 @@
 """`lorafleet bench serve`: the serving core's costs, per base (small and tiny), in one run.
 
+overhead section, over HTTP and Ray:
 (a) overhead of HTTP + Ray over calling the pipeline directly, for one generation;
 (b) a request whose adapter is already active vs cached in host memory vs only in the
-    registry, as the extra time over a base-only request, in units of one generation;
-(c) 100 requests over 10 adapters: the naive diffusers loop (load_lora_weights +
-    unload_lora_weights per request) vs lorafleet over HTTP (sequential, then 4 concurrent).
+    registry, as the extra time over a base-only request, in units of one generation.
+throughput section (throughput_bench.py): many adapters at once, batching, latency under
+load, switch overhead and the no-adapter limit.
 """
 
 from __future__ import annotations
 
-import random
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -57,19 +56,6 @@ def _direct_ms(base: str, steps: int, repeats: int) -> float:
     return _median_ms(one, repeats)
 
 
-def _naive_loop_s(base: str, files: list[Path], order: list[int], steps: int) -> float:
-    """What one would write with plain diffusers: load, generate, unload, per request."""
-    from lorafleet.bases import load_base
-
-    pipe = load_base(base).pipeline
-    started = time.perf_counter()
-    for index in order:
-        pipe.load_lora_weights(str(files[index]))
-        pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np")
-        pipe.unload_lora_weights()
-    return time.perf_counter() - started
-
-
 class _Client:
     def __init__(self, url: str, steps: int):
         self.http = httpx.Client(base_url=url, timeout=300)
@@ -96,13 +82,6 @@ def _tier_costs(client: _Client, generation_ms: float, repeats: int) -> dict:
     return {f"{tier}_extra_per_generation": round((ms - base_ms) / generation_ms, 3) for tier, ms in costs.items()}
 
 
-def _throughput(client: _Client, order: list[int], workers: int) -> float:
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(lambda i: client.generate(f"bench{i}"), order))
-    return len(order) / (time.perf_counter() - started)
-
-
 def _with_server(base: str, registry_uri: str, workdir: Path, cache: dict, fn):
     from lorafleet.devtools.seaweed import free_port
     from lorafleet.serve.server import start_server
@@ -118,16 +97,14 @@ def _with_server(base: str, registry_uri: str, workdir: Path, cache: dict, fn):
         server.stop()
 
 
-def bench_base(base: str, steps: int, requests: int, repeats: int, workdir: Path) -> dict:
+def bench_overhead(base: str, steps: int, repeats: int, workdir: Path) -> dict:
     from lorafleet.bases import base_spec
     from lorafleet.registry import AdapterRegistry
 
     (workdir / base).mkdir(parents=True, exist_ok=True)
     registry = AdapterRegistry(f"file://{workdir / base / 'registry'}")
-    files = _publish_adapters(registry, base_spec(base), 10 + repeats, workdir / base)
-    order = [random.Random(0).randrange(10) for _ in range(requests)]
+    _publish_adapters(registry, base_spec(base), 2 + repeats, workdir / base)
     direct_ms = _direct_ms(base, steps, repeats)
-    naive_rate = requests / _naive_loop_s(base, files[:10], order, steps)
 
     def single_slot(client: _Client) -> dict:  # one active slot: host and registry paths are observable
         client.steps = steps
@@ -135,42 +112,43 @@ def bench_base(base: str, steps: int, requests: int, repeats: int, workdir: Path
         http_ms = _median_ms(lambda: client.generate(), repeats)
         return {"http_ms": http_ms, **_tier_costs(client, direct_ms, repeats)}
 
-    def throughput(client: _Client) -> dict:  # default tiers: 10 adapters stay active
-        client.steps = steps
-        client.generate()
-        return {"sequential": _throughput(client, order, 1), "concurrent": _throughput(client, order, 4)}
-
     costs = _with_server(base, registry.uri, workdir, {"active_max_adapters": 1}, single_slot)
-    rates = _with_server(base, registry.uri, workdir, {"active_max_adapters": 10}, throughput)
     http_ms = costs.pop("http_ms")
     return {
         "base": base, "steps": steps, "direct_generation_ms": round(direct_ms, 1),
         "http_ray_generation_ms": round(http_ms, 1),
         "http_ray_overhead_pct": round(100 * (http_ms - direct_ms) / direct_ms, 1),
         **costs,
-        "naive_images_per_s": round(naive_rate, 2),
-        "lorafleet_sequential_images_per_s": round(rates["sequential"], 2),
-        "lorafleet_4_concurrent_images_per_s": round(rates["concurrent"], 2),
-        "speedup_sequential": round(rates["sequential"] / naive_rate, 2),
-        "speedup_concurrent": round(rates["concurrent"] / naive_rate, 2),
     }
 
 
-def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int) -> list[dict]:
+def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, sections: list[str]) -> list[dict]:
+    from .throughput_bench import bench_throughput
+
+    results = []
     with tempfile.TemporaryDirectory(prefix="lorafleet-serve-bench-") as tmp:
-        return [bench_base(base, steps, requests, repeats, Path(tmp)) for base in bases]
+        for base in bases:
+            row: dict = {"base": base}
+            if "overhead" in sections:
+                row.update(bench_overhead(base, steps, repeats, Path(tmp) / "overhead"))
+            if "throughput" in sections:
+                row.update(bench_throughput(base, steps, requests, repeats, Path(tmp) / "throughput" / base))
+            results.append(row)
+    return results
 
 
 def cmd_bench_serve(args) -> int:
     from .registry_bench import emit
 
-    results = run_serve_bench(args.bases.split(","), args.steps, args.requests, args.repeats)
+    results = run_serve_bench(args.bases.split(","), args.steps, args.requests, args.repeats,
+                              args.sections.split(","))
     return emit(results, transpose=True)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--bases", default="small,tiny")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--requests", type=int, default=64, help="concurrent requests per throughput scenario")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sections", default="overhead,throughput", help="overhead, throughput or both")
     parser.set_defaults(handler=cmd_bench_serve)

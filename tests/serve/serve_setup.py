@@ -25,3 +25,20 @@ def plain_diffusers_image(adapter_file: Path | None, prompt: str = PROMPT, seed:
     generator = [torch.Generator().manual_seed(seed)]
     return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                 output_type="np").images[0]
+
+
+def diffusers_set_image(files: dict[str, float], prompt: str = PROMPT, negative_prompt: str | None = None,
+                        seeds: tuple[int, ...] = (0,), steps: int = STEPS, guidance: float = GUIDANCE) -> np.ndarray:
+    """The reference for a weighted adapter set: plain diffusers, ``set_adapters`` with weights."""
+    from lorafleet.bases import load_base
+
+    pipe = load_base("tiny").pipeline
+    names = []
+    for index, path in enumerate(files):
+        pipe.load_lora_weights(str(path), adapter_name=f"a{index}")
+        names.append(f"a{index}")
+    if names:
+        pipe.set_adapters(names, adapter_weights=list(files.values()))
+    generator = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                num_images_per_prompt=len(seeds), generator=generator, output_type="np").images

@@ -54,7 +54,9 @@ def test_generate_returns_png_images_resolved_adapters_and_timings(client, adapt
     assert body["seeds"] == [0, 1] and len(body["images"]) == 2
     image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
     assert image.format == "PNG" and image.size == (32, 32)
-    assert set(body["timings"]) == {"queue_ms", "adapter_load_ms", "generation_ms", "total_ms"}
+    assert set(body["timings"]) == {"queue_ms", "adapter_load_ms", "generation_ms", "total_ms", "batch_images",
+                                    "adapter_mode"}
+    assert body["timings"]["batch_images"] == 2 and body["timings"]["adapter_mode"] in ("mixed", "active")
 
 
 @pytest.mark.parametrize("output_format, pil_format", [("jpeg", "JPEG"), ("webp", "WEBP")])

@@ -115,10 +115,22 @@ def test_a_textual_inversion_token_is_inactive_unless_requested(adapter_registry
 
 def test_active_tier_respects_its_byte_budget(adapter_registry, fetcher):
     one = _use(fetcher, adapter_registry, "style1").adapter.nbytes
+    budget = 2 * one + one // 2
     engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=10,
-                            max_active_bytes=2 * one + one // 2)
+                            max_active_bytes=budget, fuse_after=1)  # every set is injected to be fused
     evicted = []
     for name in ("style1", "style2", "style3", "style4"):
-        evicted += engine.run([_use(fetcher, adapter_registry, name)], JOB).evicted
-    assert len(engine.active) == 2 and engine.active_bytes <= 2 * one + one // 2
+        result = engine.run([_use(fetcher, adapter_registry, name)], JOB)
+        assert result.mode == "fused"
+        evicted += result.evicted
+    assert len(engine.active) == 2 and engine.active_bytes <= budget
     assert len(evicted) == 2
+
+
+def test_routed_copies_respect_the_same_byte_budget(adapter_registry, fetcher):
+    one = _use(fetcher, adapter_registry, "style1").adapter.nbytes
+    engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active_bytes=2 * one + one // 2)
+    for name in ("style1", "style2", "style3", "style4"):
+        assert engine.run([_use(fetcher, adapter_registry, name)], JOB).mode == "mixed"
+    latest = [adapter_registry.resolve(name).digest for name in ("style3", "style4")]
+    assert list(engine.routed) == latest and not engine.active  # least recently used went first

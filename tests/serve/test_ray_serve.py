@@ -90,11 +90,13 @@ def _image(response) -> np.ndarray:
     return decode_npy(response.json()["images"][0])
 
 
-def test_correctness_invariant_over_20_requests_5_adapters_2_replicas(live):
+def test_correctness_invariant_over_routed_active_fused_and_evicted_states_2_replicas(live):
     _, url, files = live
     references = {name: plain_diffusers_image(files[name]) for name in [f"look{i}" for i in range(5)]}
-    sequence = ["look0", "look1", "look0", "look2", "look3", "look3", "look3", "look3", "look4", "look0",
-                "look1", "look1", "look1", "look1", "look2", "look4", "look0", "look3", "look2", "look1"]
+    # Cold adapters are routed, sets asked for twice in a row injected (2 active slots per
+    # replica, so injecting a third evicts), three in a row fused.
+    sequence = ["look0", "look1", "look0", "look2", "look3", "look3", "look3", "look3", "look4", "look4", "look0",
+                "look0", "look1", "look1", "look1", "look1", "look2", "look2", "look4", "look4", "look3", "look2"]
     replicas = set()
     for name in sequence:
         response = _generate(url, adapter=name)
@@ -104,7 +106,8 @@ def test_correctness_invariant_over_20_requests_5_adapters_2_replicas(live):
     assert len(replicas) == 2
     metrics = metric_samples(httpx.get(f"{url}/metrics").text)
     assert metrics[("lorafleet_fuse_events_total", (("event", "fuse"),))] > 0  # fusing and
-    assert metrics[("lorafleet_cache_evictions_total", (("tier", "active"),))] > 0  # eviction happened
+    assert metrics[("lorafleet_cache_evictions_total", (("tier", "active"),))] > 0  # eviction and
+    assert metrics[("lorafleet_generations_by_mode_total", (("mode", "mixed"),))] > 0  # routing happened
 
 
 def test_errors_over_http(live):

@@ -1,0 +1,307 @@
+"""Throughput under many adapters (part of `lorafleet bench serve`), per base, in one run.
+
+1. images/s for N concurrent requests (64 by default) over 1, 10 and 100 adapters (all in the
+   replica's host tier), as: lorafleet (a replica in this process: batching, routing, fusing);
+   the naive diffusers loop (``load_lora_weights`` + ``unload_lora_weights`` per request, one at
+   a time); and ``set_adapters`` per request without batching (every adapter preloaded);
+2. p50/p95 latency at a fixed offered load below capacity (open loop, evenly spaced arrivals),
+   lorafleet vs the set_adapters loop at the same load;
+3. switch overhead: a request whose adapter is in host memory but not in the pipeline vs one
+   whose adapter is already active, as a fraction of one generation;
+4. the limit: the base's own batched throughput with no adapter at all, through the same
+   denoising loop with no adapter machinery;
+5. what the engine's policy rests on: the time of one full pass (``max_batch_images`` images) in
+   each mode: base, fused, active (peft layers), routed with one adapter, routed with all
+   different adapters.
+
+The replica is measured in-process (no HTTP, no Ray): `lorafleet bench serve`'s first section
+measures what HTTP and Ray add per request. Each side runs in its own child process with all its
+torch work on one thread: on this CPU a second live thread that has run torch ops slows every
+OpenMP region of the process about 3x (see serve/replica.py), which would skew any comparison.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import statistics
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "a red circle on the left"
+GUIDANCE = 7.5
+SCENARIOS = (1, 10, 100)  # distinct adapters in the traffic
+
+
+class _Setup:
+    """A registry with ``count`` adapters for ``base``, their files, and a job factory."""
+
+    def __init__(self, base: str, count: int, steps: int, workdir: Path):
+        from lorafleet.bases import base_spec, load_base
+        from lorafleet.demo import synthetic_lora
+        from lorafleet.registry import AdapterRegistry, PublishRequest
+
+        self.base, self.steps = base, steps
+        registry = AdapterRegistry(f"file://{workdir / 'registry'}")
+        self.registry_uri = registry.uri
+        spec = base_spec(base)
+        self.manifests, self.files = [], []
+        for index in range(count):
+            path = workdir / "src" / f"adapter{index}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(synthetic_lora(spec, seed=index).to_bytes())
+            manifest = registry.publish(path, PublishRequest(name=f"adapter{index}", base=spec))
+            self.manifests.append(manifest)
+            self.files.append(registry.pull(manifest.name, workdir / "pulled")[1])
+        pipe = load_base(base).pipeline
+        self.size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    def job(self, seed: int):
+        from lorafleet.serve.engine import GenerationJob
+
+        return GenerationJob(PROMPT, None, self.steps, GUIDANCE, self.size, self.size, (seed,))
+
+    def task(self, adapter: int | None, seed: int):
+        from lorafleet.serve.replica import GenerationTask
+
+        if adapter is None:
+            return GenerationTask((), self.job(seed), "")
+        manifest = self.manifests[adapter]
+        return GenerationTask(((manifest, 1.0),), self.job(seed), manifest.digest)
+
+    def replica(self, workdir: Path, fuse_after: int, max_batch_images: int):
+        from lorafleet.serve.replica import GeneratorReplica
+        from lorafleet.serve.settings import ServeSettings
+
+        settings = ServeSettings(base=self.base, registry=self.registry_uri, fuse_after=fuse_after,
+                                 batching={"max_batch_images": max_batch_images},
+                                 cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"),
+                                        "host_bytes": 4 * 1024**3})
+        replica = GeneratorReplica(settings)
+        for manifest in self.manifests:  # every adapter in the host tier, as the scenario says
+            replica.fetcher.fetch(manifest)
+        return replica
+
+
+def _traffic(adapters: int, requests: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [0] * requests if adapters == 1 else [rng.randrange(adapters) for _ in range(requests)]
+
+
+def _lorafleet_rate(setup: _Setup, replica, order: list[int], concurrency: int) -> dict:
+    warm = [setup.task(index, 10_000 + n) for n, index in enumerate(order[:8])]
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(replica.generate, warm))
+        tasks = [setup.task(index, n) for n, index in enumerate(order)]
+        started = time.perf_counter()
+        outputs = list(pool.map(replica.generate, tasks))
+        elapsed = time.perf_counter() - started
+    modes = Counter(output.mode for output in outputs)
+    return {"images_per_s": len(tasks) / elapsed, "mean_batch": statistics.mean(o.batch_images for o in outputs),
+            "modes": dict(modes)}
+
+
+def _limit_rate(setup: _Setup, requests: int, batch: int) -> float:
+    """The base alone: the same denoising loop, batches of ``batch``, no adapter machinery at all."""
+    from lorafleet.bases import load_base
+    from lorafleet.serve.sampler import BatchShape, ImageSpec, sample_images
+
+    pipe = load_base(setup.base).pipeline
+    shape = BatchShape(setup.size, setup.size, setup.steps, True)
+    specs = [ImageSpec(PROMPT, None, GUIDANCE, seed) for seed in range(requests)]
+    sample_images(pipe, shape, specs[:batch])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, requests, batch):
+        sample_images(pipe, shape, specs[start:start + batch])
+    return requests / (time.perf_counter() - started)
+
+
+def _pipe_call(pipe, setup: _Setup, seed: int) -> None:
+    from lorafleet.accelerator import seeded_generators
+
+    pipe(PROMPT, num_inference_steps=setup.steps, guidance_scale=GUIDANCE, width=setup.size, height=setup.size,
+         generator=seeded_generators([seed]), output_type="np")
+
+
+def _naive_rate(setup: _Setup, order: list[int]) -> float:
+    from lorafleet.bases import load_base
+
+    pipe = load_base(setup.base).pipeline
+    _pipe_call(pipe, setup, 0)
+    started = time.perf_counter()
+    for seed, index in enumerate(order):
+        pipe.load_lora_weights(str(setup.files[index]))
+        _pipe_call(pipe, setup, seed)
+        pipe.unload_lora_weights()
+    return len(order) / (time.perf_counter() - started)
+
+
+class _SetAdaptersLoop:
+    """Every adapter preloaded under its own name; per request ``set_adapters`` then one call."""
+
+    def __init__(self, setup: _Setup, adapters: int):
+        from lorafleet.bases import load_base
+
+        self.setup = setup
+        self.pipe = load_base(setup.base).pipeline
+        for index in range(adapters):
+            self.pipe.load_lora_weights(str(setup.files[index]), adapter_name=f"a{index}")
+        _pipe_call(self.pipe, setup, 0)
+
+    def generate(self, index: int, seed: int) -> None:
+        self.pipe.set_adapters([f"a{index}"])
+        _pipe_call(self.pipe, self.setup, seed)
+
+    def rate(self, order: list[int]) -> float:
+        started = time.perf_counter()
+        for seed, index in enumerate(order):
+            self.generate(index, seed)
+        return len(order) / (time.perf_counter() - started)
+
+
+def _open_loop(submit, order: list[int], rate: float) -> dict:
+    """Requests arrive every 1/rate s whatever happens; latency = done - scheduled arrival."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    started = time.perf_counter() + 0.05
+
+    def one(n: int) -> None:
+        arrival = started + n / rate
+        time.sleep(max(0.0, arrival - time.perf_counter()))
+        submit(order[n], n)
+        with lock:
+            latencies.append(time.perf_counter() - arrival)
+
+    with ThreadPoolExecutor(max_workers=len(order)) as pool:
+        list(pool.map(one, range(len(order))))
+    values = np.array(latencies) * 1000
+    return {"p50_ms": float(np.percentile(values, 50)), "p95_ms": float(np.percentile(values, 95))}
+
+
+def _switch_overhead(setup: _Setup, workdir: Path, repeats: int) -> dict:
+    """Sequential single requests: host-tier adapter (never served before) vs already-active one."""
+    replica = setup.replica(workdir / "switch", fuse_after=0, max_batch_images=1)
+    try:
+        def timed(adapter, seed):
+            return replica.generate(setup.task(adapter, seed))
+
+        timed(None, 0)
+        base = statistics.median(timed(None, s).generation_ms for s in range(repeats))
+        timed(0, 0), timed(0, 1)  # adapter 0 injected (asked for twice in a row)
+        active_runs = [timed(0, s) for s in range(repeats)]
+        assert {o.mode for o in active_runs} == {"active"}
+        cold_runs = []
+        for n in range(repeats):
+            timed(0, n)  # adapter 0 active again, then a cold one from the host tier
+            cold_runs.append(timed(1 + n, n))
+        total = lambda o: o.activate_ms + o.generation_ms  # noqa: E731 (both exclude the host-tier lookup)
+        active_ms, cold_ms = statistics.median(map(total, active_runs)), statistics.median(map(total, cold_runs))
+        return {"generation_ms": base, "active_ms": active_ms, "host_not_active_ms": cold_ms,
+                "switch_overhead_fraction": (cold_ms - active_ms) / base,
+                "cold_mode": Counter(o.mode for o in cold_runs).most_common(1)[0][0]}
+    finally:
+        replica.scheduler.close()
+
+
+def _pass_costs(setup: _Setup, batch: int, repeats: int) -> dict:
+    """Median seconds of one pass of ``batch`` images per engine mode (engines used directly)."""
+    from lorafleet.accelerator import resolve_placement
+    from lorafleet.bases import load_base
+    from lorafleet.registry import AdapterRegistry
+    from lorafleet.serve.adapter_cache import AdapterFetcher
+    from lorafleet.serve.engine import AdapterUse, BatchRequest, PipelineEngine
+
+    fetcher = AdapterFetcher(AdapterRegistry(setup.registry_uri), 4 * 1024**3, None)
+    adapters = [fetcher.fetch(m).adapter for m in setup.manifests]
+
+    def requests(indices):
+        return [BatchRequest((AdapterUse(adapters[i], 1.0),) if i is not None else (), setup.job(n))
+                for n, i in enumerate(indices)]
+
+    def median_pass(engine, make, mode):
+        engine.run_batch(make(0))
+        times = []
+        for repeat in range(repeats):
+            started = time.perf_counter()
+            results = engine.run_batch(make(repeat + 1))
+            times.append(time.perf_counter() - started)
+            assert results[0].mode == mode, (results[0].mode, mode)
+        return statistics.median(times)
+
+    plain = PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4)
+    fusing = PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4, fuse_after=1)
+    cold = iter(range(batch, len(adapters)))
+    costs = {
+        "base": median_pass(plain, lambda _: requests([None] * batch), "base"),
+        "routed_all_different": median_pass(plain, lambda r: requests(
+            [(r * batch + i) % len(adapters) for i in range(batch)]), "mixed"),
+        "routed_one_adapter": median_pass(plain, lambda _: requests([next(cold)] * batch), "mixed"),
+        "active_one_adapter": median_pass(plain, lambda _: requests([0] * batch), "active"),
+        "fused_one_adapter": median_pass(fusing, lambda _: requests([0] * batch), "fused"),
+    }
+    return {f"pass_s_{mode}": seconds for mode, seconds in costs.items()}
+
+
+def _diffusers_side(setup: _Setup, concurrency: int, max_batch_images: int, repeats: int) -> dict:
+    """Child process: the limit and the two plain-diffusers loops, all on one torch thread."""
+    torch_thread = ThreadPoolExecutor(max_workers=1)
+    on_thread = lambda fn, *args: torch_thread.submit(fn, *args).result()  # noqa: E731
+    results = {"limit_images_per_s": on_thread(_limit_rate, setup, concurrency, max_batch_images)}
+    results.update(on_thread(_pass_costs, setup, max_batch_images, repeats))
+    for adapters in SCENARIOS:
+        order = _traffic(adapters, concurrency)
+        results[f"naive_{adapters}_images_per_s"] = on_thread(_naive_rate, setup, order)
+        loop = on_thread(_SetAdaptersLoop, setup, adapters)
+        results[f"set_adapters_{adapters}_images_per_s"] = on_thread(loop.rate, order)
+    loop = on_thread(_SetAdaptersLoop, setup, 10)
+    offered = 0.7 * results["set_adapters_10_images_per_s"]
+    order = _traffic(10, max(16, concurrency // 2), seed=1)
+    latency = _open_loop(lambda index, seed: on_thread(loop.generate, index, seed), order, offered)
+    results["latency_offered_per_s"] = offered
+    results.update({f"latency_set_adapters_{k}": v for k, v in latency.items()})
+    return results
+
+
+def _lorafleet_side(setup: _Setup, concurrency: int, repeats: int, workdir: Path, max_batch_images: int,
+                    fuse_after: int, offered: float) -> dict:
+    """Child process: one replica (its own pipeline thread); this thread only sends requests."""
+    results: dict = {}
+    replica = setup.replica(workdir / "throughput", fuse_after, max_batch_images)
+    try:
+        for adapters in SCENARIOS:
+            measured = _lorafleet_rate(setup, replica, _traffic(adapters, concurrency), concurrency)
+            results.update({f"lorafleet_{adapters}_{k}": v for k, v in measured.items()})
+        order = _traffic(10, max(16, concurrency // 2), seed=1)
+        latency = _open_loop(lambda index, seed: replica.generate(setup.task(index, seed)), order, offered)
+        results.update({f"latency_lorafleet_{k}": v for k, v in latency.items()})
+    finally:
+        replica.scheduler.close()
+    results.update({f"switch_{k}": v for k, v in _switch_overhead(setup, workdir, repeats).items()})
+    return results
+
+
+def _in_child(fn, *args):
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(fn, *args).result()
+
+
+def bench_throughput(base: str, steps: int, concurrency: int, repeats: int, workdir: Path,
+                     max_batch_images: int = 8, fuse_after: int = 4) -> dict:
+    setup = _Setup(base, max(SCENARIOS), steps, workdir)
+    results: dict = {"base": base, "steps": steps, "requests": concurrency, "max_batch_images": max_batch_images}
+    results.update(_in_child(_diffusers_side, setup, concurrency, max_batch_images, repeats))
+    results.update(_in_child(_lorafleet_side, setup, concurrency, repeats, workdir, max_batch_images, fuse_after,
+                             results["latency_offered_per_s"]))
+    limit, single = results["limit_images_per_s"], results["lorafleet_1_images_per_s"]
+    results["ratio_100_to_1"] = results["lorafleet_100_images_per_s"] / single
+    results["ratio_100_to_limit"] = results["lorafleet_100_images_per_s"] / limit
+    results["ratio_1_to_limit"] = single / limit
+    results["speedup_100_vs_naive"] = results["lorafleet_100_images_per_s"] / results["naive_100_images_per_s"]
+    results["speedup_100_vs_set_adapters"] = (results["lorafleet_100_images_per_s"]
+                                              / results["set_adapters_100_images_per_s"])
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}

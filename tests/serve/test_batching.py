@@ -1,0 +1,182 @@
+"""Batches of requests for different adapters: same images as alone, fair, and through the replica."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from lorafleet.serve.adapter_cache import AdapterFetcher
+from lorafleet.serve.batching import BatchScheduler
+from lorafleet.serve.engine import AdapterUse, BatchRequest, GenerationJob, PipelineEngine, batch_key
+from lorafleet.serve.replica import GenerationTask, GeneratorReplica
+from lorafleet.serve.settings import ServeSettings
+from serve_setup import GUIDANCE, PROMPT, STEPS, diffusers_set_image
+
+from lorafleet.accelerator import resolve_placement
+from lorafleet.bases import load_base
+
+TOLERANCE = 1e-4  # max abs pixel difference, CPU fp32
+
+
+@pytest.fixture
+def fetcher(adapter_registry):
+    return AdapterFetcher(adapter_registry, host_bytes=64 * 1024**2, disk=None)
+
+
+def _engine(**options) -> PipelineEngine:
+    return PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), **options)
+
+
+def _request(fetcher, registry, adapters, prompt=PROMPT, negative=None, guidance=GUIDANCE, seeds=(0,)):
+    uses = tuple(AdapterUse(fetcher.fetch(registry.resolve(ref)).adapter, weight) for ref, weight in adapters)
+    return BatchRequest(uses, GenerationJob(prompt, negative, STEPS, guidance, 32, 32, tuple(seeds)))
+
+
+def _mixed_requests(fetcher, registry) -> list[BatchRequest]:
+    return [
+        _request(fetcher, registry, [("style0", 1.0)]),  # UNet and text-encoder LoRA
+        _request(fetcher, registry, [("style1", 0.5)], prompt="a blue square", negative="red", guidance=3.0, seeds=(3,)),
+        _request(fetcher, registry, [], seeds=(1,)),  # no adapter at all
+        _request(fetcher, registry, [("style1", 0.7), ("style2", 0.4)], seeds=(4, 5)),  # composed, two images
+        _request(fetcher, registry, [("style1", 1.0)], prompt="a green star", seeds=(6,)),  # same adapter, new weight
+        _request(fetcher, registry, [("style3", 1.0)], guidance=1.5, seeds=(7,)),
+    ]
+
+
+def _reference(request: BatchRequest, pulled_files) -> np.ndarray:
+    by_digest = {use.adapter.digest: use.adapter.manifest.name for use in request.uses}
+    files = {pulled_files[by_digest[use.adapter.digest]]: use.weight for use in request.uses}
+    job = request.job
+    return diffusers_set_image(files, job.prompt, job.negative_prompt, job.seeds, guidance=job.guidance_scale)
+
+
+def test_a_mixed_batch_gives_each_request_the_images_it_gets_alone(adapter_registry, pulled_files, fetcher):
+    """Alone = plain diffusers with that request's adapters, weights, prompt, guidance and seeds."""
+    requests = _mixed_requests(fetcher, adapter_registry)
+    keys = {batch_key(r.uses, r.job) for r in requests}
+    assert len(keys) == 1  # one pass for all of them
+    together = _engine().run_batch(requests)
+    assert {r.mode for r in together} == {"mixed"} and together[0].batch_images == 7
+    for request, batched in zip(requests, together):
+        assert np.abs(batched.images - _reference(request, pulled_files)).max() <= TOLERANCE, request.uses
+    alone_engine = _engine()
+    for request, batched in zip(requests, together):  # and the engine's own single-request passes
+        assert np.abs(alone_engine.run(list(request.uses), request.job).images - batched.images).max() <= TOLERANCE
+
+
+def test_policy_routes_until_a_set_is_due_to_fuse_and_routes_again_after(adapter_registry, fetcher):
+    engine = _engine(max_active=4, fuse_after=3)
+    style1 = _request(fetcher, adapter_registry, [("style1", 1.0)])
+    modes = [engine.run_batch([style1, style1])[0].mode for _ in range(4)]
+    assert modes == ["mixed", "mixed", "fused", "fused"]
+    mixed = engine.run_batch(_mixed_requests(fetcher, adapter_registry))
+    assert mixed[0].mode == "mixed" and mixed[0].fuse_events == ["unfuse"]
+    assert engine.run_batch([style1])[0].mode == "mixed"  # injected, but routing is as cheap
+    assert engine.run_batch([_request(fetcher, adapter_registry, [])])[0].mode == "base"
+    never = _engine(max_active=4)  # fuse_after 0: nothing is ever injected
+    for _ in range(3):
+        assert never.run_batch([style1])[0].mode == "mixed"
+    assert not never.active
+
+
+def test_a_non_routable_adapter_splits_the_batch_by_adapter_set(adapter_registry, fetcher, tiny_spec, tmp_path):
+    """A convolution LoRA cannot be routed per row; its requests run as their own pass."""
+    from helpers import write_lora
+    from lorafleet.registry import PublishRequest
+
+    path = write_lora(tmp_path / "conv", tiny_spec, seed=5, targets=("conv1", "conv2"))
+    adapter_registry.publish(path, PublishRequest(name="conv-style", base=tiny_spec))
+    conv = _request(fetcher, adapter_registry, [("conv-style", 1.0)])
+    other = _request(fetcher, adapter_registry, [("style1", 1.0)], seeds=(2,))
+    results = _engine().run_batch([conv, other])
+    assert [r.mode for r in results] == ["active", "active"] and [r.batch_images for r in results] == [1, 1]
+    alone = _engine()
+    for request, result in zip([conv, other], results):
+        assert np.abs(alone.run(list(request.uses), request.job).images - result.images).max() <= TOLERANCE
+
+
+def test_the_oldest_request_is_always_in_the_next_pass():
+    """Starvation check with keys that cannot share a pass: a hot key keeps arriving faster than
+    it is served; a cold request still finishes within the passes of the requests ahead of it."""
+    passes: list[list[str]] = []
+
+    def run_batch(requests):
+        time.sleep(0.01)
+        passes.append(list(requests))
+        return requests
+
+    scheduler = BatchScheduler(run_batch, max_batch_images=2)
+    stop = threading.Event()
+    hot_futures = []
+
+    def feed_hot():
+        while not stop.is_set():
+            hot_futures.append(scheduler.submit("hot", "hot"))
+            time.sleep(0.002)  # 5x faster than a pass serves two
+
+    feeder = threading.Thread(target=feed_hot)
+    feeder.start()
+    time.sleep(0.1)
+    ahead = scheduler.waiting
+    cold = scheduler.submit("cold", "cold")
+    passes_before = len(passes)
+    assert cold.result(timeout=30) == "cold"
+    served_after = len(passes) - passes_before
+    stop.set()
+    feeder.join()
+    scheduler.close()
+    assert ahead > 4 and scheduler.waiting > 4  # hot traffic really was queued all along
+    assert served_after <= (ahead + 1) // 2 + 2  # its own pass, plus the hot passes ahead of it (2 per pass)
+    assert ["cold"] in passes
+
+
+def test_a_failing_pass_fails_only_its_own_requests():
+    def run_batch(requests):
+        if "bad" in requests:
+            raise ValueError("boom")
+        return requests
+
+    scheduler = BatchScheduler(run_batch, max_batch_images=4)
+    bad = scheduler.submit("k", "bad")
+    with pytest.raises(ValueError):
+        bad.result(timeout=10)
+    assert scheduler.submit("k", "good").result(timeout=10) == "good"
+    scheduler.close()
+
+
+def test_concurrent_requests_to_a_replica_share_passes_and_keep_their_images(adapter_registry, tmp_path):
+    settings = ServeSettings(base="tiny", registry=adapter_registry.uri, batching={"max_batch_images": 8},
+                             cache={"disk_bytes": 0, "disk_dir": str(tmp_path / "cache")})
+    replica = GeneratorReplica(settings, adapter_registry)
+
+    def task(index: int) -> GenerationTask:
+        name = f"style{index % 5}"
+        manifest = adapter_registry.resolve(name)
+        job = GenerationJob(PROMPT, None, STEPS, GUIDANCE, 32, 32, (index,))
+        return GenerationTask(((manifest, 1.0),), job, manifest.digest)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        outputs = list(pool.map(replica.generate, [task(i) for i in range(16)]))
+    assert max(o.batch_images for o in outputs) > 1
+    for index in (0, 3, 7):
+        alone = replica.generate(task(index))
+        assert alone.batch_images == 1
+        assert np.abs(alone.images - outputs[index].images).max() <= TOLERANCE
+    replica.scheduler.close()
+
+
+@pytest.mark.gpu
+def test_mixed_batch_matches_alone_on_cuda_in_half_precision(adapter_registry, fetcher):
+    """The same property on a GPU, in float16 (looser bound: half-precision products)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    engine = PipelineEngine(load_base("tiny").pipeline.to("cuda", torch.float16), resolve_placement("cuda", "float16"))
+    requests = _mixed_requests(fetcher, adapter_registry)
+    together = engine.run_batch(requests)
+    for request, batched in zip(requests, together):
+        alone = engine.run(list(request.uses), request.job)
+        assert np.abs(batched.images - alone.images).max() <= 1e-2
