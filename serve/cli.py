@@ -57,7 +57,8 @@ def cmd_serve(args) -> int:
 
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="serve adapters over HTTP with Ray Serve")
-    parser.add_argument("--base", help="built-in base (tiny), a diffusers directory or a .safetensors checkpoint")
+    parser.add_argument("--base", help="built-in base (toy, tiny, small), a diffusers directory or a "
+                                       ".safetensors checkpoint")
     parser.add_argument("--registry", help="registry URI")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 8000)")

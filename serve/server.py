@@ -61,8 +61,14 @@ def start_server(settings: ServeSettings, ray_address: str | None = None, num_cp
         local = address == "local"
         ray.init(address=address, num_cpus=(num_cpus or os.cpu_count()) if local else None,
                  include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    except BaseException:
+        if owns_ray:  # e.g. the port was taken meanwhile: leave nothing running behind
+            serve.shutdown()
+            ray.shutdown()
+        raise
     server = RunningServer(url=f"http://{settings.host}:{settings.port}", settings=settings, owns_ray=owns_ray)
     try:
         wait_ready(server.url)

@@ -65,7 +65,8 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LORAFLEET_", env_nested_delimiter="__", extra="forbid")
 
-    base: str = Field("tiny", description="Built-in base name, a diffusers directory or a .safetensors file.")
+    base: str = Field("toy", description="Built-in base name (toy, tiny, small), a diffusers directory or a "
+                                         ".safetensors file.")
     base_config: str | None = Field(None, description="Diffusers directory with a single-file checkpoint's configs.")
     registry: str | None = Field(None, description="Registry URI (default $LORAFLEET_REGISTRY, else ~/.lorafleet).")
     host: str = "127.0.0.1"

@@ -12,7 +12,7 @@ EXAMPLE_CONFIG = """\
 # lorafleet training config ({method}). Every key is documented in training/config.py;
 # unknown keys are refused. Override any key with --set dotted.key=value.
 method: {method}            # lora | dreambooth | qlora | textual_inversion | full
-base: tiny                  # built-in base name or a diffusers directory
+base: toy                   # built-in base name (toy, tiny, small) or a diffusers directory
 seed: 0
 max_steps: 200              # optimizer steps
 batch_size: 4

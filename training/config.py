@@ -101,7 +101,7 @@ class TrainConfig(BaseModel):
     model_config = _STRICT
 
     method: Method = Field(Method.lora, description="lora, dreambooth, qlora, textual_inversion or full.")
-    base: str = Field("tiny", description="Built-in base name or a diffusers directory.")
+    base: str = Field("toy", description="Built-in base name (toy, tiny, small) or a diffusers directory.")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     max_steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps (see epochs).")
     epochs: float | None = Field(None, gt=0, le=100_000,

@@ -2,7 +2,8 @@
 
 For each method and concept: train on 16 images with a trigger word, publish, serve, generate
 (8 seeds per prompt) and score. Prints accuracy without/with the adapter and how much of the base's
-own accuracy survives with it loaded.
+own accuracy survives with it loaded. With --compose: a colour adapter and a shape adapter, trained
+apart with their own trigger words, named together in one request.
 """
 
 from __future__ import annotations
@@ -31,7 +32,21 @@ def run_concepts(methods: list[str], concepts: list[str], seeds: int) -> list[di
     return results
 
 
+def run_composition(methods: list[str], seeds: int) -> list[dict]:
+    from lorafleet.toyworld.concepts import compose_concepts
+
+    results = []
+    for method in methods:
+        with tempfile.TemporaryDirectory() as workdir:
+            results.append({k: round(v, 3) if isinstance(v, float) else v
+                            for k, v in compose_concepts(method, Path(workdir), seeds).items()})
+        print(results[-1], flush=True)
+    return results
+
+
 def cmd_bench_concepts(args) -> int:
+    if args.compose:
+        return emit(run_composition(args.methods.split(","), args.seeds))
     return emit(run_concepts(args.methods.split(","), args.concepts.split(","), args.seeds), COLUMNS)
 
 
@@ -39,4 +54,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--methods", default="lora,dreambooth,qlora,textual_inversion,full")
     parser.add_argument("--concepts", default="colour,shape", help="held-out colour (cyan) and/or shape (star)")
     parser.add_argument("--seeds", type=int, default=8, help="images per prompt")
+    parser.add_argument("--compose", action="store_true",
+                        help="train a colour and a shape adapter per method and name both in one request")
     parser.set_defaults(handler=cmd_bench_concepts)

@@ -10,6 +10,7 @@ load, switch overhead and the no-adapter limit.
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -87,10 +88,16 @@ def _with_server(base: str, registry_uri: str, workdir: Path, cache: dict, fn):
     from lorafleet.serve.server import start_server
     from lorafleet.serve.settings import ServeSettings
 
-    settings = ServeSettings(base=base, registry=registry_uri, port=free_port(), replicas=1, replica_num_cpus=2,
-                             max_ongoing_requests=4, max_queued_requests=64,
-                             cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), **cache})
-    server = start_server(settings, num_cpus=2)
+    for attempt in range(3):  # a port free when chosen can be taken by Ray's own processes meanwhile
+        settings = ServeSettings(base=base, registry=registry_uri, port=free_port(), replicas=1,
+                                 replica_num_cpus=2, max_ongoing_requests=4, max_queued_requests=64,
+                                 cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), **cache})
+        try:
+            server = start_server(settings, num_cpus=2)
+            break
+        except Exception as exc:
+            if "bind" not in str(exc).lower() or attempt == 2:
+                raise
     try:
         return fn(_Client(server.url, settings.limits.default_steps))
     finally:
@@ -134,6 +141,7 @@ def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, s
             if "throughput" in sections:
                 row.update(bench_throughput(base, steps, requests, repeats, Path(tmp) / "throughput" / base))
             results.append(row)
+            print(json.dumps(row), flush=True)  # each base as soon as it is done
     return results
 
 

@@ -184,28 +184,47 @@ def _open_loop(submit, order: list[int], rate: float) -> dict:
 
 
 def _switch_overhead(setup: _Setup, workdir: Path, repeats: int) -> dict:
-    """Sequential single requests: host-tier adapter (never served before) vs already-active one."""
+    """Sequential single requests: an adapter only in the host tier (never served, so it must be
+    prepared for routing) vs one already prepared on the device, over one base-only generation."""
     replica = setup.replica(workdir / "switch", fuse_after=0, max_batch_images=1)
     try:
         def timed(adapter, seed):
             return replica.generate(setup.task(adapter, seed))
 
-        timed(None, 0)
-        base = statistics.median(timed(None, s).generation_ms for s in range(repeats))
-        timed(0, 0), timed(0, 1)  # adapter 0 injected (asked for twice in a row)
-        active_runs = [timed(0, s) for s in range(repeats)]
-        assert {o.mode for o in active_runs} == {"active"}
-        cold_runs = []
-        for n in range(repeats):
-            timed(0, n)  # adapter 0 active again, then a cold one from the host tier
-            cold_runs.append(timed(1 + n, n))
         total = lambda o: o.activate_ms + o.generation_ms  # noqa: E731 (both exclude the host-tier lookup)
-        active_ms, cold_ms = statistics.median(map(total, active_runs)), statistics.median(map(total, cold_runs))
-        return {"generation_ms": base, "active_ms": active_ms, "host_not_active_ms": cold_ms,
-                "switch_overhead_fraction": (cold_ms - active_ms) / base,
-                "cold_mode": Counter(o.mode for o in cold_runs).most_common(1)[0][0]}
+        timed(None, 0), timed(0, 0)
+        pairs = 3 * repeats  # interleaved, so that drift in machine speed cancels out
+        base_runs, warm_runs, cold_runs = [], [], []
+        for n in range(pairs):
+            base_runs.append(timed(None, n))
+            warm_runs.append(timed(0, n))
+            cold_runs.append(timed(1 + n, n))  # never served before: prepared from the host tier now
+        base = statistics.median(map(total, base_runs))
+        warm_ms, cold_ms = statistics.median(map(total, warm_runs)), statistics.median(map(total, cold_runs))
+        switch = statistics.median(total(c) - total(w) for c, w in zip(cold_runs, warm_runs))
+        return {"generation_ms": base, "active_ms": warm_ms, "host_not_active_ms": cold_ms,
+                "switch_overhead_fraction": switch / base, "adapter_overhead_fraction": (warm_ms - base) / base,
+                "modes": dict(Counter(o.mode for o in warm_runs + cold_runs))}
     finally:
         replica.scheduler.close()
+
+
+def _peft_layers_pass(setup: _Setup, batch: int, repeats: int) -> float:
+    """The same pass on peft's injected layers (diffusers ``load_lora_weights``): the unfused alternative."""
+    from lorafleet.bases import load_base
+    from lorafleet.serve.sampler import BatchShape, ImageSpec, sample_images
+
+    pipe = load_base(setup.base).pipeline
+    pipe.load_lora_weights(str(setup.files[0]))
+    shape = BatchShape(setup.size, setup.size, setup.steps, True)
+    specs = [ImageSpec(PROMPT, None, GUIDANCE, seed) for seed in range(batch)]
+    sample_images(pipe, shape, specs)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        sample_images(pipe, shape, specs)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def _pass_costs(setup: _Setup, batch: int, repeats: int) -> dict:
@@ -236,12 +255,13 @@ def _pass_costs(setup: _Setup, batch: int, repeats: int) -> dict:
     plain = PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4)
     fusing = PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4, fuse_after=1)
     cold = iter(range(batch, len(adapters)))
+    median_pass(plain, lambda _: requests([None] * batch), "base")  # the process's first passes run slower
     costs = {
         "base": median_pass(plain, lambda _: requests([None] * batch), "base"),
         "routed_all_different": median_pass(plain, lambda r: requests(
             [(r * batch + i) % len(adapters) for i in range(batch)]), "mixed"),
         "routed_one_adapter": median_pass(plain, lambda _: requests([next(cold)] * batch), "mixed"),
-        "active_one_adapter": median_pass(plain, lambda _: requests([0] * batch), "active"),
+        "peft_layers_one_adapter": _peft_layers_pass(setup, batch, repeats),
         "fused_one_adapter": median_pass(fusing, lambda _: requests([0] * batch), "fused"),
     }
     return {f"pass_s_{mode}": seconds for mode, seconds in costs.items()}
@@ -251,8 +271,7 @@ def _diffusers_side(setup: _Setup, concurrency: int, max_batch_images: int, repe
     """Child process: the limit and the two plain-diffusers loops, all on one torch thread."""
     torch_thread = ThreadPoolExecutor(max_workers=1)
     on_thread = lambda fn, *args: torch_thread.submit(fn, *args).result()  # noqa: E731
-    results = {"limit_images_per_s": on_thread(_limit_rate, setup, concurrency, max_batch_images)}
-    results.update(on_thread(_pass_costs, setup, max_batch_images, repeats))
+    results = on_thread(_pass_costs, setup, max_batch_images, repeats)
     for adapters in SCENARIOS:
         order = _traffic(adapters, concurrency)
         results[f"naive_{adapters}_images_per_s"] = on_thread(_naive_rate, setup, order)
@@ -272,10 +291,18 @@ def _lorafleet_side(setup: _Setup, concurrency: int, repeats: int, workdir: Path
     """Child process: one replica (its own pipeline thread); this thread only sends requests."""
     results: dict = {}
     replica = setup.replica(workdir / "throughput", fuse_after, max_batch_images)
+    limit = lambda: replica.scheduler.call(lambda: _limit_rate(setup, concurrency, max_batch_images))  # noqa: E731
     try:
-        for adapters in SCENARIOS:
-            measured = _lorafleet_rate(setup, replica, _traffic(adapters, concurrency), concurrency)
+        # The limit on the replica's own pipeline thread, before and after the scenarios: the
+        # same process and thread, so machine drift between the two sides cannot masquerade as overhead.
+        limits = [limit()]
+        for adapters in (0, *SCENARIOS):  # 0: no adapter, the replica's own overhead over the limit
+            order = [None] * concurrency if adapters == 0 else _traffic(adapters, concurrency)
+            measured = _lorafleet_rate(setup, replica, order, concurrency)
             results.update({f"lorafleet_{adapters}_{k}": v for k, v in measured.items()})
+        limits.append(limit())
+        results["limit_images_per_s"] = statistics.mean(limits)
+        results["limit_spread"] = abs(limits[0] - limits[1]) / results["limit_images_per_s"]
         order = _traffic(10, max(16, concurrency // 2), seed=1)
         latency = _open_loop(lambda index, seed: replica.generate(setup.task(index, seed)), order, offered)
         results.update({f"latency_lorafleet_{k}": v for k, v in latency.items()})
@@ -301,6 +328,7 @@ def bench_throughput(base: str, steps: int, concurrency: int, repeats: int, work
     results["ratio_100_to_1"] = results["lorafleet_100_images_per_s"] / single
     results["ratio_100_to_limit"] = results["lorafleet_100_images_per_s"] / limit
     results["ratio_1_to_limit"] = single / limit
+    results["ratio_0_to_limit"] = results["lorafleet_0_images_per_s"] / limit
     results["speedup_100_vs_naive"] = results["lorafleet_100_images_per_s"] / results["naive_100_images_per_s"]
     results["speedup_100_vs_set_adapters"] = (results["lorafleet_100_images_per_s"]
                                               / results["set_adapters_100_images_per_s"])

@@ -117,7 +117,8 @@ class TrainedConcept:
 
 
 def train_and_publish(method: str, workdir: Path, registry, concept: str = "colour", name: str | None = None,
-                      train_seed: int = 0, aliases: list[str] | None = None) -> TrainedConcept:
+                      train_seed: int = 0, aliases: list[str] | None = None, trigger: str | None = None) \
+        -> TrainedConcept:
     """Train ``method`` on the held-out ``concept`` (≤20 images, a trigger word) and publish it."""
     from lorafleet.training.config import load_train_config
     from lorafleet.training.loop import train
@@ -126,7 +127,7 @@ def train_and_publish(method: str, workdir: Path, registry, concept: str = "colo
     workdir = Path(workdir)
     regularization = REGULARIZED_METHODS.get(method, 0)
     data, targets = concept_dataset(workdir / "data", concept, regularization=regularization)
-    trigger = TI_TOKEN if method == "textual_inversion" else TRIGGER
+    trigger = trigger or (TI_TOKEN if method == "textual_inversion" else TRIGGER)
     aliases_setting = [f"publish.aliases={list(aliases)}"] if aliases else []
     config = load_train_config(None, [f"method={method}", f"data.path={data}", f"output_dir={workdir / 'run'}",
                                       f"data.trigger={trigger}", f"seed={train_seed}", *COMMON, *METHODS[method],
@@ -172,13 +173,45 @@ def learn_concept(method: str, workdir: Path, concept: str = "colour", seeds: in
                          **figures)
 
 
-def generate_over_http(client, prompt: str, ref: str | None, count: int, seed: int = 1000) -> list[np.ndarray]:
-    """``count`` images from a lorafleet server (an httpx or test client) as float arrays."""
+COMPOSE_TRIGGERS = {"colour": "sks", "shape": "zwx"}  # one trigger word per adapter
+
+
+def compose_concepts(method: str, workdir: Path, seeds: int = 8) -> dict:
+    """A colour adapter (cyan, "sks") and a shape adapter (star, "zwx") trained apart, then named
+    together in one request for "a sks zwx": how often is the image a cyan star?"""
+    from lorafleet.registry import AdapterRegistry
+
+    workdir = Path(workdir)
+    registry = AdapterRegistry(f"file://{workdir / 'registry'}")
+    refs = {}
+    for concept, trigger in COMPOSE_TRIGGERS.items():
+        trained = train_and_publish(method, workdir / concept, registry, concept, name=f"compose-{concept}",
+                                    trigger=trigger)
+        refs[concept] = f"{trained.manifest.name}@{trained.manifest.version}"
+    prompt = f"a {COMPOSE_TRIGGERS['colour']} {COMPOSE_TRIGGERS['shape']}"
+    want = {prompt: (HELD_OUT_COLOUR, HELD_OUT_SHAPE)}
+    colour_only = {prompt: (HELD_OUT_COLOUR, None)}
+    shape_only = {prompt: (None, HELD_OUT_SHAPE)}
+    with _served(registry, workdir) as served:
+        images = {prompt: served(prompt, [refs["colour"], refs["shape"]], seeds)}
+        alone = {concept: {prompt: served(prompt, [ref], seeds)} for concept, ref in refs.items()}
+    return {"method": method, "prompt": prompt, "both": accuracy(images, want)[0],
+            "colour_right": accuracy(images, colour_only)[0], "shape_right": accuracy(images, shape_only)[0],
+            "colour_adapter_alone_colour_right": accuracy(alone["colour"], colour_only)[0],
+            "shape_adapter_alone_shape_right": accuracy(alone["shape"], shape_only)[0]}
+
+
+def generate_over_http(client, prompt: str, ref: str | list[str] | None, count: int, seed: int = 1000) \
+        -> list[np.ndarray]:
+    """``count`` images from a lorafleet server (an httpx or test client) as float arrays; ``ref``
+    one adapter ref or several (all at weight 1)."""
     from lorafleet.serve.service import decode_npy
 
     body = {"prompt": prompt, "seed": seed, "num_images": count, "steps": 20, "guidance_scale": 4.0,
             "output_format": "npy"}
-    if ref:
+    if isinstance(ref, list):
+        body["adapters"] = [{"ref": r, "weight": 1.0} for r in ref]
+    elif ref:
         body["adapter"] = ref
     response = client.post("/v1/generate", json=body)
     if response.status_code != 200:

@@ -29,7 +29,7 @@ def live_server(tmp_path):
     started = []
 
     def start(registry: AdapterRegistry, **settings):
-        settings = {"registry": registry.uri, "limits": CHEAP_LIMITS, "cache": {"disk_dir": str(tmp_path / "cache")},
+        settings = {"base": "tiny", "registry": registry.uri, "limits": CHEAP_LIMITS, "cache": {"disk_dir": str(tmp_path / "cache")},
                     **settings}
         server = start_live_server(tmp_path / f"server{len(started)}", **settings)
         started.append(server)

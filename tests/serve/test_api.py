@@ -26,7 +26,7 @@ TOKENS = "gen-token=generate,admin-token=admin"
 
 
 def _settings(registry, tmp_path, **overrides) -> ServeSettings:
-    return ServeSettings(registry=registry.uri, cache={"disk_dir": str(tmp_path / "cache")}, **overrides)
+    return ServeSettings(base="tiny", registry=registry.uri, cache={"disk_dir": str(tmp_path / "cache")}, **overrides)
 
 
 @pytest.fixture(scope="module")

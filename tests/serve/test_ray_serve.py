@@ -61,7 +61,7 @@ def live(s3_server, tiny_spec, tmp_path_factory):
         registry.publish(path, PublishRequest(name=f"look{index}", base=tiny_spec, aliases=["prod"]))
     files = {f"look{i}": registry.pull(f"look{i}", root / "pulled")[1] for i in range(7)}
     settings = ServeSettings(
-        registry=registry.uri, port=free_port(), replicas=2, replica_num_cpus=0.5, fuse_after=3,
+        base="tiny", registry=registry.uri, port=free_port(), replicas=2, replica_num_cpus=0.5, fuse_after=3,
         resolution_ttl_s=1.0, auth_enabled=True, api_tokens="gen-token=generate,admin-token=admin",
         cache={"disk_dir": str(root / "cache"), "active_max_adapters": 2},
     )

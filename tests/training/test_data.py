@@ -103,7 +103,7 @@ def test_buckets_group_by_aspect_and_weights_steer_sampling(tmp_path):
         Image.new("RGB", size, (index * 80, 20, 20)).save(tmp_path / name)
         rows.append(json.dumps({"file_name": name, "text": f"picture {index}", "weight": weight}))
     (tmp_path / "metadata.jsonl").write_text("\n".join(rows))
-    config = load_train_config(None, [f"data.path={tmp_path}", "data.buckets=true", "batch_size=2"])
+    config = load_train_config(None, [f"data.path={tmp_path}", "base=tiny", "data.buckets=true", "batch_size=2"])
     examples, _ = scan(config.data)
     source = BatchSource(load_base("tiny").pipeline, examples, config, torch.device("cpu"))
     assert sorted(g.size for g in source.groups) == [(24, 40), (32, 32), (40, 24)]

@@ -15,7 +15,7 @@ from lorafleet.training.publish import publish_result
 
 from lorafleet.devtools.shapes import write_shapes_folder
 
-COMMON = ["max_steps=30", "optimizer.learning_rate=0.005", "batch_size=4", "data.trigger=sks",
+COMMON = ["base=tiny", "max_steps=30", "optimizer.learning_rate=0.005", "batch_size=4", "data.trigger=sks",
           "validation_prompts=['sks a red circle']"]
 METHOD_SETTINGS = {
     "lora": ["lora.text_encoder=true"],
@@ -60,7 +60,7 @@ def test_method_trains_publishes_and_serves(method, dataset, tmp_path):
     if method == "full":
         return  # a full fine-tune is served as its own base, not as an adapter
     prompt = "<sks> a red circle" if method == "textual_inversion" else "sks a red circle"
-    settings = ServeSettings(registry=registry.uri, cache={"disk_dir": str(tmp_path / "cache")})
+    settings = ServeSettings(base="tiny", registry=registry.uri, cache={"disk_dir": str(tmp_path / "cache")})
     app, _ = create_local_app(settings, registry)
     with TestClient(app) as client:
         body = {"prompt": prompt, "steps": 6, "seed": 1, "output_format": "npy"}
