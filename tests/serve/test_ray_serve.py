@@ -93,10 +93,10 @@ def _image(response) -> np.ndarray:
 def test_correctness_invariant_over_routed_active_fused_and_evicted_states_2_replicas(live):
     _, url, files = live
     references = {name: plain_diffusers_image(files[name]) for name in [f"look{i}" for i in range(5)]}
-    # Cold adapters are routed, sets asked for twice in a row injected (2 active slots per
-    # replica, so injecting a third evicts), three in a row fused.
-    sequence = ["look0", "look1", "look0", "look2", "look3", "look3", "look3", "look3", "look4", "look4", "look0",
-                "look0", "look1", "look1", "look1", "look1", "look2", "look2", "look4", "look4", "look3", "look2"]
+    # Adapters are routed per row; a set served fuse_after (3) times in a row on a replica is
+    # injected and fused (2 active slots per replica: five fused sets over two replicas evict).
+    sequence = ["look0", "look1", "look0", "look2", *["look3"] * 4, *["look4"] * 3, *["look0"] * 3, *["look1"] * 4,
+                *["look2"] * 3, "look4", "look3", "look2"]
     replicas = set()
     for name in sequence:
         response = _generate(url, adapter=name)
