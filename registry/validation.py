@@ -28,7 +28,8 @@ def expected_lora_shapes(module: ModuleShape, rank: int) -> tuple[tuple[int, ...
     return (rank, in_features), (out_features, rank)
 
 
-def _lora_pairs(payload: AdapterPayload) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+def lora_pairs(payload: AdapterPayload) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """The payload's LoRA tensors by (component, module path): {"A": down, "B": up} (other keys ignored)."""
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in payload.tensors.items():
         match = _LORA_KEY.match(key)
@@ -75,7 +76,7 @@ def _check_lora_config(payload: AdapterPayload, pairs) -> list[str]:
 
 
 def _validate_lora(payload: AdapterPayload, spec: BaseSpec, limits: AdapterLimits) -> None:
-    pairs = _lora_pairs(payload)
+    pairs = lora_pairs(payload)
     if not pairs:
         raise InvalidAdapter("the adapter targets no module: it would change nothing", field="path")
     problems = []

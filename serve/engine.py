@@ -33,7 +33,7 @@ from lorafleet.registry.manifest import AdapterFormat
 
 from lorafleet.accelerator import Placement
 
-from .adapter_cache import CachedAdapter
+from .adapter_cache import ByteBudgetLRU, CachedAdapter
 from .routing import ImageAdapters, LoraRouter, NotRoutable, RoutedAdapter, prepare_routed
 from .sampler import BatchShape, ImageSpec, sample_images, uses_guidance
 from .slots import LoraSlot
@@ -64,11 +64,17 @@ class BatchRequest:
     job: GenerationJob
 
 
+def _not_lora(uses) -> list[AdapterUse]:
+    """The adapters among ``uses`` that are not routed: textual inversions, loaded into the
+    pipeline, and anything else, which loading refuses (full fine-tunes)."""
+    return [use for use in uses if use.adapter.payload.format != AdapterFormat.diffusers_lora]
+
+
 def batch_key(uses: list[AdapterUse] | tuple[AdapterUse, ...], job: GenerationJob) -> tuple:
     """Requests with equal keys can share one pipeline pass: same size, steps, guidance on or
     off, and textual-inversion tokens (a loaded token changes every prompt that spells it)."""
-    inversions = sorted(u.adapter.digest for u in uses if u.adapter.payload.format == AdapterFormat.textual_inversion)
-    return job.width, job.height, job.steps, uses_guidance(job.guidance_scale), tuple(inversions)
+    loaded = sorted(use.adapter.digest for use in _not_lora(uses))
+    return job.width, job.height, job.steps, uses_guidance(job.guidance_scale), tuple(loaded)
 
 
 @dataclass
@@ -80,7 +86,7 @@ class EngineResult:
     evicted: list[str] = field(default_factory=list)
     fused: bool = False
     fuse_events: list[str] = field(default_factory=list)  # "fuse" / "unfuse"
-    mode: str = "base"  # base | active | fused | mixed
+    mode: str = "base"  # base | active | fused | mixed | slot
     batch_images: int = 1  # images in the pipeline pass this request shared
 
 
@@ -115,7 +121,7 @@ class PipelineEngine:
         self._fused_key: tuple | None = None  # (names, weights) fused into the base
         self._pristine: dict[str, torch.Tensor] = {}
         self.router = LoraRouter(pipeline)
-        self.routed: OrderedDict[str, RoutedAdapter] = OrderedDict()  # prepared for mixed batches, LRU
+        self.routed: ByteBudgetLRU[RoutedAdapter] = ByteBudgetLRU(max_active_bytes)  # prepared for routing
 
     # ------------------------------------------------------------------ active tier
     def _inject_lora(self, adapter: CachedAdapter, name: str) -> tuple[str, ...]:
@@ -254,10 +260,7 @@ class PipelineEngine:
         routed = self.routed.get(adapter.digest)
         if routed is None:
             routed = prepare_routed(adapter.digest, adapter.payload, self.placement.device, self.placement.dtype)
-            while self.routed and sum(r.nbytes for r in self.routed.values()) + routed.nbytes > self.max_active_bytes:
-                self.routed.popitem(last=False)
-            self.routed[adapter.digest] = routed
-        self.routed.move_to_end(adapter.digest)
+            self.routed.put(adapter.digest, routed, routed.nbytes)
         return routed
 
     def _image_adapters(self, request: BatchRequest) -> ImageAdapters:
@@ -268,10 +271,10 @@ class PipelineEngine:
     def _on_peft_layers(self, key: tuple) -> bool:
         """Whether a uniform batch runs on peft's layers: only to fuse (or while fused).
 
-        Measured (`lorafleet bench serve`, pass_s_*): a pass routed per row costs the same as or
-        less than the same pass on injected peft layers (small: 687 vs 719 ms per generation;
-        tiny: 0.344 vs 0.348 s per 8-image pass), and routing needs no injection (3.5% of a
-        generation, plus memory peft keeps per load). So sets are injected only to be fused.
+        Measured (`lorafleet bench serve`, pass_s_*): an 8-image pass routed per row costs less
+        than the same pass on injected peft layers (small: 2.40 vs 2.82 s; tiny: 0.39 vs 0.43 s),
+        and routing needs no injection (3.5% of a generation, plus memory peft keeps per load).
+        So sets are injected only to be fused.
         """
         names, _ = key
         if not names or key == self._fused_key:
@@ -327,8 +330,7 @@ class PipelineEngine:
         events = ["unfuse"] if self._fused_key is not None else []
         if events:
             self._unfuse()
-        inversions = [use for use in requests[0].uses if use.adapter.payload.format != AdapterFormat.diffusers_lora]
-        loaded, evicted = self._ensure_active(inversions)
+        loaded, evicted = self._ensure_active(_not_lora(requests[0].uses))
         self._apply((), ())
         if uniform_key is None:
             self._streak = ((), 0)
@@ -339,11 +341,8 @@ class PipelineEngine:
 
     def _run_in_slot(self, requests: list[BatchRequest], key: tuple) -> list[EngineResult]:
         started = time.perf_counter()
-        adapters = self._image_adapters(requests[0])  # the batch key makes the set uniform
-        self.slot.check(adapters)
-        inversions = [use for use in requests[0].uses if use.adapter.payload.format != AdapterFormat.diffusers_lora]
-        loaded, evicted = self._ensure_active(inversions)
-        self.slot.load(key, adapters)
+        self.slot.load(key, self._image_adapters(requests[0]))  # the batch key makes the set uniform
+        loaded, evicted = self._ensure_active(_not_lora(requests[0].uses))
         return self._sample(requests, started, "slot", loaded, evicted, [])
 
     def _sample(self, requests: list[BatchRequest], started: float, mode: str, loaded: list[str],

@@ -48,7 +48,7 @@ class ServiceMetrics:
         self.batch_images = Histogram("lorafleet_batch_images", "Images in the pipeline pass a request shared.",
                                       buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.generations_by_mode = Counter("lorafleet_generations_by_mode",
-                                           "Requests by how their pass applied adapters (base, active, fused, mixed).",
+                                           "Requests by pass mode: base, active, fused, mixed, slot.",
                                            ["mode"], registry=r)
         self.disk_write_failures = Counter("lorafleet_disk_cache_write_failures",
                                            "Adapter files the disk tier could not write (full or failing disk).",

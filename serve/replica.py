@@ -52,7 +52,7 @@ class GenerationOutput:
     evicted_active: list[str] = field(default_factory=list)
     fuse_events: list[str] = field(default_factory=list)
     resident: dict = field(default_factory=dict)
-    mode: str = "base"  # how the pass ran: base | active | fused | mixed
+    mode: str = "base"  # how the pass ran: base | active | fused | mixed | slot
     batch_images: int = 1  # images in the pass this request shared
 
 

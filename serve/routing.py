@@ -18,7 +18,6 @@ a layer that sees ``k * n`` rows uses the per-image stacks repeated ``k`` times.
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,8 +25,7 @@ import torch
 from lorafleet.registry.errors import AdapterIncompatible
 from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import ComponentLora
-
-_LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
+from lorafleet.registry.validation import lora_pairs
 
 
 class NotRoutable(AdapterIncompatible):
@@ -54,11 +52,10 @@ class RoutedAdapter:
 
 
 def _pattern_value(pattern: dict, module: str, default):
-    """peft's rule: a pattern key matches a module path that ends with it at a dot boundary."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    """A rank/alpha pattern's value for ``module``, matched as peft matches it when loading."""
+    from peft.utils.other import get_pattern_key
+
+    return pattern.get(get_pattern_key(pattern.keys(), module), default)
 
 
 def _scale(config: ComponentLora, module: str) -> float:
@@ -71,19 +68,15 @@ def prepare_routed(digest: str, payload: AdapterPayload, device: torch.device, d
     """The adapter's layers in routing form; raises NotRoutable for what the router cannot apply."""
     if any(config.use_dora for config in payload.components.values()):
         raise NotRoutable("DoRA adapters are not routed per row", field="adapters")
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in payload.tensors.items():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            raise NotRoutable(f"unexpected LoRA tensor {key}", field="adapters")
-        if tensor.ndim != 2:
-            raise NotRoutable("convolution LoRA layers are not routed per row", field="adapters")
-        halves.setdefault(f"{match.group(1)}.{match.group(2)}", {})[match.group(3)] = tensor
+    pairs = lora_pairs(payload)
+    if sum(len(parts) for parts in pairs.values()) != len(payload.tensors):
+        raise NotRoutable("the adapter has tensors that are not LoRA up/down weights", field="adapters")
+    if any(tensor.ndim != 2 for parts in pairs.values() for tensor in parts.values()):
+        raise NotRoutable("convolution LoRA layers are not routed per row", field="adapters")
     layers = {}
-    for layer, parts in halves.items():
-        component, module = layer.split(".", 1)
+    for (component, module), parts in pairs.items():
         scale = _scale(payload.components[component], module)
-        layers[layer] = RoutedLayer(
+        layers[f"{component}.{module}"] = RoutedLayer(
             down=parts["A"].to(device=device, dtype=dtype).contiguous(),
             up=(parts["B"].to(device=device, dtype=torch.float32) * scale).to(dtype).contiguous(),
         )
@@ -93,7 +86,7 @@ def prepare_routed(digest: str, payload: AdapterPayload, device: torch.device, d
 ImageAdapters = tuple[tuple[RoutedAdapter, float], ...]  # one image's adapters with weights
 
 
-def _stack_layer(layer: str, images: list[ImageAdapters]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_layer(layer: str, images: list[ImageAdapters]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image ``A [n, R, in]`` and ``B [n, out, R]`` for one layer, zero-padded to R."""
     parts = [[(a.layers[layer], w) for a, w in image if layer in a.layers] for image in images]
     sample = next(p[0][0] for p in parts if p)
@@ -134,7 +127,7 @@ class LoraRouter:
         handles = []
         try:
             for layer in layers:
-                down, up = _stack_layer(layer, images)
+                down, up = stack_layer(layer, images)
                 handles.append(self._module(layer).register_forward_hook(_RowUpdate(down, up)))
             yield len(layers)
         finally:

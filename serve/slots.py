@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from lorafleet.registry.errors import AdapterIncompatible
 
-from .routing import ImageAdapters
+from .routing import ImageAdapters, stack_layer
 
 SLOT = "lf_slot"
 SLOT_COMPONENTS = ("unet", "text_encoder")
@@ -83,15 +83,13 @@ class LoraSlot:
         self.check(adapters)
         for layer in self._written:
             self.layers[layer].lora_B[SLOT].weight.zero_()
-        written: dict[str, int] = {}
-        for routed, weight in adapters:
-            for layer, update in routed.layers.items():
-                module, offset = self.layers[layer], written.get(layer, 0)
-                rank = update.down.shape[0]
-                module.lora_A[SLOT].weight[offset:offset + rank].copy_(update.down)
-                module.lora_B[SLOT].weight[:, offset:offset + rank].copy_(update.up * weight)
-                written[layer] = offset + rank
-        self._written = set(written)
+        written = {layer for routed, _ in adapters for layer in routed.layers}
+        for layer in written:
+            down, up = stack_layer(layer, [adapters])  # the set stacked along the rank axis, weights in B
+            rank = down.shape[1]
+            self.layers[layer].lora_A[SLOT].weight[:rank].copy_(down[0])
+            self.layers[layer].lora_B[SLOT].weight[:, :rank].copy_(up[0])
+        self._written = written
         self.current = key
         self.swaps += 1
         return True

@@ -19,8 +19,6 @@ from pathlib import Path
 import httpx
 import torch
 
-from lorafleet.demo import synthetic_lora
-
 PROMPT = "a red circle on the left"
 
 
@@ -31,18 +29,6 @@ def _median_ms(fn, repeats: int) -> float:
         fn()
         times.append(1000 * (time.perf_counter() - started))
     return statistics.median(times)
-
-
-def _publish_adapters(registry, spec, count: int, directory: Path) -> list[Path]:
-    from lorafleet.registry import PublishRequest
-
-    files = []
-    for index in range(count):
-        path = directory / f"adapter{index}.safetensors"
-        path.write_bytes(synthetic_lora(spec, seed=index).to_bytes())
-        manifest = registry.publish(path, PublishRequest(name=f"bench{index}", base=spec))
-        files.append(registry.pull(manifest.name, directory / "pulled")[1])
-    return files
 
 
 def _direct_ms(base: str, steps: int, repeats: int) -> float:
@@ -108,9 +94,11 @@ def bench_overhead(base: str, steps: int, repeats: int, workdir: Path) -> dict:
     from lorafleet.bases import base_spec
     from lorafleet.registry import AdapterRegistry
 
+    from .throughput_bench import publish_synthetic_adapters
+
     (workdir / base).mkdir(parents=True, exist_ok=True)
     registry = AdapterRegistry(f"file://{workdir / base / 'registry'}")
-    _publish_adapters(registry, base_spec(base), 2 + repeats, workdir / base)
+    publish_synthetic_adapters(registry, base_spec(base), 2 + repeats, workdir / base)
     direct_ms = _direct_ms(base, steps, repeats)
 
     def single_slot(client: _Client) -> dict:  # one active slot: host and registry paths are observable

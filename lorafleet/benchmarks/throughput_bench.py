@@ -38,26 +38,34 @@ GUIDANCE = 7.5
 SCENARIOS = (1, 10, 100)  # distinct adapters in the traffic
 
 
+def publish_synthetic_adapters(registry, spec, count: int, directory: Path) -> list[tuple[object, Path]]:
+    """``count`` random LoRAs for ``spec`` published as bench0..N-1: (manifest, pulled file) each."""
+    from lorafleet.demo import synthetic_lora
+    from lorafleet.registry import PublishRequest
+
+    directory.mkdir(parents=True, exist_ok=True)
+    published = []
+    for index in range(count):
+        path = directory / f"adapter{index}.safetensors"
+        path.write_bytes(synthetic_lora(spec, seed=index).to_bytes())
+        manifest = registry.publish(path, PublishRequest(name=f"bench{index}", base=spec))
+        published.append((manifest, registry.pull(manifest.name, directory / "pulled")[1]))
+    return published
+
+
 class _Setup:
     """A registry with ``count`` adapters for ``base``, their files, and a job factory."""
 
     def __init__(self, base: str, count: int, steps: int, workdir: Path):
         from lorafleet.bases import base_spec, load_base
-        from lorafleet.demo import synthetic_lora
-        from lorafleet.registry import AdapterRegistry, PublishRequest
+        from lorafleet.registry import AdapterRegistry
 
         self.base, self.steps = base, steps
         registry = AdapterRegistry(f"file://{workdir / 'registry'}")
         self.registry_uri = registry.uri
-        spec = base_spec(base)
-        self.manifests, self.files = [], []
-        for index in range(count):
-            path = workdir / "src" / f"adapter{index}.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(synthetic_lora(spec, seed=index).to_bytes())
-            manifest = registry.publish(path, PublishRequest(name=f"adapter{index}", base=spec))
-            self.manifests.append(manifest)
-            self.files.append(registry.pull(manifest.name, workdir / "pulled")[1])
+        published = publish_synthetic_adapters(registry, base_spec(base), count, workdir / "src")
+        self.manifests = [manifest for manifest, _ in published]
+        self.files = [path for _, path in published]
         pipe = load_base(base).pipeline
         self.size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
