@@ -42,6 +42,19 @@ def resolve_placement(device: DeviceSetting = "auto", dtype: DtypeSetting = "aut
     return Placement(torch.device(device), chosen)
 
 
+ROW_WEIGHTS_BYTES_CPU = 64 * 1024**2
+
+
+def row_weights_budget(placement: Placement, setting: int | None = None) -> int:
+    """Bytes of per-image merged weights a mixed pass may use (serve/routing.py).
+
+    CPU: small layers run faster with per-row weights than with a LoRA update (measured, see
+    serve/routing.py). CUDA: 0, since per-row weights are re-read from memory at every call."""
+    if setting is not None:
+        return setting
+    return 0 if placement.is_cuda else ROW_WEIGHTS_BYTES_CPU
+
+
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per image, so each image depends only on its own seed."""
     return [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]

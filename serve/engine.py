@@ -31,7 +31,7 @@ import torch
 from lorafleet.registry.errors import AdapterIncompatible
 from lorafleet.registry.manifest import AdapterFormat
 
-from lorafleet.accelerator import Placement
+from lorafleet.accelerator import Placement, row_weights_budget
 
 from .adapter_cache import ByteBudgetLRU, CachedAdapter
 from .routing import ImageAdapters, LoraRouter, NotRoutable, RoutedAdapter, prepare_routed
@@ -106,7 +106,8 @@ class _Active:
 
 class PipelineEngine:
     def __init__(self, pipeline, placement: Placement, max_active: int = 8, fuse_after: int = 0,
-                 max_active_bytes: int = 1024**3, slot: LoraSlot | None = None):
+                 max_active_bytes: int = 1024**3, slot: LoraSlot | None = None,
+                 row_weights_bytes: int | None = None):
         self.pipe = pipeline
         self.slot = slot
         self.placement = placement
@@ -120,7 +121,7 @@ class PipelineEngine:
         self._streak: tuple[tuple, int] = ((), 0)
         self._fused_key: tuple | None = None  # (names, weights) fused into the base
         self._pristine: dict[str, torch.Tensor] = {}
-        self.router = LoraRouter(pipeline)
+        self.router = LoraRouter(pipeline, row_weights_budget(placement, row_weights_bytes))
         self.routed: ByteBudgetLRU[RoutedAdapter] = ByteBudgetLRU(max_active_bytes)  # prepared for routing
 
     # ------------------------------------------------------------------ active tier

@@ -91,7 +91,8 @@ class GeneratorReplica:
             slot = LoraSlot(self.base.pipeline, self.settings.hotswap.target_rank, self.settings.hotswap.compile)
         cache = self.settings.cache
         self.engine = PipelineEngine(self.base.pipeline, self.placement, cache.active_max_adapters,
-                                     self.settings.fuse_after, cache.active_bytes, slot=slot)
+                                     self.settings.fuse_after, cache.active_bytes, slot=slot,
+                                     row_weights_bytes=self.settings.batching.row_weights_bytes)
 
     def _fetch(self, task: GenerationTask) -> tuple[list[AdapterUse], list[AdapterFetch]]:
         uses, fetches = [], []

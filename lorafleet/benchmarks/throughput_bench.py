@@ -262,12 +262,15 @@ def _pass_costs(setup: _Setup, batch: int, repeats: int) -> dict:
 
     plain = PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4)
     fusing = PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4, fuse_after=1)
+    updates_only = PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4,
+                                  row_weights_bytes=0)
+    all_different = lambda r: requests([(r * batch + i) % len(adapters) for i in range(batch)])  # noqa: E731
     cold = iter(range(batch, len(adapters)))
     median_pass(plain, lambda _: requests([None] * batch), "base")  # the process's first passes run slower
     costs = {
         "base": median_pass(plain, lambda _: requests([None] * batch), "base"),
-        "routed_all_different": median_pass(plain, lambda r: requests(
-            [(r * batch + i) % len(adapters) for i in range(batch)]), "mixed"),
+        "routed_all_different": median_pass(plain, all_different, "mixed"),
+        "routed_updates_only_all_different": median_pass(updates_only, all_different, "mixed"),
         "routed_one_adapter": median_pass(plain, lambda _: requests([next(cold)] * batch), "mixed"),
         "peft_layers_one_adapter": _peft_layers_pass(setup, batch, repeats),
         "fused_one_adapter": median_pass(fusing, lambda _: requests([0] * batch), "fused"),

@@ -54,18 +54,62 @@ def _reference(request: BatchRequest, pulled_files) -> np.ndarray:
     return diffusers_set_image(files, job.prompt, job.negative_prompt, job.seeds, guidance=job.guidance_scale)
 
 
-def test_a_mixed_batch_gives_each_request_the_images_it_gets_alone(adapter_registry, pulled_files, fetcher):
+FORMS = {0: {"update"}, 1024**3: {"weights"}}
+
+
+@pytest.mark.parametrize("row_weights_bytes", list(FORMS), ids=["lora-updates", "row-weights"])
+def test_a_mixed_batch_gives_each_request_the_images_it_gets_alone(adapter_registry, pulled_files, fetcher,
+                                                                     row_weights_bytes):
     """Alone = plain diffusers with that request's adapters, weights, prompt, guidance and seeds."""
     requests = _mixed_requests(fetcher, adapter_registry)
     keys = {batch_key(r.uses, r.job) for r in requests}
     assert len(keys) == 1  # one pass for all of them
-    together = _engine().run_batch(requests)
+    engine = _engine(row_weights_bytes=row_weights_bytes)
+    together = engine.run_batch(requests)
+    assert set(engine.router.last_forms.values()) == FORMS[row_weights_bytes]
     assert {r.mode for r in together} == {"mixed"} and together[0].batch_images == 7
     for request, batched in zip(requests, together):
         assert np.abs(batched.images - _reference(request, pulled_files)).max() <= TOLERANCE, request.uses
     alone_engine = _engine()
     for request, batched in zip(requests, together):  # and the engine's own single-request passes
         assert np.abs(alone_engine.run(list(request.uses), request.job).images - batched.images).max() <= TOLERANCE
+
+
+def test_a_layer_takes_row_weights_only_where_they_pay_and_while_the_budget_lasts():
+    from lorafleet.serve.routing import ROW_WEIGHTS_CACHE_BYTES, _Budget, _RoutedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 256)
+    down, up = torch.randn(2, 4, 256), torch.randn(2, 256, 4)  # two images, rank 4
+    per_row = 256 * 256 * 4
+    assert 4 * per_row == ROW_WEIGHTS_CACHE_BYTES
+
+    def expected(x):
+        a, b = down.repeat(x.shape[0] // 2, 1, 1), up.repeat(x.shape[0] // 2, 1, 1)
+        return linear(x) + x @ a.transpose(1, 2) @ b.transpose(1, 2)
+
+    cases = [  # rows, tokens, budget, form
+        (4, 16, 1024**3, "weights"),  # in cache
+        (8, 16, 1024**3, "update"),  # out of cache and larger than 16 tokens in and out
+        (8, 128, 1024**3, "weights"),  # no larger than 128 tokens in and out
+        (8, 128, 8 * per_row - 1, "update"),  # over the budget
+    ]
+    for rows, tokens, budget, form in cases:
+        routed = _RoutedLinear(linear, down, up, _Budget(budget))
+        x = torch.randn(rows, tokens, 256)
+        with torch.no_grad():
+            assert torch.allclose(routed(x), expected(x), atol=1e-4)
+        assert routed.form == form, (rows, tokens, budget)
+
+
+def test_routing_leaves_no_layer_replaced_even_when_the_pass_fails(adapter_registry, fetcher):
+    engine = _engine(row_weights_bytes=1024**3)
+    images = [engine._image_adapters(r) for r in _mixed_requests(fetcher, adapter_registry)]
+    layers = [engine.router._module(name) for name in {n for image in images for a, _ in image for n in a.layers}]
+    with pytest.raises(ZeroDivisionError), engine.router.route(images):
+        assert all("forward" in vars(layer) for layer in layers)
+        1 / 0
+    assert all("forward" not in vars(layer) for layer in layers)
 
 
 def test_policy_routes_until_a_set_is_due_to_fuse_and_routes_again_after(adapter_registry, fetcher):
