@@ -213,38 +213,39 @@ class _RoutedLinear:
     def _row_weights_pay(self, rows: int, tokens: int) -> bool:
         """Measured on CPU (module docstring): per-row weights cost about what the plain product
         does while they stay in cache or are no larger than the rows' activations in and out."""
-        if rows in self.weights_by_rows:
-            return True
         out_features, in_features = self.linear.weight.shape
         nbytes = rows * in_features * out_features * self.linear.weight.element_size()
         small = nbytes <= ROW_WEIGHTS_CACHE_BYTES or in_features * out_features <= tokens * (in_features + out_features)
         return small and self.budget.take(nbytes)
 
     def _prepare(self, rows: int, tokens: int) -> Callable:
-        bias = self.linear.bias
-        if self._row_weights_pay(rows, tokens):
-            if rows not in self.weights_by_rows:
-                weight = self.linear.weight.t().unsqueeze(0).expand(rows, -1, -1)
-                down, up = self._repeat(self.down, rows), self._repeat(self.up, rows)
-                self.weights_by_rows[rows] = torch.baddbmm(weight, down, up)
-            weights = self.weights_by_rows[rows]  # [rows, in, out]: W^T + A^T B^T per row
-
-            def with_row_weights(x, by_row):
-                self.form = "weights"
-                out = torch.bmm(by_row, weights) if bias is None else torch.baddbmm(bias, by_row, weights)
-                return out.view(*x.shape[:-1], out.shape[-1])
-
-            call = with_row_weights
-        else:
-            down, up = self._repeat(self.down, rows), self._repeat(self.up, rows)
-
-            def with_update(x, by_row):
-                self.form = "update"
-                out = torch.nn.functional.linear(x, self.linear.weight, bias)
-                out_by_row = out.view(rows, -1, out.shape[-1])  # a fresh contiguous output: added in place
-                torch.baddbmm(out_by_row, torch.bmm(by_row, down), up, out=out_by_row)
-                return out
-
-            call = with_update
+        weights = self.weights_by_rows.get(rows)  # merged once per row count, whatever the tokens
+        if weights is None and self._row_weights_pay(rows, tokens):
+            weight = self.linear.weight.t().unsqueeze(0).expand(rows, -1, -1)
+            weights = self.weights_by_rows[rows] = torch.baddbmm(  # [rows, in, out]: W^T + A^T B^T per row
+                weight, self._repeat(self.down, rows), self._repeat(self.up, rows))
+        call = self._with_update(rows) if weights is None else self._with_row_weights(weights)
         self.calls[rows, tokens] = call
         return call
+
+    def _with_row_weights(self, weights: torch.Tensor) -> Callable:
+        bias = self.linear.bias
+
+        def with_row_weights(x, by_row):
+            self.form = "weights"
+            out = torch.bmm(by_row, weights) if bias is None else torch.baddbmm(bias, by_row, weights)
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        return with_row_weights
+
+    def _with_update(self, rows: int) -> Callable:
+        down, up = self._repeat(self.down, rows), self._repeat(self.up, rows)
+
+        def with_update(x, by_row):
+            self.form = "update"
+            out = torch.nn.functional.linear(x, self.linear.weight, self.linear.bias)
+            out_by_row = out.view(rows, -1, out.shape[-1])  # a fresh contiguous output: added in place
+            torch.baddbmm(out_by_row, torch.bmm(by_row, down), up, out=out_by_row)
+            return out
+
+        return with_update
