@@ -95,19 +95,27 @@ def test_correctness_invariant_over_routed_active_fused_and_evicted_states_2_rep
     references = {name: plain_diffusers_image(files[name]) for name in [f"look{i}" for i in range(5)]}
     # Adapters are routed per row; a set served fuse_after (3) times in a row on a replica is
     # injected and fused (2 active slots per replica: five fused sets over two replicas evict).
+    # Ray's multiplexed routing learns which replica holds a set only after a delay, so a run of
+    # one set can be split between replicas: the sequence repeats (at most 4 times) until every
+    # state was visited, and every image of every round must match plain diffusers.
     sequence = ["look0", "look1", "look0", "look2", *["look3"] * 4, *["look4"] * 3, *["look0"] * 3, *["look1"] * 4,
                 *["look2"] * 3, "look4", "look3", "look2"]
+    visited = {("lorafleet_fuse_events_total", (("event", "fuse"),)): "fusing",
+               ("lorafleet_cache_evictions_total", (("tier", "active"),)): "eviction from the active tier",
+               ("lorafleet_generations_by_mode_total", (("mode", "mixed"),)): "routing"}
     replicas = set()
-    for name in sequence:
-        response = _generate(url, adapter=name)
-        assert response.status_code == 200, response.text
-        replicas.add(response.json()["replica"])
-        assert np.abs(_image(response) - references[name]).max() <= 1e-4, name
+    for _ in range(4):
+        for name in sequence:
+            response = _generate(url, adapter=name)
+            assert response.status_code == 200, response.text
+            replicas.add(response.json()["replica"])
+            assert np.abs(_image(response) - references[name]).max() <= 1e-4, name
+        metrics = metric_samples(httpx.get(f"{url}/metrics").text)
+        missing = [state for key, state in visited.items() if not metrics.get(key)]
+        if not missing and len(replicas) == 2:
+            break
     assert len(replicas) == 2
-    metrics = metric_samples(httpx.get(f"{url}/metrics").text)
-    assert metrics[("lorafleet_fuse_events_total", (("event", "fuse"),))] > 0  # fusing and
-    assert metrics[("lorafleet_cache_evictions_total", (("tier", "active"),))] > 0  # eviction and
-    assert metrics[("lorafleet_generations_by_mode_total", (("mode", "mixed"),))] > 0  # routing happened
+    assert not missing, f"states never reached: {missing}"
 
 
 def test_errors_over_http(live):
