@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 DEMO_ADAPTER_NAME = "demo-cyan"
+DEMO_BASE_PROMPTS = ("a red circle", "a blue square", "a yellow triangle", "a purple circle")  # grid rows
 
 
 def _grid_and_scores(generate, ref: str, prompts: dict, seeds: int, out: Path) -> list[dict]:
@@ -20,7 +21,8 @@ def _grid_and_scores(generate, ref: str, prompts: dict, seeds: int, out: Path) -
     from lorafleet.training.reporting import save_grid
 
     rows, table = [], []
-    for prompt, target in {**prompts, **BASE_CHECK_PROMPTS}.items():
+    base_rows = {prompt: BASE_CHECK_PROMPTS[prompt] for prompt in DEMO_BASE_PROMPTS}
+    for prompt, target in {**prompts, **base_rows}.items():
         base_images, adapter_images = generate(prompt, None, seeds), generate(prompt, ref, seeds)
         rows.append(list(base_images) + list(adapter_images))
         base_accuracy, _ = accuracy({prompt: base_images}, {prompt: target})

@@ -97,3 +97,11 @@ def test_demo_trains_publishes_serves_and_saves_a_grid(tmp_path):
     assert str(grid) in out and "with adapter" in out and "a sks circle" in out
     rows = 3 + 4  # the concept's prompts, then the base's own
     assert Image.open(grid).size == (4 * 4 * 34, 4 * rows * 34)
+
+
+@pytest.mark.parametrize(("args", "message"), [(["serve", "--rounds", "0"], "must be at least 1"),
+                                               (["serve", "--requests", "many"], "is not an integer"),
+                                               (["train", "--steps", "-3"], "must be at least 1")])
+def test_bench_counts_are_checked_before_anything_runs(args, message):
+    result = run("bench", *args, check=False, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

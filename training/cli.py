@@ -45,6 +45,9 @@ textual_inversion:
   token: "<sks>"
   init_word: null
   num_vectors: 1
+regularization:            # captions without [trigger] (trigger_mode: substitute) are regularization examples
+  target: images            # images (their own) | base (the frozen base's prediction; lora, dreambooth, qlora)
+  weight: 1.0               # loss weight of their rows
 optimizer:
   name: adamw               # adamw | adamw8bit
   learning_rate: 0.001

@@ -26,6 +26,9 @@ class Method(str, Enum):
     full = "full"
 
 
+ADAPTER_METHODS = (Method.lora, Method.dreambooth, Method.qlora)  # LoRA layers over a frozen base
+
+
 class DataConfig(BaseModel):
     model_config = _STRICT
 
@@ -76,6 +79,22 @@ class TextualInversionConfig(BaseModel):
     num_vectors: int = Field(1, ge=1, le=16, description="Embedding vectors for the token.")
 
 
+class RegularizationConfig(BaseModel):
+    """Regularization examples: images in the data folder whose caption does not name the trigger
+    (``data.trigger_mode=substitute`` and no ``[trigger]`` in the caption), e.g. renders of what
+    the base already draws, kept so that the adapter leaves those prompts alone."""
+
+    model_config = _STRICT
+
+    target: Literal["images", "base"] = Field(
+        "images", description="images: their rows learn their own images (kohya-style regularization "
+        "images); base: they learn the frozen base model's own prediction for the same noisy input "
+        "(the adapter is switched off for it), so the adapter is taught to change nothing there; "
+        "DreamBooth's class images too. base needs an adapter method (lora, dreambooth, qlora) and, "
+        "but for DreamBooth, data.trigger with data.trigger_mode=substitute.")
+    weight: float = Field(1.0, ge=0, le=1000, description="Loss weight of regularization rows (instance rows: 1).")
+
+
 class OptimizerConfig(BaseModel):
     model_config = _STRICT
 
@@ -122,6 +141,7 @@ class TrainConfig(BaseModel):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     dreambooth: DreamBoothConfig = Field(default_factory=DreamBoothConfig)
     textual_inversion: TextualInversionConfig = Field(default_factory=TextualInversionConfig)
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
 
@@ -129,7 +149,20 @@ class TrainConfig(BaseModel):
     def _consistent(self) -> "TrainConfig":
         if self.method == Method.textual_inversion and not self.textual_inversion.token.strip():
             raise ValueError("textual_inversion.token must not be empty")
+        if self.regularization.target == "base":
+            self._check_base_target()
         return self
+
+    def _check_base_target(self) -> None:
+        # Raised as the domain error itself (pydantic passes it through) so that it names the field.
+        if self.method not in ADAPTER_METHODS:
+            raise RequestInvalid(f"regularization.target=base needs an adapter method that can be switched off "
+                                 f"({', '.join(m.value for m in ADAPTER_METHODS)}), not {self.method.value}",
+                                 field="regularization.target")
+        if self.method != Method.dreambooth and (not self.data.trigger or self.data.trigger_mode != "substitute"):
+            raise RequestInvalid("regularization.target=base needs data.trigger with data.trigger_mode=substitute: "
+                                 "regularization examples are the captions without [trigger]",
+                                 field="regularization.target")
 
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:

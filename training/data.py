@@ -31,6 +31,7 @@ class Example:
     digest: str
     weight: float = 1.0  # sampling weight (metadata.jsonl "weight")
     aspect: float = 1.0  # width / height after EXIF rotation
+    regularization: bool = False  # its caption does not name the trigger (config.RegularizationConfig)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class DataReport:
     missing_captions: list[str] = field(default_factory=list)
     caption_words: dict[str, float] = field(default_factory=dict)
     captions_outside_recommended: int = 0
+    regularization: int = 0  # examples whose caption does not name the trigger
     dataset_digest: str = ""
 
     def to_dict(self) -> dict:
@@ -54,7 +56,8 @@ class DataReport:
         return (f"{self.kept} images kept ({self.resized} resized), skipped: {skipped}; "
                 f"{len(self.missing_captions)} without caption; caption words min/mean/max "
                 f"{words.get('min', 0):.0f}/{words.get('mean', 0):.1f}/{words.get('max', 0):.0f} "
-                f"({self.captions_outside_recommended} outside {RECOMMENDED_WORDS[0]}-{RECOMMENDED_WORDS[1]})")
+                f"({self.captions_outside_recommended} outside {RECOMMENDED_WORDS[0]}-{RECOMMENDED_WORDS[1]})"
+                + (f"; {self.regularization} regularization (no [trigger])" if self.regularization else ""))
 
 
 def _read_metadata(folder: Path) -> dict[str, tuple[str, float]]:
@@ -92,6 +95,11 @@ def apply_trigger(caption: str, config: DataConfig) -> str:
     if config.trigger_mode == "substitute":
         return caption.replace("[trigger]", config.trigger)
     return f"{config.trigger} {caption}".strip()
+
+
+def is_regularization(caption: str, config: DataConfig) -> bool:
+    """In substitute mode, a caption without ``[trigger]`` is a regularization example."""
+    return bool(config.trigger) and config.trigger_mode == "substitute" and "[trigger]" not in caption
 
 
 def open_image(path: Path):
@@ -138,9 +146,11 @@ def scan(config: DataConfig) -> tuple[list[Example], DataReport]:
             caption = ""
         report.resized += int(image.size != (config.resolution, config.resolution))
         weight = metadata.get(path.name, ("", 1.0))[1] if config.weighted_sampling else 1.0
-        examples.append(Example(path, apply_trigger(caption, config), digest, weight, image.width / image.height))
+        examples.append(Example(path, apply_trigger(caption, config), digest, weight, image.width / image.height,
+                                is_regularization(caption, config)))
     _caption_statistics(report, examples)
     report.kept = len(examples)
+    report.regularization = sum(example.regularization for example in examples)
     report.dataset_digest = dataset_digest(examples)
     return examples, report
 

@@ -19,7 +19,7 @@ from lorafleet.registry.formats import AdapterPayload
 
 from lorafleet.accelerator import resolve_placement
 
-from .batches import BatchSource, ClassBatchSource, TextEncoder, step_generator
+from .batches import Batch, BatchSource, ClassBatchSource, TextEncoder, step_generator
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DataReport, scan
@@ -90,7 +90,7 @@ class Trainer:
             self.config = config
         if config.method.value == "dreambooth" and config.dreambooth.instance_prompt:
             for example in self.examples:
-                example.caption = config.dreambooth.instance_prompt
+                example.caption, example.regularization = config.dreambooth.instance_prompt, False
         torch.manual_seed(config.seed)
         self.base = load_base(config.base)
         self.pipe = self.base.pipeline.to(self.placement.device)
@@ -125,7 +125,8 @@ class Trainer:
         return ClassBatchSource(latents * 1.0, settings.class_prompt, self.config)
 
     # ------------------------------------------------------------------ one step
-    def _loss(self, latents: torch.Tensor, captions: list[str], step: int, stream: int) -> torch.Tensor:
+    def _loss(self, batch: Batch, step: int, stream: int) -> torch.Tensor:
+        latents = batch.latents
         generator = step_generator(self.config.seed, step, 500 + stream)
         noise = torch.randn(latents.shape, generator=generator)
         if self.config.noise_offset:
@@ -134,15 +135,33 @@ class Trainer:
                                   generator=generator)
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = self.text(captions)
-        with torch.autocast(device_type=self.placement.device.type, dtype=self._autocast_dtype(),
-                            enabled=self._autocast_dtype() is not None):
-            prediction = self.pipe.unet(noisy, timesteps, hidden).sample
         target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else \
             self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = self._toward_base(batch, noisy, timesteps, target)
+        hidden = self.text(batch.captions)
+        with self._autocast():
+            prediction = self.pipe.unet(noisy, timesteps, hidden).sample
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = _snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma).to(per_sample.device)
-        return (per_sample * weights).mean()
+        weights = _snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma) * batch.weights
+        return (per_sample * weights.to(per_sample.device)).mean()
+
+    def _toward_base(self, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor,
+                     target: torch.Tensor) -> torch.Tensor:
+        """``regularization.target=base``: regularization rows aim at the frozen base's own
+        prediction for the same noisy input, so the adapter learns to change nothing there."""
+        rows = batch.regularization
+        if self.config.regularization.target != "base" or not rows.any():
+            return target
+        rows = rows.to(target.device)
+        target = target.clone()
+        with torch.no_grad(), self.method.base_model(self.pipe), self._autocast():
+            hidden = self.text([caption for caption, row in zip(batch.captions, rows.tolist()) if row])
+            target[rows] = self.pipe.unet(noisy[rows], timesteps[rows], hidden).sample.to(target.dtype)
+        return target
+
+    def _autocast(self):
+        dtype = self._autocast_dtype()
+        return torch.autocast(device_type=self.placement.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _autocast_dtype(self):
         if not self.placement.is_cuda or self.config.mixed_precision == "no":
@@ -155,11 +174,11 @@ class Trainer:
         for index in range(self.config.gradient_accumulation):
             micro = self.rank * 10_000 + index  # each data-parallel worker draws its own batches
             batch = self.batches.batch(step, micro)
-            instance = self._loss(batch.latents, batch.captions, step, micro)
+            instance = self._loss(batch, step, micro)
             prior = None
             if self.class_source is not None:
                 class_batch = self.class_source.batch(step, micro)
-                prior = self._loss(class_batch.latents, class_batch.captions, step, 5_000 + micro)
+                prior = self._loss(class_batch, step, 5_000 + micro)
             loss = self.method.combine(instance, prior) / self.config.gradient_accumulation
             loss.backward()
             total += float(loss.detach())

@@ -8,6 +8,7 @@ fine-tuning differ only there.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,13 @@ class TrainingMethod:
 
     def export(self, pipe) -> AdapterPayload:
         raise NotImplementedError
+
+    @contextmanager
+    def base_model(self, pipe):
+        """Within the block the pipeline predicts as the frozen base (``regularization.target=base``);
+        only methods that train layers over a frozen base can (config.ADAPTER_METHODS)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot switch back to the base model")
+        yield
 
     def trainable_state(self, pipe) -> dict[str, torch.Tensor]:
         """Tensors a checkpoint must hold to resume (by default: what is exported)."""
@@ -108,6 +116,17 @@ class LoraMethod(TrainingMethod):
         trigger = [self.config.data.trigger] if self.config.data.trigger else []
         return AdapterPayload(AdapterFormat.diffusers_lora, tensors, components, trigger_tokens=trigger,
                               source_format="lorafleet-train")
+
+    @contextmanager
+    def base_model(self, pipe):
+        models = list(self._components(pipe).values())
+        for model in models:
+            model.disable_adapters()
+        try:
+            yield
+        finally:
+            for model in models:
+                model.enable_adapters()
 
     def load_trainable_state(self, pipe, state: dict[str, torch.Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict

@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (requests, steps, repeats...): a clear error instead of a crash later."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 def add_commands(subparsers) -> None:
     from . import autoscale_bench, concepts_bench, registry_bench, reliability_report, serve_bench, train_bench

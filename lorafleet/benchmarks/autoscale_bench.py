@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from . import positive_int
+
 
 def _running_replicas() -> int:
     from ray import serve
@@ -86,7 +88,7 @@ def cmd_bench_autoscale(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--requests", type=int, default=60)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--requests", type=positive_int, default=60)
+    parser.add_argument("--concurrency", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=30)
     parser.set_defaults(handler=cmd_bench_autoscale)

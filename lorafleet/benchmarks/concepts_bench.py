@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from . import positive_int
 from .registry_bench import emit
 
 COLUMNS = ["method", "concept", "images", "train_s", "without", "with", "base_without", "base_with", "retained"]
@@ -53,7 +54,7 @@ def cmd_bench_concepts(args) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("--methods", default="lora,dreambooth,qlora,textual_inversion,full")
     parser.add_argument("--concepts", default="colour,shape", help="held-out colour (cyan) and/or shape (star)")
-    parser.add_argument("--seeds", type=int, default=8, help="images per prompt")
+    parser.add_argument("--seeds", type=positive_int, default=8, help="images per prompt")
     parser.add_argument("--compose", action="store_true",
                         help="train a colour and a shape adapter per method and name both in one request")
     parser.set_defaults(handler=cmd_bench_concepts)

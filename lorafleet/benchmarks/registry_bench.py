@@ -17,6 +17,8 @@ from pathlib import Path
 
 from lorafleet.demo import synthetic_lora
 
+from . import positive_int
+
 BIG_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
 
@@ -127,8 +129,8 @@ def cmd_bench_registry(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--adapters", type=int, default=100)
+    parser.add_argument("--adapters", type=positive_int, default=100)
     parser.add_argument("--size-mb", type=float, default=3.0)
-    parser.add_argument("--versions", type=int, default=1000)
+    parser.add_argument("--versions", type=positive_int, default=1000)
     parser.add_argument("--backends", default="file,s3")
     parser.set_defaults(handler=cmd_bench_registry)

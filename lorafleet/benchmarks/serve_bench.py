@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from . import positive_int
+
 PROMPT = "a red circle on the left"
 
 
@@ -117,7 +119,8 @@ def bench_overhead(base: str, steps: int, repeats: int, workdir: Path) -> dict:
     }
 
 
-def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, sections: list[str]) -> list[dict]:
+def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, sections: list[str],
+                    rounds: int = 3) -> list[dict]:
     from .throughput_bench import bench_throughput
 
     results = []
@@ -127,7 +130,8 @@ def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, s
             if "overhead" in sections:
                 row.update(bench_overhead(base, steps, repeats, Path(tmp) / "overhead"))
             if "throughput" in sections:
-                row.update(bench_throughput(base, steps, requests, repeats, Path(tmp) / "throughput" / base))
+                row.update(bench_throughput(base, steps, requests, repeats, Path(tmp) / "throughput" / base,
+                                              rounds=rounds))
             results.append(row)
             print(json.dumps(row), flush=True)  # each base as soon as it is done
     return results
@@ -137,14 +141,16 @@ def cmd_bench_serve(args) -> int:
     from .registry_bench import emit
 
     results = run_serve_bench(args.bases.split(","), args.steps, args.requests, args.repeats,
-                              args.sections.split(","))
+                              args.sections.split(","), args.rounds)
     return emit(results, transpose=True)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--bases", default="small,tiny")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--requests", type=int, default=64, help="concurrent requests per throughput scenario")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--requests", type=positive_int, default=64, help="concurrent requests per throughput scenario")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="throughput: interleaved rounds of the limit and every scenario (medians reported)")
     parser.add_argument("--sections", default="overhead,throughput", help="overhead, throughput or both")
     parser.set_defaults(handler=cmd_bench_serve)

@@ -9,7 +9,8 @@
 3. switch overhead: a request whose adapter is in host memory but not in the pipeline vs one
    whose adapter is already active, as a fraction of one generation;
 4. the limit: the base's own batched throughput with no adapter at all, through the same
-   denoising loop with no adapter machinery;
+   denoising loop with no adapter machinery; the limit and the lorafleet scenarios are
+   interleaved over ``rounds`` and each ratio is a median of within-round ratios;
 5. what the engine's policy rests on: the time of one full pass (``max_batch_images`` images) in
    each mode: base, fused, active (peft layers), routed with one adapter, routed with all
    different adapters.
@@ -217,7 +218,7 @@ def _switch_overhead(setup: _Setup, workdir: Path, repeats: int) -> dict:
         replica.scheduler.close()
 
 
-def _peft_layers_pass(setup: _Setup, batch: int, repeats: int) -> float:
+def _peft_layers_pass(setup: _Setup, batch: int):
     """The same pass on peft's injected layers (diffusers ``load_lora_weights``): the unfused alternative."""
     from lorafleet.bases import load_base
     from lorafleet.serve.sampler import BatchShape, ImageSpec, sample_images
@@ -226,17 +227,13 @@ def _peft_layers_pass(setup: _Setup, batch: int, repeats: int) -> float:
     pipe.load_lora_weights(str(setup.files[0]))
     shape = BatchShape(setup.size, setup.size, setup.steps, True)
     specs = [ImageSpec(PROMPT, None, GUIDANCE, seed) for seed in range(batch)]
-    sample_images(pipe, shape, specs)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        sample_images(pipe, shape, specs)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return lambda repeat, warm_up=False: sample_images(pipe, shape, specs)
 
 
 def _pass_costs(setup: _Setup, batch: int, repeats: int) -> dict:
-    """Median seconds of one pass of ``batch`` images per engine mode (engines used directly)."""
+    """Median seconds of one pass of ``batch`` images per engine mode (engines used directly).
+
+    The modes take turns within each repeat, so that drift in machine speed moves them alike."""
     from lorafleet.accelerator import resolve_placement
     from lorafleet.bases import load_base
     from lorafleet.registry import AdapterRegistry
@@ -250,32 +247,35 @@ def _pass_costs(setup: _Setup, batch: int, repeats: int) -> dict:
         return [BatchRequest((AdapterUse(adapters[i], 1.0),) if i is not None else (), setup.job(n))
                 for n, i in enumerate(indices)]
 
-    def median_pass(engine, make, mode):
-        engine.run_batch(make(0))
-        times = []
-        for repeat in range(repeats):
-            started = time.perf_counter()
-            results = engine.run_batch(make(repeat + 1))
-            times.append(time.perf_counter() - started)
-            assert results[0].mode == mode, (results[0].mode, mode)
-        return statistics.median(times)
+    def engine(**options) -> PipelineEngine:
+        return PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4, **options)
 
-    plain = PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4)
-    fusing = PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4, fuse_after=1)
-    updates_only = PipelineEngine(load_base(setup.base).pipeline, resolve_placement("cpu"), max_active=4,
-                                  row_weights_bytes=0)
+    def runs(engine, make, mode):
+        def run(repeat, warm_up=False):
+            results = engine.run_batch(make(repeat))
+            assert warm_up or results[0].mode == mode, (results[0].mode, mode)
+        return run
+
+    plain, fusing, updates_only = engine(), engine(fuse_after=1), engine(row_weights_bytes=0)
     all_different = lambda r: requests([(r * batch + i) % len(adapters) for i in range(batch)])  # noqa: E731
     cold = iter(range(batch, len(adapters)))
-    median_pass(plain, lambda _: requests([None] * batch), "base")  # the process's first passes run slower
-    costs = {
-        "base": median_pass(plain, lambda _: requests([None] * batch), "base"),
-        "routed_all_different": median_pass(plain, all_different, "mixed"),
-        "routed_updates_only_all_different": median_pass(updates_only, all_different, "mixed"),
-        "routed_one_adapter": median_pass(plain, lambda _: requests([next(cold)] * batch), "mixed"),
-        "peft_layers_one_adapter": _peft_layers_pass(setup, batch, repeats),
-        "fused_one_adapter": median_pass(fusing, lambda _: requests([0] * batch), "fused"),
+    modes = {
+        "base": runs(plain, lambda _: requests([None] * batch), "base"),
+        "routed_all_different": runs(plain, all_different, "mixed"),
+        "routed_updates_only_all_different": runs(updates_only, all_different, "mixed"),
+        "routed_one_adapter": runs(plain, lambda _: requests([next(cold)] * batch), "mixed"),
+        "peft_layers_one_adapter": _peft_layers_pass(setup, batch),
+        "fused_one_adapter": runs(fusing, lambda _: requests([0] * batch), "fused"),
     }
-    return {f"pass_s_{mode}": seconds for mode, seconds in costs.items()}
+    for run in modes.values():  # warm-up; the process's first passes run slower
+        run(0, warm_up=True), run(0, warm_up=True)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for repeat in range(repeats):
+        for mode, run in modes.items():
+            started = time.perf_counter()
+            run(repeat + 1)
+            times[mode].append(time.perf_counter() - started)
+    return {f"pass_s_{mode}": statistics.median(seconds) for mode, seconds in times.items()}
 
 
 def _diffusers_side(setup: _Setup, concurrency: int, max_batch_images: int, repeats: int) -> dict:
@@ -298,28 +298,55 @@ def _diffusers_side(setup: _Setup, concurrency: int, max_batch_images: int, repe
 
 
 def _lorafleet_side(setup: _Setup, concurrency: int, repeats: int, workdir: Path, max_batch_images: int,
-                    fuse_after: int, offered: float) -> dict:
-    """Child process: one replica (its own pipeline thread); this thread only sends requests."""
-    results: dict = {}
+                    fuse_after: int, offered: float, rounds: int) -> dict:
+    """Child process: one replica (its own pipeline thread); this thread only sends requests.
+
+    The limit and every scenario run once per round, interleaved, on the replica's own pipeline
+    thread and process: machine drift then moves all of a round alike, so each ratio is taken
+    within a round and the median over rounds is reported."""
     replica = setup.replica(workdir / "throughput", fuse_after, max_batch_images)
     limit = lambda: replica.scheduler.call(lambda: _limit_rate(setup, concurrency, max_batch_images))  # noqa: E731
+    per_round: list[dict] = []
     try:
-        # The limit on the replica's own pipeline thread, before and after the scenarios: the
-        # same process and thread, so machine drift between the two sides cannot masquerade as overhead.
-        limits = [limit()]
-        for adapters in (0, *SCENARIOS):  # 0: no adapter, the replica's own overhead over the limit
-            order = [None] * concurrency if adapters == 0 else _traffic(adapters, concurrency)
-            measured = _lorafleet_rate(setup, replica, order, concurrency)
-            results.update({f"lorafleet_{adapters}_{k}": v for k, v in measured.items()})
-        limits.append(limit())
-        results["limit_images_per_s"] = statistics.mean(limits)
-        results["limit_spread"] = abs(limits[0] - limits[1]) / results["limit_images_per_s"]
+        for _ in range(rounds):
+            measured = {"limit_images_per_s": limit()}
+            for adapters in (0, *SCENARIOS):  # 0: no adapter, the replica's own overhead over the limit
+                order = [None] * concurrency if adapters == 0 else _traffic(adapters, concurrency)
+                rate = _lorafleet_rate(setup, replica, order, concurrency)
+                measured.update({f"lorafleet_{adapters}_{k}": v for k, v in rate.items()})
+            per_round.append(measured)
         order = _traffic(10, max(16, concurrency // 2), seed=1)
         latency = _open_loop(lambda index, seed: replica.generate(setup.task(index, seed)), order, offered)
-        results.update({f"latency_lorafleet_{k}": v for k, v in latency.items()})
     finally:
         replica.scheduler.close()
+    results = _over_rounds(per_round)
+    results.update({f"latency_lorafleet_{k}": v for k, v in latency.items()})
     results.update({f"switch_{k}": v for k, v in _switch_overhead(setup, workdir, repeats).items()})
+    return results
+
+
+RATIOS = {  # name: (numerator, denominator), both images/s measured in the same round
+    "ratio_100_to_1": ("lorafleet_100_images_per_s", "lorafleet_1_images_per_s"),
+    "ratio_100_to_limit": ("lorafleet_100_images_per_s", "limit_images_per_s"),
+    "ratio_1_to_limit": ("lorafleet_1_images_per_s", "limit_images_per_s"),
+    "ratio_0_to_limit": ("lorafleet_0_images_per_s", "limit_images_per_s"),
+}
+
+
+def _over_rounds(per_round: list[dict]) -> dict:
+    """Medians over rounds of every figure and of every within-round ratio, with each ratio's range."""
+    results: dict = {"rounds": len(per_round)}
+    for key, value in per_round[0].items():
+        if isinstance(value, (int, float)):
+            results[key] = statistics.median(r[key] for r in per_round)
+        else:
+            results[key] = value  # e.g. the modes of the first round
+    rates = [r["limit_images_per_s"] for r in per_round]
+    results["limit_spread"] = (max(rates) - min(rates)) / results["limit_images_per_s"]
+    for name, (numerator, denominator) in RATIOS.items():
+        ratios = [r[numerator] / r[denominator] for r in per_round]
+        results[name] = statistics.median(ratios)
+        results[f"{name}_min"], results[f"{name}_max"] = min(ratios), max(ratios)
     return results
 
 
@@ -329,17 +356,12 @@ def _in_child(fn, *args):
 
 
 def bench_throughput(base: str, steps: int, concurrency: int, repeats: int, workdir: Path,
-                     max_batch_images: int = 8, fuse_after: int = 4) -> dict:
+                     max_batch_images: int = 8, fuse_after: int = 4, rounds: int = 3) -> dict:
     setup = _Setup(base, max(SCENARIOS), steps, workdir)
     results: dict = {"base": base, "steps": steps, "requests": concurrency, "max_batch_images": max_batch_images}
     results.update(_in_child(_diffusers_side, setup, concurrency, max_batch_images, repeats))
     results.update(_in_child(_lorafleet_side, setup, concurrency, repeats, workdir, max_batch_images, fuse_after,
-                             results["latency_offered_per_s"]))
-    limit, single = results["limit_images_per_s"], results["lorafleet_1_images_per_s"]
-    results["ratio_100_to_1"] = results["lorafleet_100_images_per_s"] / single
-    results["ratio_100_to_limit"] = results["lorafleet_100_images_per_s"] / limit
-    results["ratio_1_to_limit"] = single / limit
-    results["ratio_0_to_limit"] = results["lorafleet_0_images_per_s"] / limit
+                             results["latency_offered_per_s"], rounds))
     results["speedup_100_vs_naive"] = results["lorafleet_100_images_per_s"] / results["naive_100_images_per_s"]
     results["speedup_100_vs_set_adapters"] = (results["lorafleet_100_images_per_s"]
                                               / results["set_adapters_100_images_per_s"])

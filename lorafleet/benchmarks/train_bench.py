@@ -15,6 +15,8 @@ from pathlib import Path
 
 from lorafleet.devtools.shapes import write_shapes_folder
 
+from . import positive_int
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -139,8 +141,8 @@ def cmd_bench_train(args) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--base", default="small")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--rank", type=positive_int, default=8)
+    parser.add_argument("--images", type=positive_int, default=1000)
     parser.set_defaults(handler=cmd_bench_train)

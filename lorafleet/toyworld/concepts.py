@@ -16,34 +16,46 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .base_model import BASE_SHAPES, HELD_OUT_COLOUR, HELD_OUT_SHAPE, base_scene
+from .base_model import BASE_SHAPES, HELD_OUT_COLOUR, HELD_OUT_SHAPE, base_scene, base_targets
 from .scorer import score
 from .world import caption, render, write_dataset
 
 TRIGGER = "sks"
 TI_TOKEN = "<sks>"
-BASE_CHECK_PROMPTS = {"a red circle": ("red", "circle"), "a blue square": ("blue", "square"),
-                      "a yellow triangle": ("yellow", "triangle"), "a purple circle": ("purple", "circle")}
+BASE_CHECK_PROMPTS = base_targets()  # every base colour x shape pairing: the drift check
 COMMON = ["base=toy", "data.resolution=32", "data.trigger_mode=substitute", "data.cache_latents=true",
           "data.caption_dropout=0.1",
           "batch_size=8", "optimizer.warmup_steps=20", "optimizer.schedule=cosine", "checkpoint_every=0"]
 # Per method: training overrides (the trigger binds the concept; `full` is the reference).
-# LoRA-type methods also get REGULARIZATION_IMAGES renders of the base's own concepts in the folder
-# (kohya-style regularization images): without them the update leaks into every prompt.
-REGULARIZED_METHODS = {"lora": 48, "qlora": 48, "full": 48}
+# All but textual inversion also get this many renders of the base's own concepts in the folder
+# (regularization images): without them the update leaks into every prompt. The adapter methods
+# train those rows (and DreamBooth its class images) toward the frozen base's own prediction
+# (regularization.target=base), weighted 4x: that is what keeps the base prompts at >= 90%
+# (docs/toy-model-card.md).
+REGULARIZED_METHODS = {"lora": 48, "dreambooth": 48, "qlora": 48, "full": 48}
+BASE_TARGET = ["regularization.target=base", "regularization.weight=4"]
 METHODS: dict[str, list[str]] = {
     "lora": ["max_steps=300", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
-             "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']"],
+             "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']", *BASE_TARGET],
     "dreambooth": ["max_steps=450", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
                    "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']",
                    "dreambooth.class_prompt=a circle", "dreambooth.num_class_images=16",
-                   "dreambooth.class_image_steps=20", "dreambooth.prior_loss_weight=1.0"],
+                   "dreambooth.class_image_steps=20", "dreambooth.prior_loss_weight=1.0", *BASE_TARGET],
     "qlora": ["max_steps=300", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
-              "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']"],
+              "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']", *BASE_TARGET],
     "textual_inversion": ["max_steps=300", "optimizer.learning_rate=0.02", f"textual_inversion.token={TI_TOKEN}",
                           "textual_inversion.init_word=blue"],
     "full": ["max_steps=500", "optimizer.learning_rate=0.001"],
 }
+
+# A held-out shape needs more than the cross-attention: LoRA-type methods train every transformer
+# projection and the ResNet convolutions at rank 16 (measured in docs/toy-model-card.md; a
+# convolution LoRA is served unbatched, through peft's layers, as the router cannot split it).
+SHAPE_LORA = ["max_steps=600", "optimizer.learning_rate=0.004", "lora.rank=16", "lora.alpha=16",
+              "lora.target_modules=['to_q','to_k','to_v','to_out.0','proj_in','proj_out','ff.net.0.proj',"
+              "'ff.net.2','conv1','conv2']"]
+CONCEPT_SETTINGS: dict[tuple[str, str], list[str]] = {
+    (method, "shape"): SHAPE_LORA for method in ("lora", "dreambooth", "qlora")}
 
 
 @dataclass
@@ -131,6 +143,7 @@ def train_and_publish(method: str, workdir: Path, registry, concept: str = "colo
     aliases_setting = [f"publish.aliases={list(aliases)}"] if aliases else []
     config = load_train_config(None, [f"method={method}", f"data.path={data}", f"output_dir={workdir / 'run'}",
                                       f"data.trigger={trigger}", f"seed={train_seed}", *COMMON, *METHODS[method],
+                                      *CONCEPT_SETTINGS.get((method, concept), []),
                                       *aliases_setting])
     started = time.perf_counter()
     result = train(config)

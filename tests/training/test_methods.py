@@ -182,3 +182,90 @@ def test_qlora_on_cuda_uses_the_diffusers_bitsandbytes_path(dataset, tmp_path):
     result = train(_config("qlora", dataset, tmp_path / "run", "max_steps=3"))
     details = result.metrics["method"]
     assert details["quantized_layers"] > 0 and details["memory_saving_bytes"] > 0
+
+
+@pytest.fixture(scope="module")
+def regularized_dataset(tmp_path_factory):
+    """4 cyan circles captioned with [trigger], 4 red squares without it (regularization examples)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("regularized")
+    for index in range(4):
+        for name, colour, caption in (("concept", (0, 255 - index, 255), "a [trigger] circle"),
+                                      ("regularization", (255 - index, 0, 0), "a red square")):
+            Image.new("RGB", (32, 32), colour).save(folder / f"{name}-{index}.png")
+            (folder / f"{name}-{index}.txt").write_text(caption)
+    return folder
+
+
+def _base_target_config(method, dataset, output, *extra):
+    return _config(method, dataset, output, "data.trigger_mode=substitute", "data.caption_dropout=0",
+                   "regularization.target=base", "max_steps=2", *extra)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_base_target_regularization_rows_aim_at_the_frozen_base(method, regularized_dataset, tmp_path):
+    from lorafleet.training.batches import Batch
+    from lorafleet.training.config import RegularizationConfig
+    from lorafleet.training.loop import Trainer
+
+    trainer = Trainer(_base_target_config(method, regularized_dataset, tmp_path / "run"))
+    assert trainer.data_report.regularization == 4
+    examples = trainer.examples
+    rows = [i for i, e in enumerate(examples) if e.regularization]
+    assert {examples[i].caption for i in rows} == {"a red square"}
+    assert all("sks" in e.caption for e in examples if not e.regularization)
+    latents = trainer.batches.cached
+    batch = Batch(latents[rows], [examples[i].caption for i in rows], torch.ones(len(rows), dtype=torch.bool),
+                  torch.ones(len(rows)))
+    # A fresh LoRA (B = 0) predicts exactly what the base does: nothing to learn on those rows.
+    assert float(trainer._loss(batch, 0, 0)) == 0.0
+    trainer.config = trainer.config.model_copy(update={"regularization": RegularizationConfig(target="images")})
+    assert float(trainer._loss(batch, 0, 0)) > 0.01  # toward their own images: a real loss
+    trainer.step(0)  # the adapters are switched back on and keep training after the base prediction
+    assert all(p.requires_grad for p in trainer.parameters)
+    assert any(float(p.abs().sum()) > 0 for n, p in trainer.pipe.unet.named_parameters() if "lora_B" in n)
+    trainer.config = trainer.config.model_copy(update={"regularization": RegularizationConfig(target="base")})
+    noisy, timesteps = torch.randn_like(batch.latents), torch.full((len(rows),), 500)
+    with torch.no_grad():
+        target = trainer._toward_base(batch, noisy, timesteps, torch.zeros_like(noisy))
+        adapted = trainer.pipe.unet(noisy, timesteps, trainer.text(batch.captions)).sample
+        adapted_models = [trainer.pipe.unet] + ([trainer.pipe.text_encoder] if method == "lora" else [])
+        for model in adapted_models:  # `lora` here also trains the text encoder (METHOD_SETTINGS)
+            model.disable_adapters()
+        base = trainer.pipe.unet(noisy, timesteps, trainer.text(batch.captions)).sample
+        for model in adapted_models:
+            model.enable_adapters()
+    assert torch.equal(target, base) and not torch.allclose(target, adapted)
+
+
+@pytest.mark.parametrize(("method", "extra"), [("full", []), ("textual_inversion", []),
+                                               ("lora", ["data.trigger_mode=prepend"]),
+                                               ("qlora", ["data.trigger_mode=none"])])
+def test_base_target_is_refused_where_it_cannot_work(method, extra, regularized_dataset, tmp_path):
+    with pytest.raises(RequestInvalid) as caught:
+        _base_target_config(method, regularized_dataset, tmp_path / "run", *extra)
+    assert caught.value.field == "regularization.target"
+
+
+def test_regularization_weight_applies_to_regularization_rows_only(regularized_dataset, tmp_path):
+    from lorafleet.training.batches import BatchSource
+
+    config = _config("lora", regularized_dataset, tmp_path / "run", "data.trigger_mode=substitute",
+                     "regularization.weight=3", "batch_size=16")
+    from lorafleet.training.loop import Trainer
+
+    trainer = Trainer(config)
+    batch = BatchSource(trainer.pipe, trainer.examples, config, trainer.placement.device).batch(0, 0)
+    assert batch.regularization.any() and not batch.regularization.all()
+    assert batch.weights.tolist() == [3.0 if row else 1.0 for row in batch.regularization.tolist()]
+
+
+def test_dreambooth_base_target_class_rows_aim_at_the_base(dataset, tmp_path):
+    from lorafleet.training.loop import Trainer
+
+    trainer = Trainer(_config("dreambooth", dataset, tmp_path / "run", "regularization.target=base", "max_steps=1"))
+    class_batch = trainer.class_source.batch(0, 0)
+    assert class_batch.regularization.all()
+    assert float(trainer._loss(class_batch, 0, 0)) == 0.0  # a fresh LoRA predicts what the base does
+    assert float(trainer._loss(trainer.batches.batch(0, 0), 0, 0)) > 0.01  # instance rows: their images
