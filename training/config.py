@@ -46,6 +46,11 @@ class DataConfig(BaseModel):
     buckets: bool = Field(False, description="Aspect-ratio buckets of about resolution^2 pixels, not square crops.")
     weighted_sampling: bool = Field(True, description="Honour per-image 'weight' values in metadata.jsonl.")
 
+    @property
+    def marks_regularization(self) -> bool:
+        """Captions without ``[trigger]`` are regularization examples (substitute mode with a trigger)."""
+        return bool(self.trigger) and self.trigger_mode == "substitute"
+
 
 class LoraConfig(BaseModel):
     model_config = _STRICT
@@ -159,7 +164,7 @@ class TrainConfig(BaseModel):
             raise RequestInvalid(f"regularization.target=base needs an adapter method that can be switched off "
                                  f"({', '.join(m.value for m in ADAPTER_METHODS)}), not {self.method.value}",
                                  field="regularization.target")
-        if self.method != Method.dreambooth and (not self.data.trigger or self.data.trigger_mode != "substitute"):
+        if self.method != Method.dreambooth and not self.data.marks_regularization:
             raise RequestInvalid("regularization.target=base needs data.trigger with data.trigger_mode=substitute: "
                                  "regularization examples are the captions without [trigger]",
                                  field="regularization.target")

@@ -99,7 +99,7 @@ def apply_trigger(caption: str, config: DataConfig) -> str:
 
 def is_regularization(caption: str, config: DataConfig) -> bool:
     """In substitute mode, a caption without ``[trigger]`` is a regularization example."""
-    return bool(config.trigger) and config.trigger_mode == "substitute" and "[trigger]" not in caption
+    return config.marks_regularization and "[trigger]" not in caption
 
 
 def open_image(path: Path):

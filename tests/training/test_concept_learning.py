@@ -5,9 +5,9 @@ validated scorer.
 Adapter methods take the trigger prompts from ~0% cyan to >= 60%. Language drift is checked on
 all 20 base pairings: with `regularization.target=base` LoRA, DreamBooth-LoRA and QLoRA keep
 ~93% of the base's accuracy on them (`lorafleet bench concepts`, 8 seeds; the issue's target is
-90%); textual inversion cannot drift. The bounds here (4 seeds, to keep CI short) guard those figures with a
-margin of a few images. The full fine-tune is the reference: served as its own base, held to
-"learns something".
+90%); textual inversion cannot drift. The bounds here (4 seeds, to keep CI short) guard those
+figures with a margin of a few images. The full fine-tune is the reference: served as its own
+base, held to "learns something".
 """
 
 from __future__ import annotations

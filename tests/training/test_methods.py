@@ -249,14 +249,11 @@ def test_base_target_is_refused_where_it_cannot_work(method, extra, regularized_
 
 
 def test_regularization_weight_applies_to_regularization_rows_only(regularized_dataset, tmp_path):
-    from lorafleet.training.batches import BatchSource
-
-    config = _config("lora", regularized_dataset, tmp_path / "run", "data.trigger_mode=substitute",
-                     "regularization.weight=3", "batch_size=16")
     from lorafleet.training.loop import Trainer
 
-    trainer = Trainer(config)
-    batch = BatchSource(trainer.pipe, trainer.examples, config, trainer.placement.device).batch(0, 0)
+    trainer = Trainer(_config("lora", regularized_dataset, tmp_path / "run", "data.trigger_mode=substitute",
+                              "regularization.weight=3", "batch_size=16"))
+    batch = trainer.batches.batch(0, 0)
     assert batch.regularization.any() and not batch.regularization.all()
     assert batch.weights.tolist() == [3.0 if row else 1.0 for row in batch.regularization.tolist()]
 
