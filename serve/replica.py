@@ -135,8 +135,6 @@ class GeneratorReplica:
         return tiers
 
     def health(self) -> dict:
-        pipe = self.base.pipeline
-        native_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         return {"base": self.base.id, "base_fingerprint": self.base.fingerprint, "replica": self.replica_id,
-                "native_size": native_size, "torch_threads": torch.get_num_threads(),
+                "native_size": self.base.native_size, "torch_threads": torch.get_num_threads(),
                 "device": str(self.placement.device), "dtype": str(self.placement.dtype).removeprefix("torch.")}

@@ -34,8 +34,8 @@ a layer that sees ``k * n`` rows uses the per-image stacks repeated ``k`` times.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch

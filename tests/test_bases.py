@@ -120,3 +120,42 @@ def test_train_toy_command_runs_the_recipe_end_to_end(tmp_path):
     report = json.loads((tmp_path / "toy" / "training_report.json").read_text())
     assert report["recipe"]["unet_steps"] == 3 and report["parameters"]["unet"] > 1_000_000
     assert load_base(str(tmp_path / "toy")).pipeline.unet.config.cross_attention_dim == 64
+
+
+def test_toy_recipe_at_64_px_gives_the_unet_16x16_latents(tmp_path):
+    from lorafleet.toyworld.base_model import ToyRecipe, train_toy_base
+    from lorafleet.toyworld.evaluate import generate
+
+    recipe = ToyRecipe(vae_steps=2, unet_steps=2, vae_batch=4, unet_batch=4, dataset_size=32, image_size=64,
+                       threads=1)
+    report = train_toy_base(tmp_path / "toy64", recipe, log=lambda line: None)
+    assert report["recipe"]["image_size"] == 64
+    loaded = load_base(str(tmp_path / "toy64"))
+    assert loaded.native_size == 64 and loaded.pipeline.unet.config.sample_size == 16
+    assert generate(loaded.pipeline, "a red star", seeds=[0], steps=2).shape == (1, 64, 64, 3)
+
+
+def test_train_toy_refuses_another_resolution_over_the_packaged_base():
+    result = subprocess.run([sys.executable, "-m", "lorafleet.cli", "base", "train-toy", "--resolution", "64"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--resolution 64 needs --out" in result.stderr
+    bad = subprocess.run([sys.executable, "-m", "lorafleet.cli", "base", "train-toy", "--resolution", "48",
+                          "--out", "/nonexistent/never-written"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--resolution" in bad.stderr
+
+
+def test_toy_recipe_is_reproducible_from_its_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    from lorafleet.toyworld.base_model import ToyRecipe, train_toy_base
+
+    def weights(name: str, seed: int) -> dict:
+        recipe = ToyRecipe(seed=seed, vae_steps=3, unet_steps=3, vae_batch=4, unet_batch=4, dataset_size=32, threads=1)
+        train_toy_base(tmp_path / name, recipe, log=lambda line: None)
+        return {part: load_file(tmp_path / name / part / "diffusion_pytorch_model.safetensors")
+                for part in ("vae", "unet")}
+
+    first, again, other = weights("first", 7), weights("again", 7), weights("other", 8)
+    for part in ("vae", "unet"):
+        assert all(torch.equal(first[part][key], again[part][key]) for key in first[part])
+        assert not all(torch.equal(first[part][key], other[part][key]) for key in first[part])

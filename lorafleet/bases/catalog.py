@@ -68,6 +68,11 @@ class LoadedBase:
     def spec(self) -> BaseSpec:
         return spec_from_pipeline(self.id, self.pipeline, self.fingerprint)
 
+    @property
+    def native_size(self) -> int:
+        """The image side (pixels) the base was built for: its UNet's latent side times the VAE's scale."""
+        return int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+
 
 def _load_diffusers_directory(path: Path):
     from diffusers import StableDiffusionPipeline

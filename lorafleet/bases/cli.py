@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -31,14 +32,18 @@ def cmd_fingerprint(args) -> int:
 
 
 def cmd_train_toy(args) -> int:
-    import json
     from dataclasses import asdict
 
     from lorafleet.bases.catalog import TOY_DIRECTORY
-    from lorafleet.toyworld.base_model import ToyRecipe, base_targets, held_out_targets, train_toy_base
+    from lorafleet.toyworld.base_model import TOY_IMAGE_SIZE, ToyRecipe, base_targets, held_out_targets, train_toy_base
     from lorafleet.toyworld.evaluate import concept_accuracy
 
-    recipe = ToyRecipe(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps, threads=args.threads)
+    if args.resolution != TOY_IMAGE_SIZE and not args.out:
+        print(f"error: --resolution {args.resolution} needs --out: the packaged toy base is {TOY_IMAGE_SIZE} px",
+              file=sys.stderr)
+        return 2
+    recipe = ToyRecipe(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps, threads=args.threads,
+                       image_size=args.resolution)
     output = Path(args.out) if args.out else TOY_DIRECTORY
     report = train_toy_base(output, recipe, log=lambda line: print(line, flush=True),
                             vae_from=Path(args.vae_from) if args.vae_from else None)
@@ -77,6 +82,8 @@ def add_commands(subparsers) -> None:
     toy.add_argument("--unet-steps", type=int, default=2000)
     toy.add_argument("--vae-from", help="a VAE directory from an earlier run of this recipe (skips stage 2)")
     toy.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    toy.add_argument("--resolution", type=int, default=32, choices=(32, 64),
+                     help="image side in pixels (the committed base is 32; 64 gives the UNet 16x16 latents)")
     toy.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip scoring generated images")
     toy.add_argument("--eval-seeds", type=int, default=8, help="images per prompt when evaluating")
     toy.set_defaults(handler=cmd_train_toy)

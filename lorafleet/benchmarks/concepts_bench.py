@@ -17,14 +17,18 @@ from .registry_bench import emit
 COLUMNS = ["method", "concept", "images", "train_s", "without", "with", "base_without", "base_with", "retained"]
 
 
-def run_concepts(methods: list[str], concepts: list[str], seeds: int) -> list[dict]:
+def run_concepts(methods: list[str], concepts: list[str], seeds: int, base: str = "toy",
+                 grids: Path | None = None) -> list[dict]:
     from lorafleet.toyworld.concepts import learn_concept
+    from lorafleet.training.reporting import save_grid
 
     results = []
     for concept in concepts:
         for method in methods:
             with tempfile.TemporaryDirectory() as workdir:
-                r = learn_concept(method, Path(workdir), concept, seeds=seeds)
+                r = learn_concept(method, Path(workdir), concept, seeds=seeds, base=base)
+            if grids is not None:  # rows = the concept's prompts, columns = seeds, drawn with the adapter
+                save_grid(list(r.samples.values()), grids / f"{concept}-{method}.png", scale=2)
             results.append({"method": method, "concept": concept, "images": r.images, "train_s": r.train_seconds,
                             "without": round(r.target_without, 3), "with": round(r.target_with, 3),
                             "base_without": round(r.base_without, 3), "base_with": round(r.base_with, 3),
@@ -33,28 +37,34 @@ def run_concepts(methods: list[str], concepts: list[str], seeds: int) -> list[di
     return results
 
 
-def run_composition(methods: list[str], seeds: int) -> list[dict]:
+def run_composition(methods: list[str], seeds: int, base: str = "toy") -> list[dict]:
     from lorafleet.toyworld.concepts import compose_concepts
 
     results = []
     for method in methods:
         with tempfile.TemporaryDirectory() as workdir:
             results.append({k: round(v, 3) if isinstance(v, float) else v
-                            for k, v in compose_concepts(method, Path(workdir), seeds).items()})
+                            for k, v in compose_concepts(method, Path(workdir), seeds, base).items()})
         print(results[-1], flush=True)
     return results
 
 
 def cmd_bench_concepts(args) -> int:
     if args.compose:
-        return emit(run_composition(args.methods.split(","), args.seeds))
-    return emit(run_concepts(args.methods.split(","), args.concepts.split(","), args.seeds), COLUMNS)
+        return emit(run_composition(args.methods.split(","), args.seeds, args.base))
+    grids = Path(args.grids) if args.grids else None
+    return emit(run_concepts(args.methods.split(","), args.concepts.split(","), args.seeds, args.base, grids),
+                COLUMNS)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--methods", default="lora,dreambooth,qlora,textual_inversion,full")
     parser.add_argument("--concepts", default="colour,shape", help="held-out colour (cyan) and/or shape (star)")
+    parser.add_argument("--base", default="toy",
+                        help="toy, or a toy-world base trained by `lorafleet base train-toy --out DIR`")
     parser.add_argument("--seeds", type=positive_int, default=8, help="images per prompt")
+    parser.add_argument("--grids", metavar="DIR",
+                        help="save each method's images for the concept's prompts as DIR/<concept>-<method>.png")
     parser.add_argument("--compose", action="store_true",
                         help="train a colour and a shape adapter per method and name both in one request")
     parser.set_defaults(handler=cmd_bench_concepts)

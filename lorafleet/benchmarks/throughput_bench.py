@@ -67,8 +67,7 @@ class _Setup:
         published = publish_synthetic_adapters(registry, base_spec(base), count, workdir / "src")
         self.manifests = [manifest for manifest, _ in published]
         self.files = [path for _, path in published]
-        pipe = load_base(base).pipeline
-        self.size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        self.size = load_base(base).native_size
 
     def job(self, seed: int):
         from lorafleet.serve.engine import GenerationJob

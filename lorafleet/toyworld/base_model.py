@@ -26,7 +26,8 @@ from lorafleet.bases.vocabulary import build_tokenizer
 
 from .world import COLOUR_HUES, PLACES, SHAPES, SIZES, Scene, caption, render, sample_scene
 
-TOY_IMAGE_SIZE = 32
+TOY_IMAGE_SIZE = 32  # the committed base; `train-toy --resolution 64` trains a 64 px one (16x16 latents)
+TOY_RESOLUTIONS = (32, 64)
 TOY_SEED = 20261124
 HELD_OUT_COLOUR = "cyan"
 HELD_OUT_SHAPE = "star"
@@ -61,6 +62,7 @@ class ToyRecipe:
     caption_dropout: float = 0.1
     dataset_size: int = 12000  # base-concept scenes the UNet trains on (latents precomputed)
     threads: int = 2
+    image_size: int = TOY_IMAGE_SIZE  # pixels; the VAE downsamples 4x, so the UNet sees image_size / 4
     timings: dict = field(default_factory=dict)
 
 
@@ -84,11 +86,11 @@ def broad_scene(rng: random.Random) -> Scene:
                  scene.saturation, scene.value)
 
 
-def _broad_batch(rng: random.Random, count: int) -> torch.Tensor:
+def _broad_batch(rng: random.Random, count: int, size: int) -> torch.Tensor:
     images = []
     for _ in range(count):
         scene = broad_scene(rng)
-        image = render(scene, TOY_IMAGE_SIZE).astype(np.float32) / 255
+        image = render(scene, size).astype(np.float32) / 255
         if rng.random() < 0.5:  # shift the hue anywhere on the wheel: broad colour coverage
             image = _rotate_hue(image, rng.uniform(0, 360))
         images.append(image)
@@ -108,6 +110,10 @@ def _to_model(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous() * 2 - 1
 
 
+def _rendered(scenes: list[Scene], size: int) -> torch.Tensor:
+    return _to_model(np.stack([render(s, size).astype(np.float32) / 255 for s in scenes]))
+
+
 def _cosine_lr(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -115,14 +121,14 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_untrained(seed: int):
+def build_untrained(seed: int, image_size: int = TOY_IMAGE_SIZE):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     tokenizer = build_tokenizer(list(TOY_WORDS), model_max_length=TOY_TEXT_CONFIG["max_position_embeddings"])
     torch.manual_seed(seed)
     text_encoder = build_text_encoder(tokenizer, TOY_TEXT_CONFIG).eval().requires_grad_(False)
-    vae = AutoencoderKL(**TOY_VAE_CONFIG)
-    unet = UNet2DConditionModel(**TOY_UNET_CONFIG)
+    vae = AutoencoderKL(**{**TOY_VAE_CONFIG, "sample_size": image_size})
+    unet = UNet2DConditionModel(**{**TOY_UNET_CONFIG, "sample_size": image_size // 4})
     return tokenizer, text_encoder, vae, unet
 
 
@@ -134,7 +140,7 @@ def train_vae(vae, recipe: ToyRecipe, log=print) -> dict:
     for step in range(recipe.vae_steps):
         for group in optimizer.param_groups:
             group["lr"] = recipe.vae_lr * _cosine_lr(step, recipe.vae_steps, recipe.warmup_steps)
-        batch = _broad_batch(rng, recipe.vae_batch)
+        batch = _broad_batch(rng, recipe.vae_batch, recipe.image_size)
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = torch.nn.functional.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
@@ -147,8 +153,8 @@ def train_vae(vae, recipe: ToyRecipe, log=print) -> dict:
     return {"vae_seconds": round(time.perf_counter() - started, 1), "vae_final_loss": round(loss.item(), 6)}
 
 
-def psnr(vae, scenes: list[Scene]) -> float:
-    images = _to_model(np.stack([render(s, TOY_IMAGE_SIZE).astype(np.float32) / 255 for s in scenes]))
+def psnr(vae, scenes: list[Scene], size: int = TOY_IMAGE_SIZE) -> float:
+    images = _rendered(scenes, size)
     with torch.no_grad():
         decoded = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
     mse = torch.mean(((decoded - images) / 2) ** 2).item()
@@ -172,7 +178,7 @@ def train_unet(unet, vae, tokenizer, text_encoder, recipe: ToyRecipe, log=print)
     with torch.no_grad():
         for start in range(0, len(scenes), 256):
             chunk = scenes[start:start + 256]
-            images = _to_model(np.stack([render(s, TOY_IMAGE_SIZE).astype(np.float32) / 255 for s in chunk]))
+            images = _rendered(chunk, recipe.image_size)
             posterior = vae.encode(images).latent_dist
             means.append(posterior.mean)
             stds.append(posterior.std)
@@ -223,7 +229,9 @@ def train_toy_base(output: Path, recipe: ToyRecipe | None = None, log=print, vae
     """Train the toy base from scratch and save it as a diffusers directory at ``output``."""
     recipe = recipe or ToyRecipe()
     torch.set_num_threads(recipe.threads)
-    tokenizer, text_encoder, vae, unet = build_untrained(recipe.seed)
+    if recipe.image_size not in TOY_RESOLUTIONS:
+        raise ValueError(f"image_size must be one of {TOY_RESOLUTIONS}, not {recipe.image_size}")
+    tokenizer, text_encoder, vae, unet = build_untrained(recipe.seed, recipe.image_size)
     if vae_from is not None:  # a VAE trained by this recipe's first stage (deterministic from the seed)
         from diffusers import AutoencoderKL
 
@@ -237,10 +245,12 @@ def train_toy_base(output: Path, recipe: ToyRecipe | None = None, log=print, vae
     else:
         report["vae_from"] = str(vae_from)
     rng = random.Random(recipe.seed + 4)
+    size = recipe.image_size
     report["vae_psnr_db"] = {
-        "base_concepts": round(psnr(vae, [base_scene(rng) for _ in range(256)]), 2),
-        "held_out_colour": round(psnr(vae, [sample_scene(rng, colours=[HELD_OUT_COLOUR]) for _ in range(256)]), 2),
-        "held_out_shape": round(psnr(vae, [sample_scene(rng, shapes=[HELD_OUT_SHAPE]) for _ in range(256)]), 2),
+        "base_concepts": round(psnr(vae, [base_scene(rng) for _ in range(256)], size), 2),
+        "held_out_colour": round(psnr(vae, [sample_scene(rng, colours=[HELD_OUT_COLOUR]) for _ in range(256)], size),
+                                 2),
+        "held_out_shape": round(psnr(vae, [sample_scene(rng, shapes=[HELD_OUT_SHAPE]) for _ in range(256)], size), 2),
     }
     log(f"vae psnr {report['vae_psnr_db']}")
     report.update(train_unet(unet, vae, tokenizer, text_encoder, recipe, log))

@@ -23,7 +23,7 @@ from .world import caption, render, write_dataset
 TRIGGER = "sks"
 TI_TOKEN = "<sks>"
 BASE_CHECK_PROMPTS = base_targets()  # every base colour x shape pairing: the drift check
-COMMON = ["base=toy", "data.resolution=32", "data.trigger_mode=substitute", "data.cache_latents=true",
+COMMON = ["data.trigger_mode=substitute", "data.cache_latents=true",
           "data.caption_dropout=0.1",
           "batch_size=8", "optimizer.warmup_steps=20", "optimizer.schedule=cosine", "checkpoint_every=0"]
 # Per method: training overrides (the trigger binds the concept; `full` is the reference).
@@ -48,10 +48,11 @@ METHODS: dict[str, list[str]] = {
     "full": ["max_steps=500", "optimizer.learning_rate=0.001"],
 }
 
-# A held-out shape needs more than the cross-attention: LoRA-type methods train every transformer
-# projection and the ResNet convolutions at rank 16 (measured in docs/toy-model-card.md; a
-# convolution LoRA is served unbatched, through peft's layers, as the router cannot split it).
-SHAPE_LORA = ["max_steps=600", "optimizer.learning_rate=0.004", "lora.rank=16", "lora.alpha=16",
+# A held-out shape needs more than the cross-attention, and time: LoRA-type methods train every
+# transformer projection and the ResNet convolutions at rank 16 for 2,400 steps (LoRA: 600 steps
+# draw 19% stars, 1,200 50%, 2,400 81%; docs/toy-model-card.md). A convolution LoRA is served
+# unbatched, through peft's layers, as the router cannot split it.
+SHAPE_LORA = ["max_steps=2400", "optimizer.learning_rate=0.004", "lora.rank=16", "lora.alpha=16",
               "lora.target_modules=['to_q','to_k','to_v','to_out.0','proj_in','proj_out','ff.net.0.proj',"
               "'ff.net.2','conv1','conv2']"]
 CONCEPT_SETTINGS: dict[tuple[str, str], list[str]] = {
@@ -70,21 +71,23 @@ class ConceptResult:
     base_with: float  # ... with the adapter loaded (language drift)
     digest: str = ""
     per_prompt: dict = field(default_factory=dict)
+    samples: dict = field(default_factory=dict, repr=False)  # concept prompt -> the images drawn with the adapter
 
     @property
     def retained(self) -> float:
         return self.base_with / self.base_without if self.base_without else 0.0
 
 
-def concept_dataset(folder: Path, concept: str, count: int = 16, seed: int = 5, regularization: int = 0) -> \
-        tuple[Path, dict]:
-    """Images of a held-out colour (or shape) with the concept's word replaced by the trigger, plus
-    ``regularization`` renders of the base's own concepts with their plain captions."""
+def concept_dataset(folder: Path, concept: str, count: int = 16, seed: int = 5, regularization: int = 0,
+                    size: int = 32) -> tuple[Path, dict]:
+    """Images (``size`` px) of a held-out colour (or shape) with the concept's word replaced by the
+    trigger, plus ``regularization`` renders of the base's own concepts with their plain captions."""
     if concept == "colour":
-        write_dataset(folder, count, seed=seed, shapes=BASE_SHAPES, colours=[HELD_OUT_COLOUR], detail="short")
+        write_dataset(folder, count, seed=seed, size=size, shapes=BASE_SHAPES, colours=[HELD_OUT_COLOUR],
+                      detail="short")
         word = HELD_OUT_COLOUR
     else:
-        write_dataset(folder, count, seed=seed, shapes=[HELD_OUT_SHAPE], colours=["red", "blue", "yellow"],
+        write_dataset(folder, count, seed=seed, size=size, shapes=[HELD_OUT_SHAPE], colours=["red", "blue", "yellow"],
                       detail="short")
         word = HELD_OUT_SHAPE
     for text_file in folder.glob("*.txt"):
@@ -93,7 +96,7 @@ def concept_dataset(folder: Path, concept: str, count: int = 16, seed: int = 5, 
         rng = random.Random(seed + 1)
         for index in range(regularization):
             scene = base_scene(rng)
-            Image.fromarray(render(scene)).save(folder / f"regularization-{index:03d}.png")
+            Image.fromarray(render(scene, size)).save(folder / f"regularization-{index:03d}.png")
             (folder / f"regularization-{index:03d}.txt").write_text(caption(scene, "short"))
     return folder, _targets(concept)
 
@@ -129,20 +132,24 @@ class TrainedConcept:
 
 
 def train_and_publish(method: str, workdir: Path, registry, concept: str = "colour", name: str | None = None,
-                      train_seed: int = 0, aliases: list[str] | None = None, trigger: str | None = None) \
-        -> TrainedConcept:
-    """Train ``method`` on the held-out ``concept`` (≤20 images, a trigger word) and publish it."""
+                      train_seed: int = 0, aliases: list[str] | None = None, trigger: str | None = None,
+                      base: str = "toy") -> TrainedConcept:
+    """Train ``method`` on the held-out ``concept`` (≤20 images, a trigger word) over ``base`` (the
+    toy base or one trained by `train-toy --out`) and publish it."""
+    from lorafleet.bases import load_base
     from lorafleet.training.config import load_train_config
     from lorafleet.training.loop import train
     from lorafleet.training.publish import publish_result
 
     workdir = Path(workdir)
     regularization = REGULARIZED_METHODS.get(method, 0)
-    data, targets = concept_dataset(workdir / "data", concept, regularization=regularization)
+    size = load_base(base).native_size
+    data, targets = concept_dataset(workdir / "data", concept, regularization=regularization, size=size)
     trigger = trigger or (TI_TOKEN if method == "textual_inversion" else TRIGGER)
     aliases_setting = [f"publish.aliases={list(aliases)}"] if aliases else []
     config = load_train_config(None, [f"method={method}", f"data.path={data}", f"output_dir={workdir / 'run'}",
-                                      f"data.trigger={trigger}", f"seed={train_seed}", *COMMON, *METHODS[method],
+                                      f"data.trigger={trigger}", f"seed={train_seed}", f"base={base}",
+                                      f"data.resolution={size}", *COMMON, *METHODS[method],
                                       *CONCEPT_SETTINGS.get((method, concept), []),
                                       *aliases_setting])
     started = time.perf_counter()
@@ -158,28 +165,31 @@ def measure(without, with_adapter, prompts: dict, seeds: int) -> dict:
     """Accuracies without and with the adapter (each a generate(prompt, n) callable) on the concept's
     prompts and on the base's own prompts."""
     target_without, _ = accuracy({p: without(p, seeds) for p in prompts}, prompts)
-    target_with, per_prompt = accuracy({p: with_adapter(p, seeds) for p in prompts}, prompts)
+    samples = {p: with_adapter(p, seeds) for p in prompts}
+    target_with, per_prompt = accuracy(samples, prompts)
     base_without, _ = accuracy({p: without(p, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
     base_with, _ = accuracy({p: with_adapter(p, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
     return {"target_without": target_without, "target_with": target_with, "base_without": base_without,
-            "base_with": base_with, "per_prompt": per_prompt}
+            "base_with": base_with, "per_prompt": per_prompt, "samples": samples}
 
 
-def learn_concept(method: str, workdir: Path, concept: str = "colour", seeds: int = 8, train_seed: int = 0) -> \
-        ConceptResult:
+def learn_concept(method: str, workdir: Path, concept: str = "colour", seeds: int = 8, train_seed: int = 0,
+                  base: str = "toy") -> ConceptResult:
     """Train ``method`` on the held-out ``concept``, publish, serve (HTTP, in-process) and score."""
     from lorafleet.registry import AdapterRegistry
 
     workdir = Path(workdir)
     registry = AdapterRegistry(f"file://{workdir / 'registry'}")
-    trained = train_and_publish(method, workdir, registry, concept, train_seed=train_seed)
+    trained = train_and_publish(method, workdir, registry, concept, train_seed=train_seed, base=base)
     if method == "full":  # a full UNet is served as its own base, next to the original
-        fine_tuned = _full_unet_as_base(trained.payload, workdir / "full-base")
-        with _served(registry, workdir / "base") as base, _served(registry, workdir / "tuned", fine_tuned) as tuned:
-            figures = measure(lambda p, n: base(p, None, n), lambda p, n: tuned(p, None, n), trained.prompts, seeds)
+        fine_tuned = _full_unet_as_base(trained.payload, workdir / "full-base", base)
+        with _served(registry, workdir / "base", base) as original, \
+                _served(registry, workdir / "tuned", fine_tuned) as tuned:
+            figures = measure(lambda p, n: original(p, None, n), lambda p, n: tuned(p, None, n), trained.prompts,
+                              seeds)
     else:
         ref = f"{trained.manifest.name}@{trained.manifest.version}"
-        with _served(registry, workdir) as served:
+        with _served(registry, workdir, base) as served:
             figures = measure(lambda p, n: served(p, None, n), lambda p, n: served(p, ref, n), trained.prompts,
                               seeds)
     return ConceptResult(method, concept, trained.images, trained.train_seconds, digest=trained.manifest.digest,
@@ -189,7 +199,7 @@ def learn_concept(method: str, workdir: Path, concept: str = "colour", seeds: in
 COMPOSE_TRIGGERS = {"colour": "sks", "shape": "zwx"}  # one trigger word per adapter
 
 
-def compose_concepts(method: str, workdir: Path, seeds: int = 8) -> dict:
+def compose_concepts(method: str, workdir: Path, seeds: int = 8, base: str = "toy") -> dict:
     """A colour adapter (cyan, "sks") and a shape adapter (star, "zwx") trained apart, then named
     together in one request for "a sks zwx": how often is the image a cyan star?"""
     from lorafleet.registry import AdapterRegistry
@@ -199,13 +209,13 @@ def compose_concepts(method: str, workdir: Path, seeds: int = 8) -> dict:
     refs = {}
     for concept, trigger in COMPOSE_TRIGGERS.items():
         trained = train_and_publish(method, workdir / concept, registry, concept, name=f"compose-{concept}",
-                                    trigger=trigger)
+                                    trigger=trigger, base=base)
         refs[concept] = f"{trained.manifest.name}@{trained.manifest.version}"
     prompt = f"a {COMPOSE_TRIGGERS['colour']} {COMPOSE_TRIGGERS['shape']}"
     want = {prompt: (HELD_OUT_COLOUR, HELD_OUT_SHAPE)}
     colour_only = {prompt: (HELD_OUT_COLOUR, None)}
     shape_only = {prompt: (None, HELD_OUT_SHAPE)}
-    with _served(registry, workdir) as served:
+    with _served(registry, workdir, base) as served:
         images = {prompt: served(prompt, [refs["colour"], refs["shape"]], seeds)}
         alone = {concept: {prompt: served(prompt, [ref], seeds)} for concept, ref in refs.items()}
     return {"method": method, "prompt": prompt, "both": accuracy(images, want)[0],
@@ -232,11 +242,11 @@ def generate_over_http(client, prompt: str, ref: str | list[str] | None, count: 
     return [decode_npy(b) for b in response.json()["images"]]
 
 
-def _full_unet_as_base(payload, directory: Path) -> str:
-    """The toy base with a fully fine-tuned UNet, written as a diffusers directory."""
+def _full_unet_as_base(payload, directory: Path, base: str) -> str:
+    """``base`` with a fully fine-tuned UNet, written as a diffusers directory."""
     from lorafleet.bases import load_base
 
-    pipe = load_base("toy").pipeline
+    pipe = load_base(base).pipeline
     pipe.unet.load_state_dict({key.removeprefix("unet."): tensor for key, tensor in payload.tensors.items()})
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return str(directory)

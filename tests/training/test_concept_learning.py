@@ -28,7 +28,8 @@ RETAINED_AT_LEAST = {"lora": 0.85, "dreambooth": 0.85, "qlora": 0.85, "textual_i
 @pytest.mark.parametrize("method", ADAPTER_METHODS)
 def test_adapter_method_learns_a_held_out_colour(method, tmp_path):
     result = learn_concept(method, tmp_path, concept="colour", seeds=4)
-    print("concept:", {k: v for k, v in asdict(result).items() if k != "per_prompt"})
+    print("concept:", {k: v for k, v in asdict(result).items() if k not in ("per_prompt", "samples")})
+    assert {prompt: len(images) for prompt, images in result.samples.items()} == {p: 4 for p in result.per_prompt}
     assert result.target_without <= 0.2, result
     assert result.target_with >= 0.6, result
     assert result.retained >= RETAINED_AT_LEAST[method], result
@@ -36,5 +37,5 @@ def test_adapter_method_learns_a_held_out_colour(method, tmp_path):
 
 def test_full_fine_tune_reference(tmp_path):
     result = learn_concept("full", tmp_path, concept="colour", seeds=4)
-    print("concept:", {k: v for k, v in asdict(result).items() if k != "per_prompt"})
+    print("concept:", {k: v for k, v in asdict(result).items() if k not in ("per_prompt", "samples")})
     assert result.target_without <= 0.2 and result.target_with >= result.target_without + 0.15, result
