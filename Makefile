@@ -2,12 +2,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast soak reliability-report bench-registry clean
+.PHONY: setup lock check-latest demo test test-fast soak reliability-report bench-registry clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml requirements.lock scripts/setup.sh
 	bash scripts/setup.sh
+
+# Refresh requirements.lock on purpose (resolve the ranges, then check the new lock in a fresh venv).
+lock:
+	bash scripts/lock.sh
+
+# Early warning: the newest versions the ranges allow, without the lock (not part of CI).
+check-latest:
+	bash scripts/check-latest.sh
 
 # README command 1: the main job on the built-in default.
 demo: setup

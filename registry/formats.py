@@ -24,7 +24,14 @@ import torch
 from .base_spec import BaseSpec
 from .errors import InvalidAdapter, UnsafeFormat
 from .manifest import AdapterFormat, ComponentLora
-from .safetensors_io import PICKLE_SUFFIXES, AdapterLimits, canonical_safetensors, load_tensors
+from .safetensors_io import (
+    PICKLE_SUFFIXES,
+    AdapterLimits,
+    UntrustedJsonError,
+    canonical_safetensors,
+    load_tensors,
+    parse_untrusted_json,
+)
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry
 LORAFLEET_METADATA_KEY = "lorafleet"
@@ -79,9 +86,9 @@ def json_metadata(metadata: dict[str, str], key: str) -> dict:
     if not raw:
         return {}
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidAdapter(f"safetensors metadata {key!r} is not valid JSON", field="path") from exc
+        value = parse_untrusted_json(raw)
+    except UntrustedJsonError as exc:
+        raise InvalidAdapter(f"safetensors metadata {key!r} is not valid JSON ({exc})", field="path") from exc
     if not isinstance(value, dict):
         raise InvalidAdapter(f"safetensors metadata {key!r} must be a JSON object", field="path")
     return value
@@ -115,8 +122,8 @@ def find_weights_file(path: Path) -> tuple[Path, dict | None]:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = parse_untrusted_json(path.read_bytes())
+    except UntrustedJsonError as exc:
         raise InvalidAdapter(f"{path.name} is not valid JSON: {exc}", field="path") from exc
     if not isinstance(data, dict):
         raise InvalidAdapter(f"{path.name} must hold a JSON object", field="path")

@@ -46,21 +46,32 @@ class SafetensorsHeader:
     metadata: dict[str, str]
 
 
-def refuse_pickle(path: Path) -> None:
+def refuse_pickle_suffix(path: Path) -> None:
+    """Refuse files named as pickle-based formats before reading a byte of them."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UnsafeFormat(
             f"{path.name}: pickle-based weight files ({path.suffix}) are refused because loading them "
             "can run arbitrary code; convert the adapter to .safetensors",
             field="path",
         )
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """Pickle (protocol 2+) or torch.save zip magic. Only asked once a file failed to parse as
+    safetensors: a valid safetensors file may start with 0x80 too (header length 128 mod 256)."""
     with open(path, "rb") as handle:
         head = handle.read(4)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        raise UnsafeFormat(
-            f"{path.name}: this is a pickle/torch.save file, not safetensors; refused (convert it to "
-            ".safetensors)",
-            field="path",
-        )
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def _explain_unparsable(path: Path, error: InvalidAdapter) -> InvalidAdapter | UnsafeFormat:
+    if not _looks_like_pickle(path):
+        return error
+    return UnsafeFormat(
+        f"{path.name}: this is a pickle/torch.save file, not safetensors; refused (convert it to "
+        ".safetensors)",
+        field="path",
+    )
 
 
 def _parse_entry(name: str, entry: object, data_length: int) -> TensorInfo:
@@ -82,7 +93,32 @@ def _parse_entry(name: str, entry: object, data_length: int) -> TensorInfo:
     return TensorInfo(entry["dtype"], tuple(shape))
 
 
-def read_header(path: Path, limits: AdapterLimits) -> SafetensorsHeader:
+class UntrustedJsonError(ValueError):
+    """JSON from outside that cannot be parsed safely; the message says why."""
+
+
+def parse_untrusted_json(raw: bytes | str) -> object:
+    """json.loads for input we did not write: hostile JSON (deep nesting, integers past Python's
+    digit limit, bad encodings) raises UntrustedJsonError instead of RecursionError/ValueError."""
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise UntrustedJsonError("nested too deeply") from exc
+    except UnicodeDecodeError as exc:
+        raise UntrustedJsonError("not UTF-8 text") from exc
+    except ValueError as exc:  # JSONDecodeError, and integers past the digit limit
+        raise UntrustedJsonError(str(exc).split("; use sys.set_int_max_str_digits")[0]) from exc
+
+
+def _parse_header_json(path: Path, raw: bytes) -> object:
+    try:
+        return parse_untrusted_json(raw)
+    except UntrustedJsonError as exc:
+        raise InvalidAdapter(f"{path.name}: safetensors header is not valid JSON ({exc})", field="path") from exc
+
+
+def _header_object(path: Path, limits: AdapterLimits) -> tuple[dict, int]:
+    """The header's JSON object and the length of the data section after it."""
     size = path.stat().st_size
     if size > limits.max_file_bytes:
         raise AdapterTooLarge(f"{path.name} is {size} bytes; the limit is {limits.max_file_bytes}", field="path")
@@ -98,18 +134,24 @@ def read_header(path: Path, limits: AdapterLimits) -> SafetensorsHeader:
                 field="path",
             )
         raw = handle.read(header_length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidAdapter(f"{path.name}: safetensors header is not valid JSON", field="path") from exc
+    header = _parse_header_json(path, raw)
     if not isinstance(header, dict):
         raise InvalidAdapter(f"{path.name}: safetensors header is not a JSON object", field="path")
+    return header, size - 8 - header_length
+
+
+def read_header(path: Path, limits: AdapterLimits) -> SafetensorsHeader:
+    """The checked header. A file is safetensors when this parses it, whatever its first byte;
+    pickle and zip magic only explain why a file that does not parse is refused."""
+    try:
+        header, data_length = _header_object(path, limits)
+    except InvalidAdapter as exc:
+        raise _explain_unparsable(path, exc) from exc
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InvalidAdapter(f"{path.name}: safetensors metadata must map strings to strings", field="path")
     if len(header) > limits.max_tensors:
         raise AdapterTooLarge(f"{path.name} holds {len(header)} tensors; the limit is {limits.max_tensors}")
-    data_length = size - 8 - header_length
     tensors = {name: _parse_entry(name, entry, data_length) for name, entry in header.items()}
     return SafetensorsHeader(tensors=tensors, metadata=metadata)
 
@@ -120,7 +162,7 @@ def load_tensors(path: Path, limits: AdapterLimits) -> tuple[dict, dict[str, str
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    refuse_pickle(path)
+    refuse_pickle_suffix(path)
     header = read_header(path, limits)
     try:
         tensors = load_file(str(path))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from lorafleet.registry.errors import RequestInvalid
+from lorafleet.registry.safetensors_io import UntrustedJsonError, parse_untrusted_json
 
 from .config import DataConfig
 
@@ -70,10 +71,10 @@ def _read_metadata(folder: Path) -> dict[str, tuple[str, float]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_untrusted_json(line)
             weight = float(row.get("weight", 1.0))
             rows[str(row["file_name"])] = (str(row["text"]), weight)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (UntrustedJsonError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RequestInvalid(f"metadata.jsonl line {number}: needs file_name and text ({exc})",
                                  field="data.path") from exc
         if not (0 < weight < float("inf")):
