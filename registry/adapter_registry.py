@@ -6,6 +6,10 @@ Layout in the store (every name validated before it becomes a key)::
     manifests/NAME/v000000007.json      created once; the version number is won by create-once
     yanks/NAME/v000000007.json          created once; a yanked version stays resolvable by number
     aliases/NAME/ALIAS.json             moved by compare-and-swap, with its history
+    index/sha256/ab/abcdef.../NAME/v000000007   digest -> versions using it (NAME@sha256:... refs, gc)
+
+Nothing read back from the store is trusted: a manifest is size-checked, parsed strictly and must
+match the key it was read from before anything uses it.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ from .errors import (
     AliasNotFound,
     IntegrityError,
     InvalidAdapter,
+    InvalidReference,
+    LorafleetError,
     VersionConflict,
     VersionNotFound,
     YankedVersion,
 )
 from .identity import (
     LATEST,
+    NAME_PATTERN,
+    VERSION_PATTERN,
     AdapterRef,
     sha256_bytes,
     sha256_stream,
@@ -45,9 +53,9 @@ from .identity import (
     validate_name,
     validate_version,
 )
-from .manifest import AdapterMethod, BaseRef, Manifest
+from .manifest import MAX_MANIFEST_BYTES, AdapterMethod, BaseRef, Manifest
 from .safetensors_io import AdapterLimits
-from .storage import ObjectExists, ObjectStore, PreconditionFailed, open_store, registry_uri_from_env
+from .storage import ObjectExists, ObjectInfo, ObjectStore, PreconditionFailed, open_store, registry_uri_from_env
 
 _PUBLISH_ATTEMPTS = 200
 _ALIAS_HISTORY = 50
@@ -68,6 +76,15 @@ def yank_key(name: str, version: int) -> str:
 
 def alias_key(name: str, alias: str) -> str:
     return f"aliases/{name}/{alias}.json"
+
+
+def digest_index_prefix(digest: str) -> str:
+    hexdigest = validate_digest(digest).split(":", 1)[1]
+    return f"index/sha256/{hexdigest[:2]}/{hexdigest}/"
+
+
+def digest_index_key(digest: str, name: str, version: int) -> str:
+    return f"{digest_index_prefix(digest)}{name}/v{version:09d}"
 
 
 def _version_from_key(key: str) -> int | None:
@@ -116,6 +133,15 @@ class GcReport:
     removed: list[str]
     kept_recent: int
     bytes_freed: int
+    unreadable: list[str] = field(default_factory=list)  # manifests that could not be parsed
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What `list` found: readable manifests, and the versions it had to skip (with why)."""
+
+    manifests: list[Manifest]
+    skipped: list[str]
 
 
 def _now() -> datetime:
@@ -149,8 +175,11 @@ class AdapterRegistry:
         validate_payload(payload, request.base, self.limits)
         data = payload.to_bytes({"base_fingerprint": request.base.fingerprint, "base_id": request.base.id})
         digest = sha256_bytes(data)
+        fields = self._manifest_fields(payload, request, digest, len(data))
+        _checked_manifest(fields)  # refuse before anything is stored
         self._put_blob(digest, data)
-        manifest = self._create_manifest(self._manifest_fields(payload, request, digest, len(data)))
+        manifest = self._create_manifest(fields)
+        self._index_digest(manifest)
         for alias in request.aliases:
             self.set_alias(request.name, alias, manifest.version)
         return manifest
@@ -182,6 +211,12 @@ class AdapterRegistry:
             num_parameters=payload.num_parameters, description=request.description,
         )
 
+    def _index_digest(self, manifest: Manifest) -> None:
+        try:
+            self.store.create(digest_index_key(manifest.digest, manifest.name, manifest.version), b"")
+        except ObjectExists:
+            pass
+
     def _create_manifest(self, fields: dict) -> Manifest:
         name = fields["name"]
         for _ in range(_PUBLISH_ATTEMPTS):
@@ -208,14 +243,27 @@ class AdapterRegistry:
         stored = self.store.read(manifest_key(name, version))
         if stored is None:
             raise VersionNotFound(f"{name}@{version} does not exist", field="ref")
-        try:
-            manifest = Manifest.model_validate_json(stored.data)
-        except ValidationError as exc:
-            raise IntegrityError(f"manifest of {name}@{version} is unreadable: {exc}") from exc
+        manifest = self._trusted_manifest(name, version, stored.data)
         is_yanked = version in yanked if yanked is not None else self.store.exists(yank_key(name, version))
         if is_yanked:
             record = self._yank_record(name, version)
             manifest = manifest.model_copy(update={"yanked": True, "yanked_reason": record.reason if record else None})
+        return manifest
+
+    def _trusted_manifest(self, name: str, version: int, data: bytes) -> Manifest:
+        """Parse a stored manifest and check it against its key and the limits, or IntegrityError."""
+        where = f"manifest of {name}@{version}"
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise IntegrityError(f"{where} is {len(data)} bytes (limit {MAX_MANIFEST_BYTES}); refused")
+        try:
+            manifest = Manifest.model_validate_json(data)
+        except ValidationError as exc:
+            fields = sorted({".".join(map(str, e["loc"])) for e in exc.errors()})
+            raise IntegrityError(f"{where} is unreadable; bad fields: {', '.join(fields)}") from exc
+        if (manifest.name, manifest.version) != (name, version):
+            raise IntegrityError(f"{where} claims to be {manifest.name!r}@{manifest.version}; refused")
+        if manifest.size > self.limits.max_file_bytes:
+            raise IntegrityError(f"{where} claims {manifest.size} bytes, over the adapter size limit")
         return manifest
 
     def _yank_record(self, name: str, version: int) -> YankRecord | None:
@@ -223,26 +271,44 @@ class AdapterRegistry:
         return YankRecord.model_validate_json(stored.data) if stored else None
 
     def versions(self, name: str) -> list[Manifest]:
-        """Every version of ``name``, oldest first (manifests read in parallel)."""
-        validate_name(name)
-        numbers = self._version_numbers(name)
-        if not numbers:
-            raise AdapterNotFound(f"no adapter named {name!r}", field="ref")
-        yanked = self._yanked_versions(name)
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            return list(pool.map(lambda v: self._read_manifest(name, v, yanked), numbers))
+        """Every readable version of ``name``, oldest first (manifests read in parallel)."""
+        return self._listing_of(name).manifests
 
     def list(self, name: str | None = None) -> list[Manifest]:
-        """All versions of ``name``, or the latest version of every adapter."""
+        """All versions of ``name``, or the latest version of every adapter (unreadable skipped)."""
+        return self.listing(name).manifests
+
+    def listing(self, name: str | None = None) -> Listing:
+        """Like ``list``, and says which versions were skipped because they cannot be read: one
+        poisoned manifest must not hide every other adapter."""
         if name is not None:
-            return self.versions(name)
-        latest = []
+            return self._listing_of(name)
+        latest, skipped = [], []
         for adapter in self.names():
             try:
                 latest.append(self.resolve(AdapterRef(adapter, alias=LATEST)))
             except (AdapterNotFound, YankedVersion):
                 continue  # vanished, or every version yanked
-        return latest
+            except IntegrityError as exc:
+                skipped.append(str(exc))
+        return Listing(latest, skipped)
+
+    def _listing_of(self, name: str) -> Listing:
+        validate_name(name)
+        numbers = self._version_numbers(name)
+        if not numbers:
+            raise AdapterNotFound(f"no adapter named {name!r}", field="ref")
+        yanked = self._yanked_versions(name)
+
+        def read(version: int) -> Manifest | str:
+            try:
+                return self._read_manifest(name, version, yanked)
+            except IntegrityError as exc:
+                return str(exc)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            results = list(pool.map(read, numbers))
+        return Listing([r for r in results if isinstance(r, Manifest)], [r for r in results if isinstance(r, str)])
 
     def resolve(self, ref: AdapterRef | str) -> Manifest:
         """The manifest a reference points to now."""
@@ -270,11 +336,37 @@ class AdapterRegistry:
             raise YankedVersion(f"every version of {name!r} is yanked", field="ref")
         return self._read_manifest(name, live[-1], set())
 
+    def _indexed_versions(self, digest: str, name: str | None = None) -> list[tuple[str, int]]:
+        """(name, version) pairs the digest index records for ``digest`` (one listing, no scan)."""
+        found = []
+        for info in self.store.list(digest_index_prefix(digest)):
+            entry_name, version = info.key.split("/")[-2], _version_from_key(info.key + ".json")
+            if version and NAME_PATTERN.fullmatch(entry_name) and (name is None or entry_name == name):
+                found.append((entry_name, version))
+        return sorted(found)
+
     def _resolve_digest(self, ref: AdapterRef) -> Manifest:
-        for manifest in reversed(self.versions(ref.name)):
+        """Through the digest index: one listing and one manifest read, whatever the version count.
+        Registries written before the index existed: `lorafleet registry reindex` (or `gc`)."""
+        for name, version in reversed(self._indexed_versions(ref.digest, ref.name)):
+            try:
+                manifest = self._read_manifest(name, version)
+            except VersionNotFound:
+                continue  # deleted since it was indexed
             if manifest.digest == ref.digest:
                 return manifest
         raise VersionNotFound(f"{ref.name} has no version with digest {ref.digest}", field="ref")
+
+    def reindex(self) -> int:
+        """Write the digest index entries of every readable version; returns how many were added."""
+        added = 0
+        for name in self.names():
+            for manifest in self._listing_of(name).manifests:
+                key = digest_index_key(manifest.digest, manifest.name, manifest.version)
+                if not self.store.exists(key):
+                    self._index_digest(manifest)
+                    added += 1
+        return added
 
     # ----------------------------------------------------------------------------- blobs
     def read_blob(self, manifest: Manifest) -> bytes:
@@ -295,9 +387,10 @@ class AdapterRegistry:
         manifest = self.resolve(ref)
         destination = Path(destination)
         destination.mkdir(parents=True, exist_ok=True)
-        target = destination / f"{manifest.name}-v{manifest.version}.safetensors"
+        target = _inside(destination, f"{manifest.name}-v{manifest.version}.safetensors")
+        manifest_path = _inside(destination, f"{manifest.name}-v{manifest.version}.manifest.json")
         self._download_verified(manifest, target)
-        (destination / f"{manifest.name}-v{manifest.version}.manifest.json").write_bytes(manifest.to_json_bytes())
+        manifest_path.write_bytes(manifest.to_json_bytes())
         return manifest, target
 
     def _download_verified(self, manifest: Manifest, target: Path) -> None:
@@ -378,26 +471,91 @@ class AdapterRegistry:
     def gc(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
         """Remove blobs no manifest references and older than the grace period.
 
-        The grace period protects a publish in flight (blob written, manifest not yet).
+        The grace period protects a publish in flight (blob written, manifest not yet); a publish
+        of bytes whose blob already exists refreshes the blob's timestamp. Right before each
+        delete, the blob's timestamp and the digest index are read again. An unreadable manifest
+        may reference any blob: while one exists, nothing is deleted (fix it or `delete --force`).
         """
-        referenced = {m.digest for name in self.names() for m in self.versions(name)}
+        referenced, unreadable = self._referenced_digests()
         now, removed, kept, freed = time.time(), [], 0, 0
         for info in list(self.store.list("blobs/sha256/")):
             digest = "sha256:" + info.key.rsplit("/", 1)[-1]
             if digest in referenced:
                 continue
-            if now - info.modified < grace_seconds:
+            if unreadable or now - info.modified < grace_seconds or not self._still_unreferenced(info, digest):
                 kept += 1
                 continue
             if not dry_run:
                 self.store.delete(info.key)
             removed.append(digest)
             freed += info.size
-        return GcReport(referenced=len(referenced), removed=removed, kept_recent=kept, bytes_freed=freed)
+        return GcReport(referenced=len(referenced), removed=removed, kept_recent=kept, bytes_freed=freed,
+                        unreadable=unreadable)
+
+    def _referenced_digests(self) -> tuple[set[str], list[str]]:
+        """Digests of every readable version (indexing any the index misses), and the versions
+        that could not be read."""
+        referenced, unreadable = set(), []
+        for name in self.names():
+            listing = self._listing_of(name)
+            unreadable += listing.skipped
+            for manifest in listing.manifests:
+                referenced.add(manifest.digest)
+                self._index_digest(manifest)
+        return referenced, unreadable
+
+    def _still_unreferenced(self, info: ObjectInfo, digest: str) -> bool:
+        """Re-read just before deleting: a publish since the listing refreshed the blob or indexed it."""
+        fresh = self.store.info(info.key)
+        if fresh is None or fresh.modified > info.modified:
+            return False
+        return not any(self.store.exists(manifest_key(n, v)) for n, v in self._indexed_versions(digest))
+
+    def delete(self, ref: str, *, force: bool = False) -> list[str]:
+        """Remove one version's manifest (even an unreadable one) for an admin; its blob goes at
+        the next gc. Returns the aliases that still point at it (they stop resolving)."""
+        name, _, number = ref.partition("@")
+        validate_name(name, "ref")
+        if not VERSION_PATTERN.fullmatch(number):
+            raise InvalidReference(f"delete takes NAME@VERSION, got {ref!r}", field="ref")
+        version = int(number)
+        if not force:
+            raise InvalidReference("delete removes a version for good: pass force=True (--force)", field="force")
+        if not self.store.exists(manifest_key(name, version)):
+            raise VersionNotFound(f"{name}@{version} does not exist", field="ref")
+        self.store.delete(manifest_key(name, version))
+        self.store.delete(yank_key(name, version))
+        dangling = []
+        for info in self.store.list(f"aliases/{name}/"):
+            alias = info.key.rsplit("/", 1)[-1].removesuffix(".json")
+            try:
+                if self.alias_record(name, alias).version == version:
+                    dangling.append(alias)
+            except LorafleetError:
+                continue
+        return dangling
 
     def check(self) -> None:
         """Raise when the registry cannot be reached."""
         self.store.check()
+
+
+def _checked_manifest(fields: dict) -> Manifest:
+    """The manifest these fields make (version 1 as a stand-in), or InvalidAdapter naming the fields."""
+    try:
+        return Manifest(version=1, **fields)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise InvalidAdapter("the adapter's manifest would be invalid", field="path", problems=problems) from exc
+
+
+def _inside(directory: Path, file_name: str) -> Path:
+    """``directory/file_name``, refused unless it resolves inside ``directory``."""
+    root = directory.resolve()
+    target = (root / file_name).resolve()
+    if target.parent != root:
+        raise IntegrityError(f"refusing to write {file_name!r} outside {root}")
+    return target
 
 
 def _copy(source, target, limit: int) -> None:
@@ -410,4 +568,4 @@ def _copy(source, target, limit: int) -> None:
         remaining -= len(chunk)
 
 
-__all__ = ["AdapterRegistry", "PublishRequest", "GcReport", "AliasRecord"]
+__all__ = ["AdapterRegistry", "PublishRequest", "GcReport", "AliasRecord", "Listing"]

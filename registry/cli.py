@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .adapter_registry import AdapterRegistry, PublishRequest
@@ -58,9 +59,17 @@ def cmd_publish(args) -> int:
     return 0
 
 
+def _report_skipped(skipped: list[str]) -> None:
+    for problem in skipped:
+        print(f"warning: skipped: {problem} (an admin can remove it: registry delete NAME@V --force)",
+              file=sys.stderr)
+
+
 def cmd_list(args) -> int:
     registry = _registry(args)
-    manifests = registry.list(args.name)
+    listing = registry.listing(args.name)
+    _report_skipped(listing.skipped)
+    manifests = listing.manifests
     payload = [_manifest_json(m) for m in manifests]
     if args.name:
         aliases = registry.aliases(args.name)
@@ -97,8 +106,25 @@ def cmd_yank(args) -> int:
     return 0
 
 
+def cmd_delete(args) -> int:
+    if not args.force:
+        print("error: delete removes a version for good; pass --force", file=sys.stderr)
+        return 2
+    dangling = _registry(args).delete(args.ref, force=True)
+    note = f"; aliases that pointed at it no longer resolve: {', '.join(dangling)}" if dangling else ""
+    _emit(args, {"deleted": args.ref, "dangling_aliases": dangling}, f"deleted {args.ref}{note}")
+    return 0
+
+
+def cmd_reindex(args) -> int:
+    added = _registry(args).reindex()
+    _emit(args, {"added": added}, f"digest index: {added} entries added")
+    return 0
+
+
 def cmd_gc(args) -> int:
     report = _registry(args).gc(grace_seconds=args.grace_seconds, dry_run=args.dry_run)
+    _report_skipped(report.unreadable)
     verb = "would remove" if args.dry_run else "removed"
     _emit(args, report.__dict__, f"{verb} {len(report.removed)} unreferenced blobs ({report.bytes_freed} bytes); "
                                  f"{report.referenced} referenced, {report.kept_recent} recent kept")
@@ -166,6 +192,10 @@ def add_commands(subparsers) -> None:
     yank = command("yank", cmd_yank, "yank a version (kept, never served by alias or latest)")
     yank.add_argument("ref")
     yank.add_argument("--reason", default="")
+    delete = command("delete", cmd_delete, "admin: remove one version for good (even an unreadable one)")
+    delete.add_argument("ref", help="NAME@VERSION")
+    delete.add_argument("--force", action="store_true", help="required: the version cannot be restored")
+    command("reindex", cmd_reindex, "rebuild the digest index (registries written before it existed)")
     gc = command("gc", cmd_gc, "remove blobs no manifest references")
     gc.add_argument("--grace-seconds", type=float, default=3600.0,
                     help="keep unreferenced blobs younger than this (publishes in flight)")

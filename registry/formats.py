@@ -15,6 +15,7 @@ component in the ``lora_adapter_metadata`` header entry, so that plain
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,8 @@ def _lora_config_from_peft(config: dict, modules: dict[str, int], where: str) ->
         alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
     except (TypeError, ValueError) as exc:
         raise InvalidAdapter(f"{where}: rank/alpha must be numbers", field="path") from exc
+    if not all(math.isfinite(a) for a in [alpha, *alpha_pattern.values()]):
+        raise InvalidAdapter(f"{where}: lora_alpha must be a finite number (NaN or infinity found)", field="path")
     return ComponentLora(
         rank=rank,
         alpha=alpha,

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .identity import AdapterId
+from .identity import DIGEST_REGEX, NAME_REGEX, AdapterId
+
+# Manifests are read back from storage anyone with write access may have touched: every read
+# re-checks them. No number in a manifest may be NaN or infinite (JSON cannot carry them; a NaN
+# alpha once published as null and broke listing for everyone).
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def _finite_everywhere(value: Any, where: str) -> Any:
+    """Refuse NaN/inf anywhere inside free-form JSON (metrics, training config)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} holds a non-finite number ({value})")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite_everywhere(item, f"{where}.{key}")
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _finite_everywhere(item, f"{where}[{index}]")
+    return value
 
 
 class AdapterMethod(str, Enum):
@@ -30,9 +50,9 @@ class AdapterFormat(str, Enum):
 class ComponentLora(BaseModel):
     """The LoRA configuration of one pipeline component (peft's LoraConfig essentials)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
-    rank: int = Field(description="Default LoRA rank r.")
+    rank: int = Field(gt=0, description="Default LoRA rank r.")
     alpha: float = Field(description="Default lora_alpha; the update is scaled by alpha / rank.")
     target_modules: list[str] = Field(description="Module paths the adapter changes.")
     rank_pattern: dict[str, int] = Field(default_factory=dict, description="Per-module ranks.")
@@ -54,7 +74,7 @@ class ComponentLora(BaseModel):
 
 
 class BaseRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     id: str = Field(description="Base model id: a built-in name or the path it was loaded from.")
     fingerprint: str = Field(description="sha256 over the base's configs and weights.")
@@ -63,13 +83,13 @@ class BaseRef(BaseModel):
 class Manifest(BaseModel):
     """One published, immutable adapter version."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     schema_version: int = 1
-    name: str
-    version: int
-    digest: str = Field(description="sha256 of the stored safetensors blob.")
-    size: int = Field(description="Blob size in bytes.")
+    name: str = Field(pattern=f"^{NAME_REGEX}$")
+    version: int = Field(ge=1, lt=10**9)
+    digest: str = Field(pattern=f"^{DIGEST_REGEX}$", description="sha256 of the stored safetensors blob.")
+    size: int = Field(ge=0, description="Blob size in bytes.")
     format: AdapterFormat
     method: AdapterMethod
     base: BaseRef
@@ -89,6 +109,11 @@ class Manifest(BaseModel):
     description: str = ""
     yanked: bool = False
     yanked_reason: str | None = None
+
+    @field_validator("metrics", "training_config")
+    @classmethod
+    def _no_non_finite(cls, value: Any, info) -> Any:
+        return _finite_everywhere(value, info.field_name)
 
     @property
     def adapter_id(self) -> AdapterId:

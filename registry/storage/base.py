@@ -74,7 +74,7 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def put_blob(self, key: str, source: Path) -> None:
-        """Store the file at ``source`` under ``key`` (no-op when present)."""
+        """Store the file at ``source`` under ``key``; when present, only refresh its timestamp."""
 
     @abstractmethod
     def open_blob(self, key: str) -> BinaryIO | None:
@@ -82,6 +82,10 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def info(self, key: str) -> ObjectInfo | None:
+        """Size and modification time of ``key``, or None when absent."""
 
     @abstractmethod
     def delete(self, key: str) -> None:

@@ -111,9 +111,10 @@ class FileStore(ObjectStore):
 
     def put_blob(self, key: str, source: Path) -> None:
         path = self._path(key)
-        if path.exists():
-            return
         with _write_errors(self.root):
+            if path.exists():
+                os.utime(path)  # a re-publish refreshes the blob, so gc's grace period starts again
+                return
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = self._temp_file()
             with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
@@ -130,6 +131,13 @@ class FileStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def info(self, key: str) -> ObjectInfo | None:
+        try:
+            stat = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, stat.st_size, stat.st_mtime)
 
     def delete(self, key: str) -> None:
         with _write_errors(self.root):

@@ -109,9 +109,11 @@ class S3Store(ObjectStore):
             self._conditional_put(key, data, IfMatch=expected_token)
 
     def put_blob(self, key: str, source: Path) -> None:
-        if self.exists(key):
-            return
         with self._errors():
+            if self.exists(key):  # refresh its timestamp, so gc's grace period starts again
+                self._client.copy_object(Bucket=self.bucket, Key=self._key(key), MetadataDirective="REPLACE",
+                                         CopySource={"Bucket": self.bucket, "Key": self._key(key)})
+                return
             self._client.upload_file(str(source), self.bucket, self._key(key))
 
     def open_blob(self, key: str) -> BinaryIO | None:
@@ -136,6 +138,18 @@ class S3Store(ObjectStore):
                 if _client_error_code(exc) in _MISSING_CODES:
                     return False
                 raise
+
+    def info(self, key: str) -> ObjectInfo | None:
+        from botocore.exceptions import ClientError
+
+        with self._errors():
+            try:
+                head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as exc:
+                if _client_error_code(exc) in _MISSING_CODES:
+                    return None
+                raise
+            return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
 
     def delete(self, key: str) -> None:
         with self._errors():

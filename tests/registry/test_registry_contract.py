@@ -204,4 +204,4 @@ def test_eight_concurrent_publishers_get_distinct_versions(registry, tiny_spec, 
     assert {(m.version, m.digest) for m in manifests} == set(results)
     for manifest in manifests:
         registry.read_blob(manifest)  # verifies the digest
-    assert len(snapshot(registry)) == 16  # 8 manifests + 8 blobs, nothing else
+    assert len(snapshot(registry)) == 24  # 8 manifests + 8 blobs + 8 digest-index entries, nothing else
