@@ -37,7 +37,7 @@ def cmd_demo(args) -> int:
     import httpx
 
     from lorafleet.benchmarks.registry_bench import format_table
-    from lorafleet.devtools.seaweed import free_port
+    from lorafleet.local_cluster import free_port
     from lorafleet.registry import AdapterRegistry
     from lorafleet.serve.server import install_stop_handlers, start_server
     from lorafleet.serve.settings import load_settings

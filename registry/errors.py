@@ -113,7 +113,15 @@ class RegistryReadOnly(LorafleetError):
 
 
 class RegistryConfigError(LorafleetError):
+    """The registry is configured wrongly (unknown scheme, missing or invalid bucket...)."""
+
     code = "registry_config_error"
+
+
+class RegistryAccessDenied(LorafleetError):
+    """The storage refused our credentials or policy for this bucket/key."""
+
+    code = "registry_access_denied"
 
 
 class BaseModelError(LorafleetError):

@@ -27,7 +27,8 @@ def sync(manifest: Path, settings_file: Path) -> bool:
     config = yaml.safe_dump(serve_config(load_settings(settings_file)), sort_keys=False).rstrip()
     block = "\n".join(("    " + line) if line else "" for line in config.splitlines()) + "\n"
     start = text.index(START) + len(START)
-    updated = text[:start] + block + text[text.index(END):]
+    end = text.find(END, start)
+    updated = text[:start] + block + (text[end:] if end >= 0 else "")
     manifest.write_text(updated)
     return updated != text
 

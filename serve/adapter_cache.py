@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from lorafleet.registry.errors import IntegrityError
+from lorafleet.registry.base_spec import BaseSpec
+from lorafleet.registry.errors import AdapterIncompatible, IntegrityError, LorafleetError
 from lorafleet.registry.formats import AdapterPayload, payload_from_stored
 from lorafleet.registry.identity import sha256_bytes, validate_digest
 from lorafleet.registry.manifest import Manifest
+from lorafleet.registry.validation import validate_payload
 
 V = TypeVar("V")
 logger = logging.getLogger(__name__)
@@ -184,12 +186,17 @@ class _Flight:
 
 
 class AdapterFetcher:
-    """Host tier -> disk tier -> registry, one fetch per digest at a time."""
+    """Host tier -> disk tier -> registry, one fetch per digest at a time.
 
-    def __init__(self, registry, host_bytes: int, disk: DiskTier | None):
+    Bytes from the registry or the disk tier are checked again before they reach the host tier
+    (and so the pipeline): the digest, that they parse, and, once ``base`` is known, that they fit
+    it (validation at publish time is not trusted: storage can be written by others)."""
+
+    def __init__(self, registry, host_bytes: int, disk: DiskTier | None, base: BaseSpec | None = None):
         self.registry = registry
         self.host: ByteBudgetLRU[CachedAdapter] = ByteBudgetLRU(host_bytes)
         self.disk = disk
+        self.base = base
         self._flights: dict[str, _Flight] = {}
         self._flights_lock = threading.Lock()
 
@@ -207,9 +214,24 @@ class AdapterFetcher:
             if cached is not None:
                 return FetchResult(cached, "host", time.perf_counter() - started)
             data, tier = self._bytes(manifest)
-            adapter = CachedAdapter(manifest, payload_from_stored(data))
+            adapter = CachedAdapter(manifest, self._checked_payload(manifest, data))
             self.host.put(manifest.digest, adapter, adapter.nbytes)
             return FetchResult(adapter, tier, time.perf_counter() - started)
+
+    def _checked_payload(self, manifest: Manifest, data: bytes) -> AdapterPayload:
+        try:
+            payload = payload_from_stored(data)
+        except LorafleetError:
+            raise
+        except Exception as exc:  # bytes that match their digest but do not parse: written by someone else
+            raise IntegrityError(f"stored blob of {manifest.adapter_id} cannot be read: {exc}") from exc
+        if self.base is not None:
+            if manifest.base.fingerprint != self.base.fingerprint:
+                raise AdapterIncompatible(f"{manifest.adapter_id} was published for base {manifest.base.id} "
+                                          f"({manifest.base.fingerprint[:19]}), not this server's {self.base.id}",
+                                          field="adapter")
+            validate_payload(payload, self.base)
+        return payload
 
     def _bytes(self, manifest: Manifest) -> tuple[bytes, str]:
         data = self.disk.get(manifest.digest) if self.disk else None

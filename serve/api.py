@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import TokenTable
 from .errors_http import RETRYABLE_STATUSES, status_for
+from .http_guard import RequestGuard
 from .metrics import CONTENT_TYPE
 from .schemas import (
     AdapterSummary,
@@ -34,6 +35,7 @@ ERROR_DESCRIPTIONS = {
     403: "The token lacks this route's scope.",
     404: "No such adapter, version or alias (or the version is yanked).",
     409: "The alias moved meanwhile (expected_version), is reserved, or the registry is read-only.",
+    413: "The request body is over the configured limit (max_body_bytes).",
     422: "The request breaks the schema or a limit; `error.field` names the field.",
     502: "An adapter's stored bytes do not match their digest (never served).",
     503: "Overloaded, no replica ready, or the registry unreachable; retry after `Retry-After` seconds.",
@@ -128,10 +130,12 @@ def _scope_guards(tokens: TokenTable, scope: str) -> list:
 
 
 def create_api(service: GenerationService, tokens: TokenTable) -> FastAPI:
-    app = FastAPI(title="lorafleet", version="0.1.0",
+    # No /docs or /redoc: they load scripts from a CDN. The schema is at /openapi.json (a token).
+    app = FastAPI(title="lorafleet", version="0.1.0", docs_url=None, redoc_url=None,
                   description="Generate images with a frozen diffusion base and registry adapters.")
     _install_error_handlers(app, service.settings.retry_after_s)
-    _install_metrics_middleware(app, service)
+    app.add_middleware(RequestGuard, tokens=tokens, max_body_bytes=service.settings.max_body_bytes)
+    _install_metrics_middleware(app, service)  # outermost: counts the guard's refusals too
     generate_scope, admin_scope = _scope_guards(tokens, "generate"), _scope_guards(tokens, "admin")
     _install_generation_routes(app, service, generate_scope)
     _install_adapter_routes(app, service, generate_scope, admin_scope)
@@ -145,8 +149,11 @@ def _install_generation_routes(app: FastAPI, service: GenerationService, scope: 
     GenerateBody, OpenAIBody = models.generate, models.openai_images  # noqa: N806 (classes)
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, dependencies=scope)
-    async def generate(body: GenerateBody) -> GenerateResponse:
-        return await service.generate(body)
+    async def generate(body: GenerateBody, request: Request) -> GenerateResponse:
+        response = await service.generate(body)
+        if "admin" not in _scopes(request):
+            response.replica = None  # host:pid only for admins
+        return response
 
     @app.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERROR_RESPONSES,
               dependencies=scope)
@@ -186,21 +193,31 @@ def _install_adapter_routes(app: FastAPI, service: GenerationService, generate_s
 
 
 def _install_health_routes(app: FastAPI, service: GenerationService) -> None:
-    """Open routes (no token): liveness, readiness, Prometheus metrics."""
+    """Liveness and readiness are open (status only for anonymous callers); /metrics needs the
+    `metrics` scope when auth is on (RequestGuard)."""
 
-    @app.get("/healthz", response_model=HealthResponse)
+    @app.get("/healthz", response_model=HealthResponse, response_model_exclude_none=True)
     async def healthz():
         return HealthResponse(status="ok")
 
-    @app.get("/readyz", response_model=HealthResponse, responses=NOT_READY_RESPONSES)
-    async def readyz():
-        return HealthResponse(**await service.readiness())
+    @app.get("/readyz", response_model=HealthResponse, response_model_exclude_none=True,
+             responses=NOT_READY_RESPONSES)
+    async def readyz(request: Request):
+        readiness = HealthResponse(**await service.readiness())
+        if not {"admin", "metrics"} & _scopes(request):
+            return HealthResponse(status=readiness.status)  # no registry URI or base for anonymous callers
+        return readiness
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
                               "description": "Prometheus text exposition."}})
     async def metrics():
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+def _scopes(request: Request) -> frozenset[str]:
+    """What RequestGuard found the caller may do."""
+    return getattr(request.state, "scopes", frozenset())
 
 
 def _summary(service: GenerationService, name: str, manifest, aliases: dict | None = None) -> AdapterSummary:

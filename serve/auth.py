@@ -1,7 +1,10 @@
 """Bearer tokens with scopes, compared in constant time.
 
-Scopes: ``generate`` (product backends: generation routes) and ``admin`` (adapter and cache
-management; implies ``generate``). Tokens come from settings (``api_tokens``) or a secret file.
+Scopes: ``generate`` (product backends: generation routes, adapter listing, the API schema),
+``metrics`` (the Prometheus scraper) and ``admin`` (alias moves, replica identity; implies the
+others). Tokens come from settings (``api_tokens``) or a secret file; auth is on whenever tokens
+exist, and a token shorter than 32 characters or still holding a ``REPLACE_ME`` placeholder is
+refused at start-up.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from pathlib import Path
 
 from lorafleet.registry.errors import Forbidden, ServiceUnavailable, Unauthenticated
 
-SCOPES = frozenset({"generate", "admin"})
-IMPLIED = {"admin": {"generate"}}
+SCOPES = frozenset({"generate", "metrics", "admin"})
+IMPLIED = {"admin": {"generate", "metrics"}}
+MIN_TOKEN_CHARS = 32
+PLACEHOLDER = "REPLACE_ME"
 
 
 @dataclass(frozen=True)
@@ -24,8 +29,14 @@ class TokenEntry:
 
 def _entry(token: str, scopes: list[str]) -> TokenEntry:
     unknown = set(scopes) - SCOPES
-    if not token or unknown:
-        raise ValueError(f"invalid token entry (unknown scopes {sorted(unknown)})" if unknown else "empty token")
+    if unknown:
+        raise ValueError(f"api_tokens: unknown scopes {sorted(unknown)} (known: {sorted(SCOPES)})")
+    if PLACEHOLDER in token:
+        raise ValueError(f"api_tokens: a token still holds the {PLACEHOLDER} placeholder; generate real ones "
+                         "(e.g. `openssl rand -hex 32`)")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"api_tokens: a token of {len(token)} characters is too short; use at least "
+                         f"{MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 32`)")
     granted = set(scopes)
     for scope in scopes:
         granted |= IMPLIED.get(scope, set())
@@ -52,6 +63,17 @@ def parse_token_file(path: Path) -> list[TokenEntry]:
     return entries
 
 
+def configured_tokens(settings) -> list[TokenEntry]:
+    """Every token the settings configure (ValueError naming the problem for a bad one)."""
+    entries = parse_token_spec(settings.api_tokens) if settings.api_tokens else []
+    if settings.tokens_file:
+        try:
+            entries += parse_token_file(settings.tokens_file)
+        except OSError as exc:
+            raise ValueError(f"tokens_file: cannot read {settings.tokens_file}: {exc.strerror}") from exc
+    return entries
+
+
 class TokenTable:
     def __init__(self, entries: list[TokenEntry], enabled: bool):
         self.entries = entries
@@ -60,13 +82,23 @@ class TokenTable:
     @classmethod
     def from_settings(cls, settings) -> "TokenTable":
         """Tokens from settings or LORAFLEET_API_TOKENS / a secret file; refuses auth without tokens."""
-        entries = parse_token_spec(settings.api_tokens) if settings.api_tokens else []
-        if settings.tokens_file:
-            entries += parse_token_file(settings.tokens_file)
-        if settings.auth_enabled and not entries:
+        try:
+            entries = configured_tokens(settings)
+        except ValueError as exc:
+            raise ServiceUnavailable(str(exc), field="api_tokens") from exc
+        if settings.auth_required and not entries:
             raise ServiceUnavailable("auth_enabled is set but no tokens are configured (api_tokens, "
                                      "LORAFLEET_API_TOKENS or tokens_file)", field="api_tokens")
-        return cls(entries, settings.auth_enabled)
+        return cls(entries, settings.auth_required)
+
+    def scopes_of(self, authorization: str | None) -> frozenset[str]:
+        """The scopes an Authorization header grants (all of them when auth is off; none if invalid)."""
+        if not self.enabled:
+            return SCOPES
+        scheme, _, credentials = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            return frozenset()
+        return self._scopes_of(credentials.strip().encode()) or frozenset()
 
     def _scopes_of(self, presented: bytes) -> frozenset[str] | None:
         found = None

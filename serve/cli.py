@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import yaml
@@ -16,7 +17,7 @@ def serve_config(settings) -> dict:
     generator = {"name": GENERATOR_NAME, **generator_options(settings)}
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": settings.port},
+        "http_options": {"host": settings.host, "port": settings.port},
         "applications": [{
             "name": APP_NAME,
             "route_prefix": "/",
@@ -31,13 +32,17 @@ def serve_config(settings) -> dict:
 
 def _settings(args):
     return load_settings(Path(args.config) if args.config else None, base=args.base, registry=args.registry,
-                         host=args.host, port=args.port, replicas=args.replicas)
+                         host=args.host, port=args.port, replicas=args.replicas,
+                         insecure_no_auth=True if args.insecure_no_auth else None)
 
 
 def cmd_serve(args) -> int:
     from .server import install_stop_handlers, serve_in_process, start_server
 
     settings = _settings(args)
+    if settings.insecure_no_auth and not settings.auth_required:
+        print(f"WARNING: auth is OFF on {settings.host}:{settings.port} (--insecure-no-auth): anyone who can reach "
+              "this port can generate, move aliases and read metrics", file=sys.stderr, flush=True)
     if args.print_config:
         print(yaml.safe_dump(serve_config(settings), sort_keys=False))
         return 0
@@ -62,6 +67,8 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--registry", help="registry URI")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 8000)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="allow a non-loopback --host with auth off: anyone who reaches it is admin")
     parser.add_argument("--config", help="YAML settings file (keys as in ServeSettings)")
     parser.add_argument("--replicas", type=int, help="generator replicas (without autoscaling)")
     parser.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")

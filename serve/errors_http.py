@@ -32,6 +32,8 @@ STATUS_BY_ERROR: list[tuple[type[registry_errors.LorafleetError], int]] = [
     (Overloaded, 503),
     (ServiceUnavailable, 503),
     (registry_errors.RegistryUnavailable, 503),
+    (registry_errors.RegistryConfigError, 503),  # the server's registry setup, not the caller's fault
+    (registry_errors.RegistryAccessDenied, 503),
     (RequestTimeout, 504),
 ]
 RETRYABLE_STATUSES = frozenset({503})

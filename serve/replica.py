@@ -86,6 +86,7 @@ class GeneratorReplica:
 
     def _load_pipeline(self) -> None:
         self.base, self.placement = load_replica_base(self.settings)
+        self.fetcher.base = self.base.spec()  # blobs are re-validated against it before first use
         slot = None
         if self.settings.hotswap is not None:
             slot = LoraSlot(self.base.pipeline, self.settings.hotswap.target_rank, self.settings.hotswap.compile)

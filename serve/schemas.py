@@ -96,7 +96,7 @@ class GenerateResponse(BaseModel):
     seed: int
     seeds: list[int]
     timings: Timings
-    replica: str = Field(description="The replica that generated the images.")
+    replica: str | None = Field(None, description="The replica that generated the images (admin scope only).")
 
 
 class ErrorBody(BaseModel):

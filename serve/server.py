@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import httpx
 from lorafleet.registry.errors import ServiceUnavailable
 
+from lorafleet.local_cluster import secure_local_ray
+
 from .app import APP_NAME, build_app
 from .settings import ServeSettings
 
@@ -54,11 +56,12 @@ def start_server(settings: ServeSettings, ray_address: str | None = None, num_cp
     import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     owns_ray = not ray.is_initialized()
     if owns_ray:
         address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
         local = address == "local"
+        if local:
+            secure_local_ray()
         ray.init(address=address, num_cpus=(num_cpus or os.cpu_count()) if local else None,
                  include_dashboard=False, log_to_driver=False)
     try:

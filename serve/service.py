@@ -16,6 +16,7 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,7 @@ import numpy as np
 from lorafleet.registry import AdapterRef, AdapterRegistry, Manifest
 from lorafleet.registry.errors import (
     AdapterIncompatible,
+    AdapterNotFound,
     IntegrityError,
     LorafleetError,
     Overloaded,
@@ -30,6 +32,7 @@ from lorafleet.registry.errors import (
     RequestInvalid,
     RequestTimeout,
     ServiceUnavailable,
+    YankedVersion,
 )
 
 from .engine import GenerationJob
@@ -50,42 +53,65 @@ class GeneratorBackend(Protocol):
 
 @dataclass
 class _Resolution:
-    manifest: Manifest
+    manifest: Manifest | None  # None: a cached miss
     at: float
+    miss: LorafleetError | None = None
 
 
 class AdapterResolver:
     """ref -> manifest. Alias and `latest` resolutions live ``ttl_s``; exact versions forever.
+    Misses (no such adapter, version, alias; yanked) are cached for ``ttl_s`` too, so a caller
+    repeating a bad reference cannot multiply registry calls; at most ``max_entries`` are kept.
 
     When the registry is unreachable, the last known resolution is used (cached adapters keep
     serving); a ref never resolved before raises RegistryUnavailable (503).
     """
 
-    def __init__(self, registry: AdapterRegistry, ttl_s: float):
+    def __init__(self, registry: AdapterRegistry, ttl_s: float, max_entries: int = 10_000):
         self.registry = registry
         self.ttl_s = ttl_s
-        self._cache: dict[AdapterRef, _Resolution] = {}
+        self.max_entries = max_entries
+        self._cache: OrderedDict[AdapterRef, _Resolution] = OrderedDict()
         self._lock = threading.Lock()
 
     def resolve(self, ref_text: str, field: str) -> Manifest:
         ref = AdapterRef.parse(ref_text, field=field)
-        with self._lock:
-            known = self._cache.get(ref)
+        known = self._cached(ref)
         exact = ref.version is not None or ref.digest is not None
-        if known and (exact or time.monotonic() - known.at < self.ttl_s):
+        fresh = known is not None and time.monotonic() - known.at < self.ttl_s
+        if known and known.miss is not None and fresh:
+            raise type(known.miss)(known.miss.message, field=field)
+        if known and known.manifest is not None and (exact or fresh):
             return known.manifest
         try:
             manifest = self.registry.resolve(ref)
         except RegistryUnavailable:
-            if known:
+            if known and known.manifest is not None:
                 return known.manifest
+            raise
+        except (AdapterNotFound, YankedVersion) as exc:
+            self._remember(ref, _Resolution(None, time.monotonic(), miss=exc))
+            exc.field = field
             raise
         except LorafleetError as exc:
             exc.field = field
             raise
-        with self._lock:
-            self._cache[ref] = _Resolution(manifest, time.monotonic())
+        self._remember(ref, _Resolution(manifest, time.monotonic()))
         return manifest
+
+    def _cached(self, ref: AdapterRef) -> _Resolution | None:
+        with self._lock:
+            found = self._cache.get(ref)
+            if found is not None:
+                self._cache.move_to_end(ref)
+            return found
+
+    def _remember(self, ref: AdapterRef, resolution: _Resolution) -> None:
+        with self._lock:
+            self._cache[ref] = resolution
+            self._cache.move_to_end(ref)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
 
 
 def adapter_set_id(adapters: list[tuple[Manifest, float]]) -> str:

@@ -6,22 +6,41 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.registry.errors import RequestInvalid
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 
 class RequestLimits(BaseModel):
-    """Bounds on what one request may ask for (violations answer 422 naming the field)."""
+    """Bounds on what one request may ask for (violations answer 422 naming the field).
 
-    max_steps: int = Field(50, description="Most denoising steps per request.")
-    default_steps: int = Field(20, description="Steps when the request names none.")
-    default_guidance_scale: float = Field(7.5, description="Guidance when the request names none.")
-    min_size: int = Field(8, description="Smallest width/height in pixels.")
-    max_size: int = Field(1024, description="Largest width/height in pixels.")
-    size_multiple: int = Field(8, description="Width and height must be multiples of this.")
-    max_num_images: int = Field(4, description="Most images per request.")
-    max_prompt_chars: int = Field(2000, description="Longest prompt (and negative prompt), in characters.")
-    max_adapters_per_request: int = Field(4, description="Most adapters in one request.")
+    Each default lies within its bounds: a request that names nothing must be one the server
+    accepts (checked at start-up, naming both keys)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    max_steps: int = Field(50, ge=1, description="Most denoising steps per request.")
+    default_steps: int = Field(20, ge=1, description="Steps when the request names none.")
+    default_guidance_scale: float = Field(7.5, ge=0, le=50, description="Guidance when the request names none "
+                                          "(the request schema allows 0-50).")
+    min_size: int = Field(8, ge=8, description="Smallest width/height in pixels.")
+    max_size: int = Field(1024, ge=8, description="Largest width/height in pixels.")
+    size_multiple: int = Field(8, ge=1, description="Width and height must be multiples of this.")
+    max_num_images: int = Field(4, ge=1, description="Most images per request.")
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt (and negative prompt), in characters.")
+    max_adapters_per_request: int = Field(4, ge=0, description="Most adapters in one request.")
+
+    @model_validator(mode="after")
+    def _defaults_within_bounds(self) -> "RequestLimits":
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"limits.default_steps ({self.default_steps}) is above limits.max_steps "
+                             f"({self.max_steps}): a request naming no steps would be refused")
+        if self.min_size > self.max_size:
+            raise ValueError(f"limits.min_size ({self.min_size}) is above limits.max_size ({self.max_size})")
+        first = -(-self.min_size // self.size_multiple) * self.size_multiple
+        if first > self.max_size:
+            raise ValueError(f"limits.size_multiple ({self.size_multiple}) leaves no size between limits.min_size "
+                             f"({self.min_size}) and limits.max_size ({self.max_size})")
+        return self
 
 
 class CacheBudgets(BaseModel):
@@ -55,6 +74,13 @@ class Autoscaling(BaseModel):
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.min_replicas}) is above autoscaling.max_replicas "
+                             f"({self.max_replicas})")
+        return self
     target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica to aim for.")
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
@@ -90,10 +116,28 @@ class ServeSettings(BaseSettings):
     batching: Batching = Field(default_factory=Batching)
     hotswap: Hotswap | None = Field(None, description="Serve through one compile-safe slot (off: batch mixed sets).")
     limits: RequestLimits = Field(default_factory=RequestLimits)
-    auth_enabled: bool = Field(False, description="Require bearer tokens.")
+    auth_enabled: bool = Field(False, description="Require bearer tokens (on whenever tokens are configured).")
+    insecure_no_auth: bool = Field(False, description="Allow listening on a non-loopback address with auth off "
+                                   "(--insecure-no-auth): anyone who reaches the port is admin.")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body (JSON routes); 413 above.")
     api_tokens: str | None = Field(None, description="'token=scope+scope,token2=generate' (or use tokens_file).")
     tokens_file: Path | None = Field(None, description="File with one 'token scope,scope' per line.")
     config_file: Path | None = Field(None, description="YAML file these settings were read from.")
+
+    @property
+    def auth_required(self) -> bool:
+        """Auth is on when asked for, and whenever tokens exist (it never fails open)."""
+        return self.auth_enabled or bool(self.api_tokens) or self.tokens_file is not None
+
+    @model_validator(mode="after")
+    def _safe_to_listen(self) -> "ServeSettings":
+        from .auth import configured_tokens
+
+        configured_tokens(self)  # refuses weak or placeholder tokens at start-up
+        if not self.auth_required and not self.insecure_no_auth and not is_loopback(self.host):
+            raise ValueError(f"host {self.host!r} is not a loopback address and auth is off: configure tokens "
+                             "(api_tokens / tokens_file) or pass --insecure-no-auth (insecure_no_auth: true)")
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -103,6 +147,34 @@ class ServeSettings(BaseSettings):
         if config_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _field_of(error: dict) -> str:
+    """The settings key an error names: its location, or the key a cross-field check names first."""
+    import re
+
+    field = ".".join(str(p) for p in error["loc"])
+    named = re.match(r"^([a-z_]+(?:\.[a-z_]+)?)[ :]", _message(error))
+    if not field and named and named.group(1).split(".")[0] in ServeSettings.model_fields:
+        return named.group(1)
+    if field.count(".") == 0 and named and named.group(1).startswith(field + "."):
+        return named.group(1)  # a nested model's cross-field check: limits -> limits.default_steps
+    return field or "settings"
+
+
+def _message(error: dict) -> str:
+    return str(error.get("msg", "")).removeprefix("Value error, ")
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> ServeSettings:
@@ -116,7 +188,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> ServeSet
         return ServeSettings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "settings"
-        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise RequestInvalid(f"invalid serve settings: {field}: {first['msg']}", field=field,
+        field = _field_of(first)
+        problems = [f"{_field_of(e)}: {_message(e)}" for e in exc.errors()]
+        raise RequestInvalid(f"invalid serve settings: {field}: {_message(first)}", field=field,
                              problems=problems) from exc

@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from lorafleet.registry.errors import LorafleetError, ServiceUnavailable
 
+from lorafleet.local_cluster import free_port, job_env, secure_local_ray
+
 from .config import TrainConfig
 
 RESULT_MARKER = "LORAFLEET_RESULT "
@@ -30,9 +32,7 @@ def _local_cluster(num_cpus: int | None = None) -> str:
     """Start a local Ray cluster with the job server; returns its dashboard address."""
     import ray
 
-    from lorafleet.devtools.seaweed import free_port
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    secure_local_ray()
     port = free_port()
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False)
@@ -65,9 +65,7 @@ def submit_training_job(config: TrainConfig, name: str | None, registry_uri: str
         command += ["--publish", name] if name else []
         command += ["--registry", registry_uri] if registry_uri else []
         command += ["--resume"] if resume else []
-        job_id = client.submit_job(entrypoint=shlex.join(command),
-                                   runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                                             if k.startswith(("AWS_", "LORAFLEET_"))}})
+        job_id = _submit(client, shlex.join(command), {"env_vars": job_env(dict(os.environ))})
         status = _wait(client, job_id, timeout_s)
         logs = client.get_job_logs(job_id)
         if status != "SUCCEEDED":
@@ -78,6 +76,18 @@ def submit_training_job(config: TrainConfig, name: str | None, registry_uri: str
             import ray
 
             ray.shutdown()
+
+
+def _submit(client, entrypoint: str, runtime_env: dict, timeout_s: float = 60) -> str:
+    """Submit, retrying while the new cluster's job agent is still starting."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def _write_config(config: TrainConfig) -> Path:
@@ -153,7 +163,8 @@ def train_data_parallel(config: TrainConfig, name: str | None, registry_uri: str
 
     started_here = not ray.is_initialized()
     if started_here:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if not address:
+            secure_local_ray()
         ray.init(address=address or "local", num_cpus=None if address else os.cpu_count(),
                  include_dashboard=False, log_to_driver=False)
     try:

@@ -25,7 +25,7 @@ def _running_replicas() -> int:
 
 
 def run_autoscale(burst_requests: int = 60, concurrency: int = 8, steps: int = 30, settle_s: float = 90.0) -> dict:
-    from lorafleet.devtools.seaweed import free_port
+    from lorafleet.local_cluster import free_port
     from lorafleet.serve.server import start_server
     from lorafleet.serve.settings import ServeSettings
 

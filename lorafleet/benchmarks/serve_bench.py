@@ -72,7 +72,7 @@ def _tier_costs(client: _Client, generation_ms: float, repeats: int) -> dict:
 
 
 def _with_server(base: str, registry_uri: str, workdir: Path, cache: dict, fn):
-    from lorafleet.devtools.seaweed import free_port
+    from lorafleet.local_cluster import free_port
     from lorafleet.serve.server import start_server
     from lorafleet.serve.settings import ServeSettings
 

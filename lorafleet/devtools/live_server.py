@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .seaweed import free_port
+from lorafleet.local_cluster import free_port
 
 
 @dataclass

@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+
+from lorafleet.local_cluster import free_port
 
 ACCESS_KEY = "lorafleet-test"
 SECRET_KEY = "lorafleet-test-secret"
@@ -25,12 +25,6 @@ _PORT_FLAGS = (
     "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "webdav.port", "admin.port",
     "admin.port.grpc", "debug.port",
 )
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _weed_binary() -> str:

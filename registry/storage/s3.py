@@ -8,12 +8,13 @@ compare-and-swap is ``PutObject`` with ``If-Match: <etag>``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import RegistryConfigError, RegistryReadOnly, RegistryUnavailable
+from ..errors import RegistryAccessDenied, RegistryConfigError, RegistryUnavailable
 from .base import ObjectExists, ObjectInfo, ObjectStore, PreconditionFailed, StoredObject, check_key
 
 _PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
@@ -23,6 +24,30 @@ _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 def _client_error_code(exc: Exception) -> str:
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
+
+
+_DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+_KNOWN_CODES = ("NoSuchBucket", "InvalidBucketName", *sorted(_DENIED_CODES))
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _client_error(code: str, where: str, bucket: str) -> Exception:
+    """The lorafleet error for an S3 error code, with the fix in its message."""
+    if code == "NoSuchBucket":
+        return RegistryConfigError(f"S3 bucket {bucket!r} does not exist ({where}): create it with "
+                                   f"`lorafleet registry init --registry s3://{bucket}/...` or fix the URI")
+    if code == "InvalidBucketName":
+        return RegistryConfigError(f"the S3 server refuses the bucket name {bucket!r}: " + _BUCKET_RULES)
+    if code in _DENIED_CODES:
+        return RegistryAccessDenied(f"S3 refused access to {where} ({code}): check AWS_ACCESS_KEY_ID / "
+                                    "AWS_SECRET_ACCESS_KEY and the bucket's policy")
+    if code.startswith("5") or code in {"ServiceUnavailable", "SlowDown", "InternalError"}:
+        return RegistryUnavailable(f"S3 server failed for {where} ({code}); try again")
+    return RegistryUnavailable(f"S3 request for {where} failed ({code or 'unknown error'})")
+
+
+_BUCKET_RULES = ("S3 bucket names are 3-63 characters of a-z, 0-9, '.' and '-', starting and ending with a "
+                 "letter or digit")
 
 
 def _make_client():
@@ -44,6 +69,8 @@ class S3Store(ObjectStore):
     def __init__(self, bucket: str, prefix: str, client=None):
         if not bucket:
             raise RegistryConfigError("s3 registry URI needs a bucket: s3://BUCKET/PREFIX")
+        if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+            raise RegistryConfigError(f"invalid S3 bucket name {bucket!r}: {_BUCKET_RULES}")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -54,29 +81,36 @@ class S3Store(ObjectStore):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     @contextmanager
-    def _errors(self):
-        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+    def _errors(self, key: str | None = None):
+        """Every boto3/botocore failure as a lorafleet error naming the bucket/key and what to do."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
+        where = f"s3://{self.bucket}/{self._key(key)}" if key else f"bucket {self.bucket!r}"
         try:
             yield
         except (EndpointConnectionError, ConnectionError) as exc:
-            raise RegistryUnavailable(f"S3 registry {self.uri} is unreachable: {exc}") from exc
+            raise RegistryUnavailable(
+                f"S3 endpoint {self._endpoint()} is unreachable ({where}): check AWS_ENDPOINT_URL and that "
+                "the server is up") from exc
+        except NoCredentialsError as exc:
+            raise RegistryAccessDenied(
+                f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from exc
         except ClientError as exc:
-            code = _client_error_code(exc)
-            if code == "NoSuchBucket":
-                raise RegistryConfigError(f"S3 bucket {self.bucket!r} does not exist") from exc
-            if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-                raise RegistryReadOnly(f"S3 registry {self.uri} refused access ({code})") from exc
-            if code.startswith("5") or code in {"ServiceUnavailable", "SlowDown", "InternalError"}:
-                raise RegistryUnavailable(f"S3 registry {self.uri} failed ({code})") from exc
-            raise
+            raise _client_error(_client_error_code(exc), where, self.bucket) from exc
+        except S3UploadFailedError as exc:  # upload_file wraps the ClientError's text, not the error
+            code = next((c for c in _KNOWN_CODES if c in str(exc)), "UploadFailed")
+            raise _client_error(code, where, self.bucket) from exc
         except BotoCoreError as exc:
-            raise RegistryUnavailable(f"S3 registry {self.uri} failed: {exc}") from exc
+            raise RegistryUnavailable(f"S3 request for {where} failed: {exc}") from exc
+
+    def _endpoint(self) -> str:
+        return getattr(getattr(self._client, "meta", None), "endpoint_url", None) or "(AWS default)"
 
     def read(self, key: str) -> StoredObject | None:
         from botocore.exceptions import ClientError
 
-        with self._errors():
+        with self._errors(key):
             try:
                 response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as exc:
@@ -88,7 +122,7 @@ class S3Store(ObjectStore):
     def _conditional_put(self, key: str, data: bytes, **condition) -> None:
         from botocore.exceptions import ClientError
 
-        with self._errors():
+        with self._errors(key):
             try:
                 self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
             except ClientError as exc:
@@ -109,7 +143,7 @@ class S3Store(ObjectStore):
             self._conditional_put(key, data, IfMatch=expected_token)
 
     def put_blob(self, key: str, source: Path) -> None:
-        with self._errors():
+        with self._errors(key):
             if self.exists(key):  # refresh its timestamp, so gc's grace period starts again
                 self._client.copy_object(Bucket=self.bucket, Key=self._key(key), MetadataDirective="REPLACE",
                                          CopySource={"Bucket": self.bucket, "Key": self._key(key)})
@@ -119,7 +153,7 @@ class S3Store(ObjectStore):
     def open_blob(self, key: str) -> BinaryIO | None:
         from botocore.exceptions import ClientError
 
-        with self._errors():
+        with self._errors(key):
             try:
                 return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
             except ClientError as exc:
@@ -130,7 +164,7 @@ class S3Store(ObjectStore):
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
-        with self._errors():
+        with self._errors(key):
             try:
                 self._client.head_object(Bucket=self.bucket, Key=self._key(key))
                 return True
@@ -142,7 +176,7 @@ class S3Store(ObjectStore):
     def info(self, key: str) -> ObjectInfo | None:
         from botocore.exceptions import ClientError
 
-        with self._errors():
+        with self._errors(key):
             try:
                 head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as exc:
@@ -152,7 +186,7 @@ class S3Store(ObjectStore):
             return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
 
     def delete(self, key: str) -> None:
-        with self._errors():
+        with self._errors(key):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:

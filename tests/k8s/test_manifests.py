@@ -201,3 +201,104 @@ def test_alerts_reference_metrics_the_service_exports():
         for name in names:
             family = name.removesuffix("_bucket").removesuffix("_total")
             assert family in exported, f"{rule['alert']} uses {name}, which lorafleet does not export"
+
+
+def _pod_templates(documents: list[dict]) -> dict[str, dict]:
+    """Every pod template of the Ray kinds, by where it is."""
+    templates = {}
+    for document in documents:
+        spec = document.get("spec") or {}
+        cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
+        if cluster is None:
+            continue
+        kind = document["kind"]
+        templates[f"{kind}/head"] = cluster["headGroupSpec"]["template"]
+        for group in cluster.get("workerGroupSpecs", []):
+            templates[f"{kind}/worker-{group['groupName']}"] = group["template"]
+        if "submitterPodTemplate" in spec:
+            templates[f"{kind}/submitter"] = spec["submitterPodTemplate"]
+    return templates
+
+
+def _env_names(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _secret_refs(container: dict) -> set[str]:
+    refs = {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
+    refs |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+             if "secretKeyRef" in e.get("valueFrom", {})}
+    return refs
+
+
+def test_every_pod_is_hardened_and_uses_ray_token_auth(overlay):
+    _, documents = overlay
+    templates = _pod_templates(documents)
+    assert {"RayService/head", "RayJob/head", "RayJob/submitter"} <= set(templates)
+    assert any(k.startswith("RayService/worker-") for k in templates)
+    for where, template in templates.items():
+        pod = template["spec"]
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        mounted = set()
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True, where
+            assert context["capabilities"]["drop"] == ["ALL"] and context["runAsNonRoot"] is True, where
+            env = _env_names(container)
+            assert env["RAY_AUTH_MODE"]["value"] == "token", where
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "lorafleet-ray-auth", where
+            mounted |= {m["mountPath"] for m in container.get("volumeMounts", [])}
+        assert "/tmp" in mounted, f"{where}: a read-only root needs a writable /tmp (Ray's session dir)"
+
+
+def test_each_pod_gets_only_the_secrets_it_uses(overlay):
+    _, documents = overlay
+    secrets = {d["metadata"]["name"] for d in documents if d["kind"] == "Secret"}
+    assert secrets == {"lorafleet-storage", "lorafleet-api-tokens", "lorafleet-ray-auth"}
+    for where, template in _pod_templates(documents).items():
+        refs = set().union(*(_secret_refs(c) for c in template["spec"]["containers"]))
+        if where.startswith("RayJob/"):
+            assert "lorafleet-api-tokens" not in refs, f"{where}: training pods must not see the API tokens"
+        if where == "RayJob/submitter":
+            assert refs == {"lorafleet-ray-auth"}, where
+        if where.startswith("RayService/"):
+            assert {"lorafleet-storage", "lorafleet-api-tokens", "lorafleet-ray-auth"} <= refs, where
+
+
+def _labels(template: dict) -> dict:
+    return template.get("metadata", {}).get("labels", {})
+
+
+def test_network_policies_admit_the_serve_port_from_the_ingress_and_ray_ports_from_the_cluster(overlay):
+    _, documents = overlay
+    policies = {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"lorafleet-serve", "lorafleet-train"}
+    templates = _pod_templates(documents)
+    for name, component in (("lorafleet-serve", "RayService"), ("lorafleet-train", "RayJob")):
+        policy = policies[name]
+        selector = policy["podSelector"]["matchLabels"]
+        for where, template in templates.items():  # the policy selects every pod of its cluster
+            if where.startswith(component):
+                assert selector.items() <= _labels(template).items(), where
+        assert policy["policyTypes"] == ["Ingress"]
+        for rule in policy["ingress"]:
+            from_namespaces = any("namespaceSelector" in peer for peer in rule["from"])
+            if from_namespaces:  # from outside the cluster: the Serve port only
+                assert name == "lorafleet-serve" and rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+            else:  # every port, but only from the same cluster's pods
+                assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [selector]
+    serve_selector = policies["lorafleet-serve"]["podSelector"]["matchLabels"]
+    train_selector = policies["lorafleet-train"]["podSelector"]["matchLabels"]
+    assert serve_selector != train_selector  # training pods cannot reach the serving cluster's Ray ports
+
+
+def test_placeholder_secrets_would_be_refused_by_the_server():
+    """The shipped API-token placeholders are refused at start-up: nobody deploys them by accident."""
+    from lorafleet.serve.settings import load_settings
+
+    from lorafleet.registry.errors import RequestInvalid
+
+    line = (K8S / "base" / "secrets-api-tokens.env").read_text().split("LORAFLEET_API_TOKENS=", 1)[1].strip()
+    with pytest.raises(RequestInvalid, match="REPLACE_ME"):
+        load_settings(api_tokens=line)

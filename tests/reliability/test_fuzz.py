@@ -32,7 +32,7 @@ def _schemathesis(url: str, *headers: str, seed: int) -> tuple[subprocess.Comple
 def test_schemathesis_finds_nothing(auth, looks_registry, live_server, record):
     settings = {"auth_enabled": True, "api_tokens": TOKENS} if auth == "on" else {}
     server = live_server(looks_registry, **settings)
-    headers = ["Authorization: Bearer admin-token"] if auth == "on" else []
+    headers = ["Authorization: Bearer admin-token-0123456789abcdef0123456789"] if auth == "on" else []
     result, seconds = _schemathesis(server.url, *headers, seed=1234)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]

@@ -130,3 +130,39 @@ def test_concurrent_fetches_of_one_digest_read_the_registry_once(tiny_spec, tmp_
     for thread in threads:
         thread.join()
     assert registry.reads == [manifests[0].digest]
+
+
+def _forged(registry, spec, tmp_path):
+    """A version whose stored blob and manifest digest were swapped by someone with bucket access
+    for a file that never passed validation: a LoRA with shapes the base does not have."""
+    import torch
+    from helpers import publish_lora
+    from lorafleet.registry.adapter_registry import blob_key, manifest_key
+    from lorafleet.registry.identity import sha256_bytes
+
+    from lorafleet.demo import synthetic_lora
+
+    manifest = publish_lora(registry, spec, tmp_path, name="forged")
+    payload = synthetic_lora(spec, seed=5)
+    for key in list(payload.tensors)[:2]:
+        payload.tensors[key] = torch.ones(3, 5)
+    data = payload.to_bytes({"base_fingerprint": spec.fingerprint, "base_id": spec.id})
+    digest = sha256_bytes(data)
+    (tmp_path / "forged.bin").write_bytes(data)
+    registry.store.put_blob(blob_key(digest), tmp_path / "forged.bin")
+    forged = manifest.model_copy(update={"digest": digest, "size": len(data)})
+    registry.store.delete(manifest_key("forged", 1))
+    registry.store.create(manifest_key("forged", 1), forged.to_json_bytes())
+    return registry.resolve("forged@1")
+
+
+def test_bytes_that_do_not_fit_the_base_never_reach_the_pipeline(tiny_spec, tmp_path):
+    from lorafleet.registry import AdapterRegistry
+    from lorafleet.registry.errors import AdapterIncompatible
+
+    registry = AdapterRegistry(f"file://{tmp_path / 'reg'}")
+    manifest = _forged(registry, tiny_spec, tmp_path)
+    fetcher = AdapterFetcher(registry, 10**8, DiskTier(tmp_path / "disk", 10**8), base=tiny_spec)
+    with pytest.raises(AdapterIncompatible):
+        fetcher.fetch(manifest)
+    assert fetcher.host.keys() == []

@@ -17,8 +17,8 @@ from lorafleet.registry import AdapterRegistry, PublishRequest
 from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
 
 pytestmark = pytest.mark.slow
-ADMIN = {"Authorization": "Bearer admin-token"}
-GENERATE = {"Authorization": "Bearer gen-token"}
+ADMIN = {"Authorization": "Bearer admin-token-0123456789abcdef0123456789"}
+GENERATE = {"Authorization": "Bearer gen-token-0123456789abcdef0123456789"}
 RAY_PROCESS_NAMES = ("raylet", "gcs_server")
 
 
@@ -49,7 +49,7 @@ def live(s3_server, tiny_spec, tmp_path_factory):
     from lorafleet.serve.server import start_server
     from lorafleet.serve.settings import ServeSettings
 
-    from lorafleet.devtools.seaweed import free_port
+    from lorafleet.local_cluster import free_port
 
     saved = {k: os.environ.get(k) for k in [*s3_server.env(), "LORAFLEET_S3_CONNECT_TIMEOUT",
                                             "LORAFLEET_S3_MAX_ATTEMPTS"]}
@@ -62,7 +62,7 @@ def live(s3_server, tiny_spec, tmp_path_factory):
     files = {f"look{i}": registry.pull(f"look{i}", root / "pulled")[1] for i in range(7)}
     settings = ServeSettings(
         base="tiny", registry=registry.uri, port=free_port(), replicas=2, replica_num_cpus=0.5, fuse_after=3,
-        resolution_ttl_s=1.0, auth_enabled=True, api_tokens="gen-token=generate,admin-token=admin",
+        resolution_ttl_s=1.0, auth_enabled=True, api_tokens="gen-token-0123456789abcdef0123456789=generate,admin-token-0123456789abcdef0123456789=admin",
         cache={"disk_dir": str(root / "cache"), "active_max_adapters": 1},
     )
     server = start_server(settings, num_cpus=2)

@@ -18,7 +18,7 @@ from lorafleet.serve.settings import ServeSettings, load_settings
 def test_settings_precedence_file_then_env_then_flags(tmp_path, monkeypatch):
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"port": 9001, "replicas": 3, "cache": {"host_bytes": 1000},
-                                      "limits": {"max_steps": 10}}))
+                                      "limits": {"max_steps": 10, "default_steps": 5}}))
     monkeypatch.setenv("LORAFLEET_REPLICAS", "2")
     monkeypatch.setenv("LORAFLEET_CACHE__ACTIVE_MAX_ADAPTERS", "5")
     settings = load_settings(config, port=9002)
@@ -49,8 +49,8 @@ def test_auth_without_tokens_refuses_to_start(tmp_path):
 
 
 def test_serve_config_never_contains_tokens():
-    settings = ServeSettings(auth_enabled=True, api_tokens="secret-token=admin")
-    assert "secret-token" not in yaml.safe_dump(serve_config(settings))
+    settings = ServeSettings(auth_enabled=True, api_tokens="secret-token-0123456789abcdef01234567=admin")
+    assert "secret-token-0123456789abcdef01234567" not in yaml.safe_dump(serve_config(settings))
 
 
 def test_serve_config_is_a_valid_serve_deploy_schema():
@@ -73,10 +73,10 @@ def test_app_builder_accepts_the_config_args():
 
 @pytest.mark.slow
 def test_lorafleet_serve_starts_answers_and_stops_cleanly(tmp_path):
-    from lorafleet.devtools.seaweed import free_port
+    from lorafleet.local_cluster import free_port
 
     port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "LORAFLEET_CACHE__DISK_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "LORAFLEET_CACHE__DISK_DIR": str(tmp_path / "cache")}  # Ray token auth: the default
     process = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", "--registry", f"file://{tmp_path}",
                                 "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                text=True, start_new_session=True)
