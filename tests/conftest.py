@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

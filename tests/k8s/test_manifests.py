@@ -295,9 +295,8 @@ def test_network_policies_admit_the_serve_port_from_the_ingress_and_ray_ports_fr
 
 def test_placeholder_secrets_would_be_refused_by_the_server():
     """The shipped API-token placeholders are refused at start-up: nobody deploys them by accident."""
-    from lorafleet.serve.settings import load_settings
-
     from lorafleet.registry.errors import RequestInvalid
+    from lorafleet.serve.settings import load_settings
 
     line = (K8S / "base" / "secrets-api-tokens.env").read_text().split("LORAFLEET_API_TOKENS=", 1)[1].strip()
     with pytest.raises(RequestInvalid, match="REPLACE_ME"):
