@@ -60,7 +60,8 @@ class BatchSource:
                 for size, indices in sorted(by_size.items())]
 
     def _pixels(self, example: Example, size: tuple[int, int], rng: random.Random) -> np.ndarray:
-        image = resize_and_crop(open_image(example.path), size, self.config.data.crop, rng)
+        image = resize_and_crop(open_image(example.path, max_bytes=self.config.data.max_file_bytes), size,
+                                self.config.data.crop, rng)
         return augment(to_array(image), self.config.data, rng)
 
     @torch.no_grad()

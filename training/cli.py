@@ -6,7 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import Method, load_train_config
+from lorafleet.registry.errors import LorafleetError
+
+from .config import DataConfig, Method, load_train_config
 
 EXAMPLE_CONFIG = """\
 # lorafleet training config ({method}). Every key is documented in training/config.py;
@@ -73,8 +75,9 @@ class _ProgressBar:
             self.bar = tqdm(total=self.config.max_steps, initial=state.step - 1, unit="step", dynamic_ncols=True,
                             file=sys.stderr)
         self.bar.n = state.step
-        self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
-        self.bar.refresh()
+        self.bar.set_postfix(loss=f"{state.losses[-1]:.4f}", refresh=False)  # it would draw a second line
+        if state.step < self.config.max_steps:
+            self.bar.refresh()  # the last step is drawn once, by close()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -109,7 +112,13 @@ def cmd_train(args) -> int:
 
         from .publish import publish_result
 
-        manifest = publish_result(result, config, AdapterRegistry(args.registry), name)
+        try:
+            manifest = publish_result(result, config, AdapterRegistry(args.registry), name)
+        except LorafleetError:
+            adapter = result.artifacts.get("adapter")
+            print(f"the trained adapter is kept at {adapter}; publish it later with: lorafleet registry publish "
+                  f"{adapter} --name {name} --base {config.base}", file=sys.stderr)
+            raise
         print(f"published {manifest.adapter_id} ({manifest.digest})")
     if args.result_json:
         from .ray_job import RESULT_MARKER
@@ -120,11 +129,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .config import DataConfig
     from .data import prepare_folder
 
     config = DataConfig(path=Path(args.dir), resolution=args.resolution, crop=args.crop, trigger=args.trigger,
-                        min_size=args.min_size)
+                        min_size=args.min_size, max_file_bytes=args.max_file_bytes)
     report = prepare_folder(config, Path(args.out))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0
@@ -162,6 +170,8 @@ def add_commands(subparsers) -> None:
     prepare.add_argument("--crop", choices=["center", "random"], default="center")
     prepare.add_argument("--trigger")
     prepare.add_argument("--min-size", type=int, default=8)
+    prepare.add_argument("--max-file-bytes", type=int, default=DataConfig.model_fields["max_file_bytes"].default,
+                         help="skip image files larger than this")
     prepare.add_argument("--json", action="store_true")
     prepare.set_defaults(handler=cmd_prepare)
     caption = commands.add_parser("caption", help="write sidecar captions with a local BLIP-style model")

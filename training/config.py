@@ -41,6 +41,7 @@ class DataConfig(BaseModel):
     flip: bool = Field(False, description="Random horizontal flips.")
     color_jitter: float = Field(0.0, ge=0, le=0.5, description="Random brightness/contrast change (0 = off).")
     min_size: int = Field(8, ge=1, description="Images smaller than this (short side) are skipped.")
+    max_file_bytes: int = Field(50 * 1024**2, ge=1024, description="Image files larger than this are skipped.")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Share of captions replaced by '' (for CFG).")
     cache_latents: bool = Field(True, description="Encode images once (only without random augmentation).")
     buckets: bool = Field(False, description="Aspect-ratio buckets of about resolution^2 pixels, not square crops.")

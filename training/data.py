@@ -8,8 +8,11 @@ duplicate images are skipped and counted. Captions come from ``metadata.jsonl``
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import random
+import stat
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +24,36 @@ from lorafleet.registry.safetensors_io import UntrustedJsonError, parse_untruste
 from .config import DataConfig
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+# Decoders Pillow may use on untrusted files (whatever their suffix says): never EPS (Ghostscript),
+# PSD, SPIDER... Keep in step with IMAGE_SUFFIXES and the README's list.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_CAPTION_BYTES = 64 * 1024
+MAX_METADATA_BYTES = 64 * 1024**2
+DEFAULT_MAX_FILE_BYTES = 50 * 1024**2
+
+
+class UnusableFile(ValueError):
+    """A data file that is not read: ``reason`` is its key in DataReport.skipped."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (not a symlink, FIFO, device or folder) of at
+    most ``max_bytes``; opened without following links and without blocking on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:  # ELOOP: a symlink
+        raise UnusableFile("not_a_regular_file", f"{path.name}: not a regular file ({exc.strerror})") from exc
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UnusableFile("not_a_regular_file", f"{path.name}: not a regular file")
+        if info.st_size > max_bytes:
+            raise UnusableFile("too_large", f"{path.name}: {info.st_size} bytes (limit {max_bytes})")
+        return handle.read(max_bytes + 1)[:max_bytes]
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # refuse images that decompress beyond this (PIL's bomb guard)
 RECOMMENDED_WORDS = (5, 20)
 
@@ -41,7 +74,7 @@ class DataReport:
     kept: int = 0
     resized: int = 0
     skipped: dict[str, list[str]] = field(default_factory=lambda: {
-        "unreadable": [], "too_small": [], "too_large": [], "duplicate": []})
+        "unreadable": [], "too_small": [], "too_large": [], "duplicate": [], "not_a_regular_file": []})
     missing_captions: list[str] = field(default_factory=list)
     caption_words: dict[str, float] = field(default_factory=dict)
     captions_outside_recommended: int = 0
@@ -64,10 +97,14 @@ class DataReport:
 def _read_metadata(folder: Path) -> dict[str, tuple[str, float]]:
     """file_name -> (caption, weight) from metadata.jsonl."""
     metadata = folder / "metadata.jsonl"
-    if not metadata.is_file():
+    if not metadata.exists() and not metadata.is_symlink():
         return {}
+    try:
+        text = read_regular_file(metadata, MAX_METADATA_BYTES).decode("utf-8", errors="replace")
+    except UnusableFile as exc:
+        raise RequestInvalid(f"metadata.jsonl: {exc}", field="data.path") from exc
     rows = {}
-    for number, line in enumerate(metadata.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -83,11 +120,17 @@ def _read_metadata(folder: Path) -> dict[str, tuple[str, float]]:
     return rows
 
 
-def _caption_for(image: Path, metadata: dict[str, tuple[str, float]]) -> str | None:
+def _caption_for(image: Path, metadata: dict[str, tuple[str, float]], report: DataReport) -> str | None:
     if image.name in metadata:
         return metadata[image.name][0]
     sidecar = image.with_suffix(".txt")
-    return sidecar.read_text(errors="replace").strip() if sidecar.is_file() else None
+    if not sidecar.exists() and not sidecar.is_symlink():
+        return None
+    try:
+        return read_regular_file(sidecar, MAX_CAPTION_BYTES).decode("utf-8", errors="replace").strip()
+    except UnusableFile as exc:  # a caption linked to /etc/passwd is not read, and is reported
+        report.skipped[exc.reason].append(sidecar.name)
+        return None
 
 
 def apply_trigger(caption: str, config: DataConfig) -> str:
@@ -103,12 +146,18 @@ def is_regularization(caption: str, config: DataConfig) -> bool:
     return config.marks_regularization and "[trigger]" not in caption
 
 
-def open_image(path: Path):
-    """An 8-bit RGB image with its EXIF orientation applied; raises OSError/ValueError if unusable."""
-    from PIL import Image, ImageOps
+def open_image(path: Path, data: bytes | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES):
+    """An 8-bit RGB image with its EXIF orientation applied, decoded only as PNG, JPEG or WEBP from
+    a regular file; raises UnusableFile, OSError or ValueError if unusable."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    with Image.open(path) as raw:
+    data = read_regular_file(path, max_bytes) if data is None else data
+    try:
+        raw = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise UnusableFile("unreadable", f"{path.name}: not a {'/'.join(IMAGE_FORMATS)} image") from exc
+    with raw:
         if raw.width * raw.height > MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(f"{raw.width}x{raw.height} pixels")
         image = ImageOps.exif_transpose(raw)
@@ -125,12 +174,20 @@ def scan(config: DataConfig) -> tuple[list[Example], DataReport]:
     metadata = _read_metadata(folder)
     report, examples, seen = DataReport(folder=str(folder)), [], set()
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            data = read_regular_file(path, config.max_file_bytes)
+        except UnusableFile as exc:
+            report.skipped[exc.reason].append(path.name)
+            continue
+        digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             report.skipped["duplicate"].append(path.name)
             continue
         try:
-            image = open_image(path)
+            image = open_image(path, data)
+        except UnusableFile as exc:
+            report.skipped[exc.reason].append(path.name)
+            continue
         except Image.DecompressionBombError:
             report.skipped["too_large"].append(path.name)
             continue
@@ -141,7 +198,7 @@ def scan(config: DataConfig) -> tuple[list[Example], DataReport]:
             report.skipped["too_small"].append(path.name)
             continue
         seen.add(digest)
-        caption = _caption_for(path, metadata)
+        caption = _caption_for(path, metadata, report)
         if caption is None:
             report.missing_captions.append(path.name)
             caption = ""
@@ -228,7 +285,8 @@ def prepare_folder(config: DataConfig, destination: Path) -> DataReport:
     destination.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     for index, example in enumerate(examples):
-        image = resize_and_crop(open_image(example.path), config.resolution, config.crop, rng)
+        image = resize_and_crop(open_image(example.path, max_bytes=config.max_file_bytes), config.resolution,
+                                config.crop, rng)
         stem = f"{index:06d}-{example.path.stem}"
         image.save(destination / f"{stem}.png")
         (destination / f"{stem}.txt").write_text(example.caption)

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,9 @@ from .config import TrainConfig
 from .data import DataReport, scan
 from .methods import TrainingMethod, method_for
 from .reporting import clip_score, latent_distance, sample_images, save_grid, save_loss_curve, write_metrics
+
+logger = logging.getLogger(__name__)
+ADAPTER_FILE = "adapter.safetensors"  # the finished run's adapter, written before any optional report
 
 
 @dataclass
@@ -249,20 +254,36 @@ class Trainer:
                                                 "seconds": round(self.state.seconds, 2)})
 
     def _finish(self) -> TrainResult:
+        """The adapter first (exported and written next to the last checkpoint), then the optional
+        reports: a failing report is a warning in metrics.json, never a lost run."""
         if self.ema is not None:
             self.ema.copy_to(self.parameters)
         self.pipe.unet.eval()
         output = Path(self.config.output_dir)
-        artifacts = {"loss_curve": save_loss_curve(self.state.losses, output / "loss.png")}
-        grid = self._validation_grid()
+        payload = self.method.export(self.pipe)
+        artifacts = {"adapter": _write_atomically(output / ADAPTER_FILE, payload.to_bytes())}
+        warnings: list[str] = []
+        artifacts["loss_curve"] = self._optional("loss curve", warnings, save_loss_curve, self.state.losses,
+                                                 output / "loss.png")
+        grid = self._optional("validation grid", warnings, self._validation_grid)
         if grid:
             artifacts["samples"] = grid
-        metrics = self._metrics()
+        metrics = self._metrics(warnings)
         artifacts["metrics"] = write_metrics(output / "metrics.json", metrics)
-        payload = self.method.export(self.pipe)
-        return TrainResult(payload, self.state, self.data_report, metrics, output, artifacts=artifacts)
+        return TrainResult(payload, self.state, self.data_report, metrics, output,
+                           artifacts={k: v for k, v in artifacts.items() if v is not None})
 
-    def _metrics(self) -> dict:
+    @staticmethod
+    def _optional(name: str, warnings: list[str], function, *args):
+        """Run an optional report; a failure becomes a warning (logged, and kept in metrics.json)."""
+        try:
+            return function(*args)
+        except Exception as exc:  # any failure of a report: the trained adapter is already safe
+            warnings.append(f"{name} failed: {type(exc).__name__}: {exc}")
+            logger.warning("optional %s failed after the run finished: %s", name, exc, exc_info=True)
+            return None
+
+    def _metrics(self, warnings: list[str]) -> dict:
         losses = self.state.losses
         tail = losses[-max(1, len(losses) // 10):]
         prompts = self.config.validation_prompts or [self.examples[0].caption or "a photo"]
@@ -270,16 +291,23 @@ class Trainer:
             "steps": self.state.step, "seconds": round(self.state.seconds, 2),
             "steps_per_second": round(self.state.step / self.state.seconds, 3) if self.state.seconds else None,
             "loss_first": round(losses[0], 6), "loss_final": round(sum(tail) / len(tail), 6),
-            "latent_distance_with_adapter": latent_distance(self.pipe, prompts, self.batches.cached, self.config.seed),
             "method": self.method.report.details,
             "data": {"kept": self.data_report.kept, "skipped": {k: len(v) for k, v in
                                                                self.data_report.skipped.items()}},
         }
-        metrics["latent_distance_without_adapter"] = self._distance_without_adapter(prompts)
+        metrics["latent_distance_with_adapter"] = self._optional(
+            "latent distance", warnings, latent_distance, self.pipe, prompts, self.batches.cached, self.config.seed)
+        metrics["latent_distance_without_adapter"] = self._optional(
+            "latent distance without the adapter", warnings, self._distance_without_adapter, prompts)
         if self.config.clip_model and self.config.validation_prompts:
-            images = sample_images(self.pipe, self.config.validation_prompts, self.config.seed)
-            metrics["clip_score"] = clip_score(images, self.config.validation_prompts, self.config.clip_model)
+            metrics["clip_score"] = self._optional("CLIP score", warnings, self._clip_score)
+        if warnings:
+            metrics["warnings"] = list(warnings)
         return metrics
+
+    def _clip_score(self) -> float:
+        images = sample_images(self.pipe, self.config.validation_prompts, self.config.seed)
+        return clip_score(images, self.config.validation_prompts, self.config.clip_model)
 
     def _distance_without_adapter(self, prompts: list[str]):
         if not hasattr(self.method, "components") or self.batches.cached is None:
@@ -289,6 +317,14 @@ class Trainer:
             return latent_distance(self.pipe, prompts, self.batches.cached, self.config.seed)
         finally:
             self.pipe.unet.enable_adapters()
+
+
+def _write_atomically(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+    return path
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress=None) -> TrainResult:

@@ -65,13 +65,16 @@ def save_loss_curve(losses: list[float], path: Path, width: int = 480, height: i
 
 @torch.no_grad()
 def latent_distance(pipe, prompts: list[str], train_latents: torch.Tensor | None, seed: int, steps: int = 20):
-    """Mean distance from generated latents to their nearest training latent ([n, 4, h, w])."""
+    """Mean distance from generated latents to their nearest training latent ([n, 4, h, w]).
+
+    Latents are generated at the training latents' size, whatever the base's native size."""
     if train_latents is None or not prompts:
         return None
+    height, width = (side * int(pipe.vae_scale_factor) for side in train_latents.shape[-2:])
     distances = []
     for index, prompt in enumerate(prompts):
         latents = pipe(prompt, num_inference_steps=steps, generator=seeded_generators([seed + index]),
-                       output_type="latent").images / float(pipe.vae.config.scaling_factor)
+                       height=height, width=width, output_type="latent").images / float(pipe.vae.config.scaling_factor)
         flat_train = (train_latents / float(pipe.vae.config.scaling_factor)).flatten(1).cpu()
         gaps = torch.cdist(latents.flatten(1).cpu().float(), flat_train.float())  # [1, n_train]
         distances.append(float(gaps.min()))

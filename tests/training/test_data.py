@@ -50,7 +50,7 @@ def test_bad_files_are_skipped_and_reported_never_a_crash(tmp_path):
     examples, report = scan(DataConfig(path=tmp_path, min_size=8))
     assert report.kept == len(examples) == 4
     assert report.skipped == {"unreadable": ["broken.png"], "too_small": ["tiny.png"], "too_large": ["bomb.png"],
-                              "duplicate": ["copy.png"]}
+                              "duplicate": ["copy.png"], "not_a_regular_file": []}
     assert report.missing_captions == ["uncaptioned.webp"]
     assert report.caption_words["max"] == 3 and report.captions_outside_recommended == 4
     assert report.dataset_digest.startswith("sha256:")
@@ -118,3 +118,49 @@ def test_bad_weights_are_refused_naming_the_line(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x", "weight": -2}\n')
     with pytest.raises(RequestInvalid, match="line 1: weight"):
         scan(DataConfig(path=tmp_path))
+
+
+def _eps_named_png(path):
+    """An EPS file (Pillow would hand it to Ghostscript) with a .png name."""
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nnewpath 0 0 moveto 32 32 lineto stroke\n"
+                     b"showpage\n%%EOF\n")
+
+
+def test_hostile_files_are_skipped_and_reported_never_read(tmp_path):
+    """Symlinks (to secrets), FIFOs, other formats behind an image suffix, oversized files."""
+    import os
+    import subprocess
+    import sys
+
+    folder = write_shapes_folder(tmp_path / "data", 3, captions="sidecar")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:the secret")
+    first = sorted(folder.glob("*.png"))[0]
+    first.with_suffix(".txt").unlink()
+    os.symlink(secret, first.with_suffix(".txt"))  # a caption linked to a secret file
+    os.symlink(first, folder / "linked.png")  # an image symlink
+    os.mkfifo(folder / "x.png")  # would block a plain open() forever
+    _eps_named_png(folder / "vector.png")
+    (folder / "big.png").write_bytes(b"\x89PNG" + b"\0" * 4096)
+    out = tmp_path / "prepared"
+    command = [sys.executable, "-m", "lorafleet.cli", "data", "prepare", str(folder), "--out", str(out),
+               "--max-file-bytes", "2048", "--resolution", "32"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    skipped = report["skipped"]
+    assert sorted(skipped["not_a_regular_file"]) == sorted([first.with_suffix(".txt").name, "linked.png", "x.png"])
+    assert skipped["unreadable"] == ["vector.png"] and skipped["too_large"] == ["big.png"]
+    assert report["kept"] == 3
+    for caption in out.glob("*.txt"):
+        assert "the secret" not in caption.read_text()
+
+
+def test_a_symlinked_metadata_file_is_refused(tmp_path):
+    folder = write_shapes_folder(tmp_path / "data", 2, captions="none")
+    (tmp_path / "elsewhere.jsonl").write_text(json.dumps({"file_name": "x.png", "text": "y"}) + "\n")
+    import os
+
+    os.symlink(tmp_path / "elsewhere.jsonl", folder / "metadata.jsonl")
+    with pytest.raises(RequestInvalid, match="not a regular file"):
+        scan(DataConfig(path=folder))
