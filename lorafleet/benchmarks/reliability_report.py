@@ -40,8 +40,28 @@ TABLE_TESTS = {  # test function -> what its parametrized cases cover
     "test_sources_never_unpickle_or_trust_remote_code": "no pickle loading, no trust_remote_code",
     "test_publishing_to_a_read_only_directory_fails_cleanly": "registry on a read-only disk",
 }
+SECURITY_TESTS = {  # the security model (docs/operations.md): test function -> what it covers
+    "test_every_header_length_from_8_to_4096_bytes_is_read_as_safetensors": "safetensors decided by parsing "
+                                                                             "(header lengths 8-4,096 bytes)",
+    "test_pickle_and_torch_files_named_safetensors_are_still_refused_as_pickle": "pickle 2-5, torch zip, truncated",
+    "test_hostile_json_headers_are_invalid_adapters": "200k-deep JSON, 5,000-digit integers",
+    "test_forged_manifests_are_refused_on_read": "manifests edited in storage (traversal names, key mismatch)",
+    "test_a_non_finite_alpha_is_refused_and_nothing_is_stored": "NaN/inf in manifests",
+    "test_s3_failures_are_one_line_errors": "S3 errors (missing/invalid bucket, access denied, unreachable)",
+    "test_misses_are_cached_for_the_ttl": "registry-call amplification by bad references",
+    "test_schema_and_metrics_need_a_scope": "scopes of /metrics and /openapi.json",
+    "test_unsafe_or_inconsistent_settings_are_refused_at_start_up": "weak tokens, public address without auth, "
+                                                                     "inconsistent limits",
+    "test_hostile_files_are_skipped_and_reported_never_read": "training data: symlinks, FIFOs, EPS, oversized",
+    "test_unauthenticated_30mb_bodies_do_not_grow_server_memory": "auth and body limit before the body is read",
+    "test_every_pod_is_hardened_and_uses_ray_token_auth": "k8s securityContexts and Ray token auth",
+    "test_network_policies_admit_the_serve_port_from_the_ingress_and_ray_ports_from_the_cluster": "k8s "
+                                                                                                   "NetworkPolicies",
+}
 TABLE_FILES = ["tests/serve/test_api.py", "tests/registry/test_bad_input.py", "tests/training/test_data.py",
-               "tests/test_no_pickle.py"]
+               "tests/test_no_pickle.py", "tests/registry/test_safetensors_parsing.py",
+               "tests/registry/test_stored_state.py", "tests/registry/test_s3_errors.py",
+               "tests/serve/test_resolver.py", "tests/serve/test_security.py", "tests/k8s/test_manifests.py"]
 
 
 def run_reliability(soak: bool, root: Path) -> tuple[int, list[dict], dict[str, tuple[int, int]]]:
@@ -50,7 +70,7 @@ def run_reliability(soak: bool, root: Path) -> tuple[int, list[dict], dict[str, 
         record = Path(scratch) / "rows.jsonl"
         junit = Path(scratch) / "junit.xml"
         env = {**os.environ, "LORAFLEET_RELIABILITY_RECORD": str(record), "LORAFLEET_SOAK": "1" if soak else "0"}
-        table_filter = " or ".join(TABLE_TESTS)
+        table_filter = " or ".join([*TABLE_TESTS, *SECURITY_TESTS])
         first = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *RECORDING_TESTS],
                                cwd=root, env=env)
         second = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TABLE_FILES,
@@ -68,7 +88,8 @@ def _count_cases(junit: Path) -> dict[str, tuple[int, int]]:
             failed[function] += 1
         elif not any(child.tag == "skipped" for child in case):
             passed[function] += 1
-    return {name: (passed[name], failed[name]) for name in TABLE_TESTS if passed[name] or failed[name]}
+    return {name: (passed[name], failed[name]) for name in [*TABLE_TESTS, *SECURITY_TESTS]
+            if passed[name] or failed[name]}
 
 
 def _cells(values: dict) -> str:
@@ -93,7 +114,14 @@ def render_markdown(rows: list[dict], tables: dict[str, tuple[int, int]], exit_c
     lines += [f"| {row['test']} | {_cells(row['parameters'])} | {_cells(row['figures'])} |" for row in rows]
     lines += ["", "## Hostile input and auth tables", "", "| Test | Covers | Cases passed | Failed |",
               "| --- | --- | --- | --- |"]
-    lines += [f"| `{name}` | {TABLE_TESTS[name]} | {passed} | {failed} |" for name, (passed, failed) in tables.items()]
+    lines += [f"| `{name}` | {TABLE_TESTS[name]} | {passed} | {failed} |" for name, (passed, failed) in tables.items()
+              if name in TABLE_TESTS]
+    lines += ["", "## Security model", "",
+              "Who can do what, what is validated where, and what an operator must configure: the \"Security "
+              "model\" section of docs/operations.md. These tests hold it:", "",
+              "| Test | Covers | Cases passed | Failed |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{name}` | {SECURITY_TESTS[name]} | {passed} | {failed} |"
+              for name, (passed, failed) in tables.items() if name in SECURITY_TESTS]
     return "\n".join(lines) + "\n"
 
 

@@ -107,16 +107,23 @@ class S3Store(ObjectStore):
     def _endpoint(self) -> str:
         return getattr(getattr(self._client, "meta", None), "endpoint_url", None) or "(AWS default)"
 
-    def read(self, key: str) -> StoredObject | None:
+    def _if_present(self, key: str, operation: str):
+        """The response of ``operation`` (get_object, head_object) on ``key``, or None when absent."""
         from botocore.exceptions import ClientError
 
         with self._errors(key):
             try:
-                response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+                return getattr(self._client, operation)(Bucket=self.bucket, Key=self._key(key))
             except ClientError as exc:
                 if _client_error_code(exc) in _MISSING_CODES:
                     return None
                 raise
+
+    def read(self, key: str) -> StoredObject | None:
+        response = self._if_present(key, "get_object")
+        if response is None:
+            return None
+        with self._errors(key):
             return StoredObject(data=response["Body"].read(), token=response["ETag"])
 
     def _conditional_put(self, key: str, data: bytes, **condition) -> None:
@@ -151,39 +158,15 @@ class S3Store(ObjectStore):
             self._client.upload_file(str(source), self.bucket, self._key(key))
 
     def open_blob(self, key: str) -> BinaryIO | None:
-        from botocore.exceptions import ClientError
-
-        with self._errors(key):
-            try:
-                return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-            except ClientError as exc:
-                if _client_error_code(exc) in _MISSING_CODES:
-                    return None
-                raise
+        response = self._if_present(key, "get_object")
+        return None if response is None else response["Body"]
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        with self._errors(key):
-            try:
-                self._client.head_object(Bucket=self.bucket, Key=self._key(key))
-                return True
-            except ClientError as exc:
-                if _client_error_code(exc) in _MISSING_CODES:
-                    return False
-                raise
+        return self._if_present(key, "head_object") is not None
 
     def info(self, key: str) -> ObjectInfo | None:
-        from botocore.exceptions import ClientError
-
-        with self._errors(key):
-            try:
-                head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
-            except ClientError as exc:
-                if _client_error_code(exc) in _MISSING_CODES:
-                    return None
-                raise
-            return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
+        head = self._if_present(key, "head_object")
+        return None if head is None else ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
 
     def delete(self, key: str) -> None:
         with self._errors(key):

@@ -107,11 +107,11 @@ def test_correctness_invariant_over_routed_active_fused_and_evicted_states_2_rep
     replicas = set()
     for _ in range(4):
         for name in sequence:
-            response = _generate(url, adapter=name)
+            response = _generate(url, headers=ADMIN, adapter=name)  # admin: the response names the replica
             assert response.status_code == 200, response.text
             replicas.add(response.json()["replica"])
             assert np.abs(_image(response) - references[name]).max() <= 1e-4, name
-        metrics = metric_samples(httpx.get(f"{url}/metrics").text)
+        metrics = metric_samples(httpx.get(f"{url}/metrics", headers=ADMIN).text)
         missing = [state for key, state in visited.items() if not metrics.get(key)]
         if not missing and len(replicas) == 2:
             break
@@ -150,7 +150,8 @@ def test_alias_move_is_seen_without_restart(live, tiny_spec, tmp_path):
 
 def test_metrics_from_the_ray_app_pass_promtool(live):
     _, url, _ = live
-    text = httpx.get(f"{url}/metrics").text
+    assert httpx.get(f"{url}/metrics").status_code == 401  # the scraper needs a token
+    text = httpx.get(f"{url}/metrics", headers=ADMIN).text
     assert 'lorafleet_adapter_loads_total{tier="registry"}' in text
     result = subprocess.run([shutil.which("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -168,7 +169,7 @@ def test_registry_outage_cached_adapters_keep_serving(live, s3_server, record):
         cold_seconds = time.monotonic() - started
         assert cold.status_code == 503, cold.text
         assert cold.headers.get("Retry-After") and cold_seconds < 60
-        ready = httpx.get(f"{url}/readyz").json()
+        ready = httpx.get(f"{url}/readyz", headers=ADMIN).json()
         assert ready["mode"] == "cached-only" and ready["registry_reachable"] is False
     finally:
         s3_server.restart()
