@@ -18,6 +18,9 @@ AUTH_MODE = "RAY_AUTH_MODE"
 AUTH_TOKEN = "RAY_AUTH_TOKEN"
 
 
+_PROCESS_TOKEN: list[str] = []  # Ray's token loader caches the first token it reads: one per process
+
+
 def secure_local_ray() -> str:
     """Turn Ray token auth on for a cluster about to be started here (unless a mode is set);
     returns the mode in force."""
@@ -25,7 +28,9 @@ def secure_local_ray() -> str:
         return os.environ[AUTH_MODE]
     os.environ[AUTH_MODE] = "token"
     if not os.environ.get(AUTH_TOKEN) and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        os.environ[AUTH_TOKEN] = secrets.token_hex(32)
+        if not _PROCESS_TOKEN:
+            _PROCESS_TOKEN.append(secrets.token_hex(32))
+        os.environ[AUTH_TOKEN] = _PROCESS_TOKEN[0]
     _refresh_ray_config()
     return "token"
 

@@ -36,3 +36,42 @@ def test_the_training_progress_bar_draws_each_step_once(capsys):
     for step in range(1, 6):
         drawn = [line for line in err.replace("\r", "\n").splitlines() if f" {step}/5 " in line]
         assert len(drawn) == 1, f"step {step} drawn {len(drawn)} times:\n{err}"
+
+
+def _locked() -> dict[str, str]:
+    import re
+
+    text = (ROOT / "requirements.lock").read_text()
+    return {name.lower().replace("_", "-"): version
+            for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==([^ \\\n]+)", text, re.M)}
+
+
+def test_the_lock_pins_every_dependency_with_hashes():
+    """A range is not a build: setup, CI and the image install exact versions, hash-checked."""
+    import re
+
+    text = (ROOT / "requirements.lock").read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", text.split("\n", 7)[-1])
+    pinned = [e for e in entries if re.match(r"[A-Za-z0-9_.-]+==", e)]
+    assert len(pinned) > 100 and all("--hash=sha256:" in e for e in pinned)
+    locked = _locked()
+    assert locked["transformers"] == "5.23.0"  # 5.24 needs a peft the index does not have (2026-11-30)
+    assert locked["torch"] == "2.13.0+cpu"
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "--require-hashes --no-deps" in setup and "requirements.lock" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_installed_environment_is_the_lock():
+    """What `make setup` installed is exactly the locked build (no package drifted to a newer release)."""
+    import importlib.metadata as metadata
+
+    drifted = []
+    for name, version in _locked().items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            drifted.append(f"{name}: missing")
+            continue
+        if installed != version:
+            drifted.append(f"{name}: {installed} installed, {version} locked")
+    assert not drifted, drifted
