@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from lorafleet.registry.errors import LorafleetError
+from lorafleet.errors import LorafleetError
 
 EXIT_USAGE = 2
 EXIT_DOMAIN_ERROR = 1

@@ -4,8 +4,9 @@ serve/ and training/ import the adapter vocabulary from here: ``AdapterRef`` / `
 (identity), ``Manifest`` (what a version is), ``AdapterRegistry`` (the operations).
 """
 
+from lorafleet.errors import LorafleetError
+
 from .adapter_registry import AdapterRegistry, GcReport, PublishRequest
-from .errors import LorafleetError
 from .identity import AdapterId, AdapterRef
 from .manifest import AdapterFormat, AdapterMethod, ComponentLora, Manifest
 

@@ -29,6 +29,8 @@ from .base_spec import BaseSpec
 
 if TYPE_CHECKING:
     from .formats import AdapterPayload
+from lorafleet.errors import LorafleetError
+
 from .errors import (
     AdapterNotFound,
     AliasConflict,
@@ -36,7 +38,6 @@ from .errors import (
     IntegrityError,
     InvalidAdapter,
     InvalidReference,
-    LorafleetError,
     VersionConflict,
     VersionNotFound,
     YankedVersion,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
 from lorafleet.serve.cli import serve_config
 from lorafleet.serve.settings import load_settings
 

@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from lorafleet.errors import LorafleetError
 from lorafleet.registry.base_spec import BaseSpec
-from lorafleet.registry.errors import AdapterIncompatible, IntegrityError, LorafleetError
+from lorafleet.registry.errors import AdapterIncompatible, IntegrityError
 from lorafleet.registry.formats import AdapterPayload, payload_from_stored
 from lorafleet.registry.identity import sha256_bytes, validate_digest
 from lorafleet.registry.manifest import Manifest
 from lorafleet.registry.validation import validate_payload
+
+from .residency import Residency, Tier, TierResidency
 
 V = TypeVar("V")
 logger = logging.getLogger(__name__)
@@ -176,7 +179,7 @@ class DiskTier:
 @dataclass
 class FetchResult:
     adapter: CachedAdapter
-    tier: str  # "host" | "disk" | "registry"
+    tier: Tier  # host, disk or registry
     seconds: float
 
 
@@ -208,11 +211,11 @@ class AdapterFetcher:
         started = time.perf_counter()
         cached = self.host.get(manifest.digest)
         if cached is not None:
-            return FetchResult(cached, "host", time.perf_counter() - started)
+            return FetchResult(cached, Tier.host, time.perf_counter() - started)
         with self._flight(manifest.digest).lock:  # others fetching other digests go on
             cached = self.host.get(manifest.digest)
             if cached is not None:
-                return FetchResult(cached, "host", time.perf_counter() - started)
+                return FetchResult(cached, Tier.host, time.perf_counter() - started)
             data, tier = self._bytes(manifest)
             adapter = CachedAdapter(manifest, self._checked_payload(manifest, data))
             self.host.put(manifest.digest, adapter, adapter.nbytes)
@@ -233,21 +236,21 @@ class AdapterFetcher:
             validate_payload(payload, self.base)
         return payload
 
-    def _bytes(self, manifest: Manifest) -> tuple[bytes, str]:
+    def _bytes(self, manifest: Manifest) -> tuple[bytes, Tier]:
         data = self.disk.get(manifest.digest) if self.disk else None
         if data is not None:
-            return data, "disk"
+            return data, Tier.disk
         data = self.registry.read_blob(manifest)  # verified against the digest
         if sha256_bytes(data) != manifest.digest:
             raise IntegrityError(f"blob of {manifest.adapter_id} does not match its digest")
         if self.disk:
             self.disk.put(manifest.digest, data)
-        return data, "registry"
+        return data, Tier.registry
 
-    def resident(self) -> dict[str, dict]:
-        tiers = {"host": {"digests": self.host.keys(), "bytes": self.host.bytes_used,
-                          "evictions": self.host.evictions}}
+    def resident(self) -> Residency:
+        tiers = {Tier.host: TierResidency(tuple(self.host.keys()), self.host.bytes_used, self.host.evictions)}
         if self.disk:
-            tiers["disk"] = {"digests": self.disk.index.keys(), "bytes": self.disk.index.bytes_used,
-                             "evictions": self.disk.index.evictions, "write_failures": self.disk.write_failures}
+            tiers[Tier.disk] = TierResidency(tuple(self.disk.index.keys()), self.disk.index.bytes_used,
+                                             self.disk.index.evictions, self.disk.write_failures,
+                                             self.disk.integrity_failures)
         return tiers

@@ -8,10 +8,11 @@ from fastapi import Depends, FastAPI, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from lorafleet.registry.errors import LorafleetError
-from lorafleet.registry.identity import ALIAS_REGEX, NAME_REGEX
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorafleet.errors import LorafleetError
+from lorafleet.registry.identity import ALIAS_REGEX, NAME_REGEX
 
 from .auth import TokenTable
 from .errors_http import RETRYABLE_STATUSES, status_for

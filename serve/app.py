@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorafleet.registry import AdapterRegistry
 from ray import serve
+
+from lorafleet.registry import AdapterRegistry
 
 from .api import create_api
 from .auth import TokenTable

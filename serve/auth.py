@@ -13,7 +13,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.registry.errors import Forbidden, ServiceUnavailable, Unauthenticated
+from .errors import Forbidden, ServiceUnavailable, Unauthenticated
 
 SCOPES = frozenset({"generate", "metrics", "admin"})
 IMPLIED = {"admin": {"generate", "metrics"}}

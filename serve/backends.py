@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from lorafleet.registry.errors import LorafleetError, Overloaded, ServiceUnavailable
+from lorafleet.errors import LorafleetError
 
+from .errors import Overloaded, ServiceUnavailable
 from .replica import GenerationOutput, GenerationTask, GeneratorReplica
 
 

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from lorafleet.accelerator import Placement, row_weights_budget
 from lorafleet.registry.errors import AdapterIncompatible
 from lorafleet.registry.manifest import AdapterFormat
 
-from lorafleet.accelerator import Placement, row_weights_budget
-
 from .adapter_cache import ByteBudgetLRU, CachedAdapter
+from .residency import PassMode, TierResidency
 from .routing import ImageAdapters, LoraRouter, NotRoutable, RoutedAdapter, prepare_routed
 from .sampler import BatchShape, ImageSpec, sample_images, uses_guidance
 from .slots import LoraSlot
@@ -86,8 +87,9 @@ class EngineResult:
     evicted: list[str] = field(default_factory=list)
     fused: bool = False
     fuse_events: list[str] = field(default_factory=list)  # "fuse" / "unfuse"
-    mode: str = "base"  # base | active | fused | mixed | slot
+    mode: PassMode = PassMode.base
     batch_images: int = 1  # images in the pipeline pass this request shared
+    active: TierResidency | None = None  # the active tier right after the pass (a snapshot)
 
 
 def peft_name(digest: str) -> str:
@@ -321,7 +323,7 @@ class PipelineEngine:
         if self._fused_key is None:
             self._apply(names, weights)
         events += self._maybe_fuse(key, names)
-        mode = "fused" if self._fused_key is not None else ("active" if names else "base")
+        mode = PassMode.fused if self._fused_key is not None else (PassMode.active if names else PassMode.base)
         return self._sample(requests, started, mode, loaded, evicted, events)
 
     def _run_routed(self, requests: list[BatchRequest], uniform_key: tuple | None) -> list[EngineResult]:
@@ -338,15 +340,15 @@ class PipelineEngine:
         else:
             self._streak = (uniform_key, self._streak[1] + 1 if self._streak[0] == uniform_key else 1)
         with self.router.route(images):
-            return self._sample(requests, started, "mixed", loaded, evicted, events)
+            return self._sample(requests, started, PassMode.mixed, loaded, evicted, events)
 
     def _run_in_slot(self, requests: list[BatchRequest], key: tuple) -> list[EngineResult]:
         started = time.perf_counter()
         self.slot.load(key, self._image_adapters(requests[0]))  # the batch key makes the set uniform
         loaded, evicted = self._ensure_active(_not_lora(requests[0].uses))
-        return self._sample(requests, started, "slot", loaded, evicted, [])
+        return self._sample(requests, started, PassMode.slot, loaded, evicted, [])
 
-    def _sample(self, requests: list[BatchRequest], started: float, mode: str, loaded: list[str],
+    def _sample(self, requests: list[BatchRequest], started: float, mode: PassMode, loaded: list[str],
                 evicted: list[str], events: list[str]) -> list[EngineResult]:
         activated = time.perf_counter()
         first = requests[0].job
@@ -355,16 +357,21 @@ class PipelineEngine:
                  for r in requests for seed in r.job.seeds]
         images = sample_images(self.pipe, shape, specs)
         done = time.perf_counter()
+        active = self.active_residency()  # taken on the engine's thread: readers never iterate a changing dict
         results, offset = [], 0
         for index, request in enumerate(requests):
             count = len(request.job.seeds)
             first = index == 0  # the pass's own events are reported once, with its first request
             results.append(EngineResult(
                 images[offset:offset + count], 1000 * (activated - started), 1000 * (done - activated),
-                loaded if first else [], evicted if first else [], fused=mode == "fused",
-                fuse_events=events if first else [], mode=mode, batch_images=len(specs)))
+                loaded if first else [], evicted if first else [], fused=mode == PassMode.fused,
+                fuse_events=events if first else [], mode=mode, batch_images=len(specs), active=active))
             offset += count
         return results
+
+    def active_residency(self) -> TierResidency:
+        """The active tier now; call on the engine's thread (or hold its lock)."""
+        return TierResidency(tuple(self.active), self.active_bytes)
 
     def leave_fused_state(self) -> bool:
         with self._lock:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .residency import TIERS_FASTEST_FIRST, Residency, Tier
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LOAD_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
-TIERS = ("active", "host", "disk", "registry")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -53,6 +54,9 @@ class ServiceMetrics:
         self.disk_write_failures = Counter("lorafleet_disk_cache_write_failures",
                                            "Adapter files the disk tier could not write (full or failing disk).",
                                            registry=r)
+        self.disk_integrity_failures = Counter("lorafleet_disk_cache_integrity_failures",
+                                               "Disk-tier files that failed their digest on read (dropped, "
+                                               "fetched again).", registry=r)
         self._cumulative_seen: dict[tuple, int] = {}
 
     def record_request(self, route: str, status: int, seconds: float) -> None:
@@ -67,24 +71,26 @@ class ServiceMetrics:
         for fetch in output.fetches:
             self.adapter_loads.labels(tier=fetch.tier).inc()
             self.adapter_load_seconds.labels(tier=fetch.tier).observe(fetch.seconds)
-            served_at = TIERS.index(fetch.tier)
-            for tier in TIERS[:served_at]:
+            served_at = TIERS_FASTEST_FIRST.index(fetch.tier)
+            for tier in TIERS_FASTEST_FIRST[:served_at]:
                 self.cache_misses.labels(tier=tier).inc()
-            if fetch.tier != "registry":
+            if fetch.tier != Tier.registry:
                 self.cache_hits.labels(tier=fetch.tier).inc()
         for event in output.fuse_events:
             self.fuse_events.labels(event=event).inc()
-        self.evictions.labels(tier="active").inc(len(output.evicted_active))
+        self.evictions.labels(tier=Tier.active).inc(len(output.evicted_active))
         self._record_resident(output.replica, output.resident)
 
-    def _record_resident(self, replica: str, resident: dict) -> None:
+    def _record_resident(self, replica: str, resident: Residency) -> None:
         for tier, info in resident.items():
-            self.resident_adapters.labels(tier=tier, replica=replica).set(len(info.get("digests", [])))
-            self.resident_bytes.labels(tier=tier, replica=replica).set(info.get("bytes", 0))
-            if tier != "active":  # replicas report cumulative evictions for host/disk
-                self._count_new(self.evictions.labels(tier=tier), ("evictions", tier, replica), info.get("evictions"))
-            if tier == "disk":
-                self._count_new(self.disk_write_failures, ("write_failures", replica), info.get("write_failures"))
+            self.resident_adapters.labels(tier=tier, replica=replica).set(len(info.digests))
+            self.resident_bytes.labels(tier=tier, replica=replica).set(info.bytes)
+            if tier != Tier.active:  # replicas report cumulative evictions for host/disk
+                self._count_new(self.evictions.labels(tier=tier), ("evictions", tier, replica), info.evictions)
+            if tier == Tier.disk:
+                self._count_new(self.disk_write_failures, ("write_failures", replica), info.write_failures)
+                self._count_new(self.disk_integrity_failures, ("integrity_failures", replica),
+                                info.integrity_failures)
 
     def _count_new(self, counter, key: tuple, total) -> None:
         """Advance ``counter`` by what a replica's cumulative ``total`` grew since it was last seen."""

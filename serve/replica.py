@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from lorafleet.registry import AdapterRegistry
-from lorafleet.registry.manifest import Manifest
 
 from lorafleet.accelerator import resolve_placement
+from lorafleet.registry import AdapterRegistry
+from lorafleet.registry.manifest import Manifest
 
 from .adapter_cache import AdapterFetcher, DiskTier
 from .batching import BatchScheduler
 from .engine import AdapterUse, BatchRequest, EngineResult, GenerationJob, PipelineEngine
+from .residency import PassMode, Residency, Tier, TierResidency
 from .settings import ServeSettings
 from .slots import LoraSlot
 
@@ -37,7 +38,7 @@ class GenerationTask:
 @dataclass
 class AdapterFetch:
     digest: str
-    tier: str  # where it came from: active | host | disk | registry
+    tier: Tier  # where it came from
     seconds: float
 
 
@@ -51,8 +52,8 @@ class GenerationOutput:
     replica: str
     evicted_active: list[str] = field(default_factory=list)
     fuse_events: list[str] = field(default_factory=list)
-    resident: dict = field(default_factory=dict)
-    mode: str = "base"  # how the pass ran: base | active | fused | mixed | slot
+    resident: Residency = field(default_factory=dict)
+    mode: PassMode = PassMode.base  # how the pass applied adapters
     batch_images: int = 1  # images in the pass this request shared
 
 
@@ -76,6 +77,7 @@ class GeneratorReplica:
         disk = DiskTier(settings.cache.disk_dir, settings.cache.disk_bytes) if settings.cache.disk_bytes else None
         self.fetcher = AdapterFetcher(self.registry, settings.cache.host_bytes, disk)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._active = TierResidency((), 0)
         # Every torch call of the replica, loading included, runs on the scheduler's one thread.
         # Measured on 2 cores: once a second thread that has run torch ops is alive, OpenMP's
         # workers stop spinning and every parallel region pays a futex wake-up, and the tiny
@@ -98,10 +100,10 @@ class GeneratorReplica:
     def _fetch(self, task: GenerationTask) -> tuple[list[AdapterUse], list[AdapterFetch]]:
         uses, fetches = [], []
         for manifest, weight in task.adapters:
-            active = manifest.digest in self.engine.active
+            active = manifest.digest in self._active.digests
             result = self.fetcher.fetch(manifest)
             uses.append(AdapterUse(result.adapter, weight))
-            fetches.append(AdapterFetch(manifest.digest, "active" if active else result.tier, result.seconds))
+            fetches.append(AdapterFetch(manifest.digest, Tier.active if active else result.tier, result.seconds))
         return uses, fetches
 
     def _submit(self, uses: list[AdapterUse], job: GenerationJob):
@@ -123,6 +125,7 @@ class GeneratorReplica:
         return self._output(result, fetches, fetch_ms)
 
     def _output(self, result: EngineResult, fetches: list[AdapterFetch], fetch_ms: float) -> GenerationOutput:
+        self._active = result.active or self._active
         return GenerationOutput(
             images=result.images, fetches=fetches, fetch_ms=fetch_ms, activate_ms=result.activate_ms,
             generation_ms=result.generation_ms, replica=self.replica_id, evicted_active=result.evicted,
@@ -130,10 +133,10 @@ class GeneratorReplica:
             batch_images=result.batch_images,
         )
 
-    def resident(self) -> dict:
-        tiers = self.fetcher.resident()
-        tiers["active"] = {"digests": list(self.engine.active), "bytes": self.engine.active_bytes, "evictions": 0}
-        return tiers
+    def resident(self) -> Residency:
+        """Every tier; the active one as the last pass left it (a snapshot taken on the engine's
+        thread: request threads never iterate the engine's state)."""
+        return {Tier.active: self._active, **self.fetcher.resident()}
 
     def health(self) -> dict:
         return {"base": self.base.id, "base_fingerprint": self.base.fingerprint, "replica": self.replica_id,

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
 from lorafleet.registry.errors import AdapterIncompatible
 from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import ComponentLora

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from lorafleet.registry.identity import REF_REGEX
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from lorafleet.registry.identity import REF_REGEX
 
 from .settings import RequestLimits
 

@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass
 
 import httpx
-from lorafleet.registry.errors import ServiceUnavailable
 
 from lorafleet.local_cluster import secure_local_ray
 
 from .app import APP_NAME, build_app
+from .errors import ServiceUnavailable
 from .settings import ServeSettings
 
 

@@ -21,23 +21,22 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from lorafleet.errors import LorafleetError
 from lorafleet.registry import AdapterRef, AdapterRegistry, Manifest
 from lorafleet.registry.errors import (
     AdapterIncompatible,
     AdapterNotFound,
     IntegrityError,
-    LorafleetError,
-    Overloaded,
     RegistryUnavailable,
-    RequestInvalid,
-    RequestTimeout,
-    ServiceUnavailable,
     YankedVersion,
 )
 
 from .engine import GenerationJob
+from .errors import Overloaded, RequestInvalid, RequestTimeout, ServiceUnavailable
 from .metrics import ServiceMetrics
 from .replica import GenerationOutput, GenerationTask
+from .residency import Residency
 from .schemas import NOT_BLANK, GenerateRequest, GenerateResponse, ResolvedAdapter, Timings
 from .settings import RequestLimits, ServeSettings
 
@@ -176,7 +175,7 @@ class GenerationService:
         self.native_size = 512
         self.metrics = metrics or ServiceMetrics()
         self._in_flight = 0
-        self.resident_by_replica: dict[str, dict] = {}
+        self.resident_by_replica: dict[str, Residency] = {}
         self._max_pending = settings.max_queued_requests + settings.max_ongoing_requests * max(
             settings.replicas, settings.autoscaling.max_replicas if settings.autoscaling else 1)
 
@@ -269,8 +268,8 @@ class GenerationService:
         found: dict[str, list[str]] = {}
         for replica, tiers in self.resident_by_replica.items():
             for tier, info in tiers.items():
-                if digest in info.get("digests", []):
-                    found.setdefault(tier, []).append(replica)
+                if digest in info.digests:
+                    found.setdefault(tier.value, []).append(replica)
         return found
 
     async def readiness(self) -> dict:

@@ -19,6 +19,7 @@ The same copy runs on CPU without compile (tests), and on CUDA with ``compile`` 
 from __future__ import annotations
 
 import torch
+
 from lorafleet.registry.errors import AdapterIncompatible
 
 from .routing import ImageAdapters, stack_layer

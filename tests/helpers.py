@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorafleet.registry import AdapterRegistry, PublishRequest
-
 from lorafleet.demo import synthetic_embedding, synthetic_lora
+from lorafleet.registry import AdapterRegistry, PublishRequest
 
 S3_BUCKET = "lorafleet-tests"  # created by the session's SeaweedFS fixture
 

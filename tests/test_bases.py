@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from lorafleet.registry.errors import BaseModelError
 
 from lorafleet.bases import base_spec, export_base, load_base
+from lorafleet.errors import BaseModelError
 
 
 def test_tiny_is_deterministic_and_fingerprinted():

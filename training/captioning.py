@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafleet.registry.errors import BaseModelError
+from lorafleet.errors import BaseModelError
 
 from .data import IMAGE_SUFFIXES, open_image
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from lorafleet.registry.errors import RequestInvalid
 from safetensors.torch import load_file, save_file
+
+from .errors import TrainingInputInvalid
 
 CHECKPOINTS = "checkpoints"
 
@@ -97,8 +98,8 @@ def load_checkpoint(path: Path, optimizer, lr_scheduler, ema, config_json: dict)
     """(state, trainable tensors); refuses a checkpoint made with another config."""
     meta = json.loads((path / "state.json").read_text())
     if _comparable(meta["config"]) != _comparable(config_json):
-        raise RequestInvalid(f"checkpoint {path} was made with a different training config; use a fresh "
-                             "output_dir or the same config", field="resume")
+        raise TrainingInputInvalid(f"checkpoint {path} was made with a different training config; use a fresh "
+                                   "output_dir or the same config", field="resume")
     optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
     if ema is not None and (path / "ema.safetensors").is_file():

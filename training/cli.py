@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from lorafleet.registry.errors import LorafleetError
+from lorafleet.errors import LorafleetError
 
 from .config import DataConfig, Method, load_train_config
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from lorafleet.registry.errors import RequestInvalid
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import TrainingInputInvalid
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -162,13 +163,13 @@ class TrainConfig(BaseModel):
     def _check_base_target(self) -> None:
         # Raised as the domain error itself (pydantic passes it through) so that it names the field.
         if self.method not in ADAPTER_METHODS:
-            raise RequestInvalid(f"regularization.target=base needs an adapter method that can be switched off "
-                                 f"({', '.join(m.value for m in ADAPTER_METHODS)}), not {self.method.value}",
-                                 field="regularization.target")
+            raise TrainingInputInvalid(f"regularization.target=base needs an adapter method that can be switched off "
+                                       f"({', '.join(m.value for m in ADAPTER_METHODS)}), not {self.method.value}",
+                                       field="regularization.target")
         if self.method != Method.dreambooth and not self.data.marks_regularization:
-            raise RequestInvalid("regularization.target=base needs data.trigger with data.trigger_mode=substitute: "
-                                 "regularization examples are the captions without [trigger]",
-                                 field="regularization.target")
+            raise TrainingInputInvalid("regularization.target=base needs data.trigger with "
+                                       "data.trigger_mode=substitute: regularization examples are the captions "
+                                       "without [trigger]", field="regularization.target")
 
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
@@ -177,7 +178,7 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise RequestInvalid(f"--set {dotted}: {key} is not a section", field=dotted)
+            raise TrainingInputInvalid(f"--set {dotted}: {key} is not a section", field=dotted)
     node[keys[-1]] = yaml.safe_load(raw)
 
 
@@ -188,13 +189,13 @@ def load_train_config(path: Path | None, overrides: list[str] | None = None, **e
         try:
             tree = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
-            raise RequestInvalid(f"cannot read config {path}: {exc}", field="config") from exc
+            raise TrainingInputInvalid(f"cannot read config {path}: {exc}", field="config") from exc
         if not isinstance(tree, dict):
-            raise RequestInvalid(f"config {path} must be a mapping", field="config")
+            raise TrainingInputInvalid(f"config {path} must be a mapping", field="config")
     for item in overrides or []:
         dotted, sep, raw = item.partition("=")
         if not sep or not dotted:
-            raise RequestInvalid(f"--set expects dotted.key=value, got {item!r}", field="set")
+            raise TrainingInputInvalid(f"--set expects dotted.key=value, got {item!r}", field="set")
         _set_dotted(tree, dotted.strip(), raw)
     for dotted, value in extra.items():
         if value is not None:
@@ -205,5 +206,5 @@ def load_train_config(path: Path | None, overrides: list[str] | None = None, **e
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise RequestInvalid(f"invalid training config: {field}: {first['msg']}", field=field,
-                             problems=problems) from exc
+        raise TrainingInputInvalid(f"invalid training config: {field}: {first['msg']}", field=field,
+                                   problems=problems) from exc

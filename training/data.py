@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from lorafleet.registry.errors import RequestInvalid
+
 from lorafleet.registry.safetensors_io import UntrustedJsonError, parse_untrusted_json
 
 from .config import DataConfig
+from .errors import TrainingInputInvalid
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 # Decoders Pillow may use on untrusted files (whatever their suffix says): never EPS (Ghostscript),
@@ -102,7 +103,7 @@ def _read_metadata(folder: Path) -> dict[str, tuple[str, float]]:
     try:
         text = read_regular_file(metadata, MAX_METADATA_BYTES).decode("utf-8", errors="replace")
     except UnusableFile as exc:
-        raise RequestInvalid(f"metadata.jsonl: {exc}", field="data.path") from exc
+        raise TrainingInputInvalid(f"metadata.jsonl: {exc}", field="data.path") from exc
     rows = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -112,11 +113,11 @@ def _read_metadata(folder: Path) -> dict[str, tuple[str, float]]:
             weight = float(row.get("weight", 1.0))
             rows[str(row["file_name"])] = (str(row["text"]), weight)
         except (UntrustedJsonError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise RequestInvalid(f"metadata.jsonl line {number}: needs file_name and text ({exc})",
-                                 field="data.path") from exc
+            raise TrainingInputInvalid(f"metadata.jsonl line {number}: needs file_name and text ({exc})",
+                                       field="data.path") from exc
         if not (0 < weight < float("inf")):
-            raise RequestInvalid(f"metadata.jsonl line {number}: weight must be a positive number",
-                                 field="data.path")
+            raise TrainingInputInvalid(f"metadata.jsonl line {number}: weight must be a positive number",
+                                       field="data.path")
     return rows
 
 
@@ -170,7 +171,7 @@ def scan(config: DataConfig) -> tuple[list[Example], DataReport]:
 
     folder = Path(config.path).expanduser()
     if not folder.is_dir():
-        raise RequestInvalid(f"data folder {folder} does not exist", field="data.path")
+        raise TrainingInputInvalid(f"data folder {folder} does not exist", field="data.path")
     metadata = _read_metadata(folder)
     report, examples, seen = DataReport(folder=str(folder)), [], set()
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):

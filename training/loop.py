@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lorafleet.registry.errors import RequestInvalid
-from lorafleet.registry.formats import AdapterPayload
 
 from lorafleet.accelerator import resolve_placement
+from lorafleet.registry.formats import AdapterPayload
 
 from .batches import Batch, BatchSource, ClassBatchSource, TextEncoder, step_generator
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DataReport, scan
+from .errors import TrainingInputInvalid
 from .methods import TrainingMethod, method_for
 from .reporting import clip_score, latent_distance, sample_images, save_grid, save_loss_curve, write_metrics
 
@@ -86,21 +86,19 @@ class Trainer:
         self.placement = resolve_placement()
         self.examples, self.data_report = scan(config.data)
         if not self.examples:
-            raise RequestInvalid(f"no usable images in {config.data.path}: {self.data_report.summary()}",
-                                 field="data.path")
+            raise TrainingInputInvalid(f"no usable images in {config.data.path}: {self.data_report.summary()}",
+                                       field="data.path")
         if config.epochs is not None:  # passes over the data, as optimizer steps
             per_step = config.batch_size * config.gradient_accumulation
             config = config.model_copy(update={"max_steps": max(1, math.ceil(
                 config.epochs * len(self.examples) / per_step))})
             self.config = config
-        if config.method.value == "dreambooth" and config.dreambooth.instance_prompt:
-            for example in self.examples:
-                example.caption, example.regularization = config.dreambooth.instance_prompt, False
+        self.method: TrainingMethod = method_for(config)
+        self.method.prepare_examples(self.examples)
         torch.manual_seed(config.seed)
         self.base = load_base(config.base)
         self.pipe = self.base.pipeline.to(self.placement.device)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.method: TrainingMethod = method_for(config)
         self.class_source = self._class_images() if self.method.class_examples_needed() else None
         self.parameters = self.method.prepare(self.pipe)
         if config.gradient_checkpointing:
@@ -221,8 +219,8 @@ class Trainer:
         for step in range(self.state.step, self.config.max_steps):
             loss = self.step(step)
             if not math.isfinite(loss):
-                raise RequestInvalid(f"loss became {loss} at step {step}; lower optimizer.learning_rate",
-                                     field="optimizer.learning_rate")
+                raise TrainingInputInvalid(f"loss became {loss} at step {step}; lower optimizer.learning_rate",
+                                           field="optimizer.learning_rate")
             self.state.losses.append(loss)
             self.state.step = step + 1
             self.state.seconds = time.perf_counter() - started
@@ -310,13 +308,11 @@ class Trainer:
         return clip_score(images, self.config.validation_prompts, self.config.clip_model)
 
     def _distance_without_adapter(self, prompts: list[str]):
-        if not hasattr(self.method, "components") or self.batches.cached is None:
+        """The same distance from the frozen base (every trained adapter off, the text encoder's too)."""
+        if not self.method.can_switch_to_base or self.batches.cached is None:
             return None
-        self.pipe.unet.disable_adapters()
-        try:
+        with self.method.base_model(self.pipe):
             return latent_distance(self.pipe, prompts, self.batches.cached, self.config.seed)
-        finally:
-            self.pipe.unet.enable_adapters()
 
 
 def _write_atomically(path: Path, data: bytes) -> Path:

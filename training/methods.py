@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+
 from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import AdapterFormat, AdapterMethod, ComponentLora
 
@@ -29,10 +30,14 @@ class TrainingMethod:
     """Base strategy: nothing trainable, nothing extra. Subclasses override what differs."""
 
     adapter_method = AdapterMethod.lora
+    can_switch_to_base = False  # whether ``base_model`` works (layers trained over a frozen base)
 
     def __init__(self, config: TrainConfig):
         self.config = config
         self.report = MethodReport()
+
+    def prepare_examples(self, examples: list) -> None:
+        """Adjust the scanned examples before training (DreamBooth: one instance prompt)."""
 
     def prepare(self, pipe) -> list[torch.nn.Parameter]:
         """Make the pipeline trainable as this method wants; return the trainable parameters."""
@@ -84,7 +89,7 @@ def _peft_targets(model, adapter_name: str = "default") -> list[str]:
 
 class LoraMethod(TrainingMethod):
     adapter_method = AdapterMethod.lora
-    components = ("unet",)
+    can_switch_to_base = True
 
     def prepare(self, pipe) -> list[torch.nn.Parameter]:
         settings = self.config.lora
@@ -140,6 +145,12 @@ class DreamBoothMethod(LoraMethod):
     """LoRA plus prior preservation: the base's own class images keep the class prompt intact."""
 
     adapter_method = AdapterMethod.dreambooth
+
+    def prepare_examples(self, examples: list) -> None:
+        prompt = self.config.dreambooth.instance_prompt
+        if prompt:
+            for example in examples:
+                example.caption, example.regularization = prompt, False
 
     def class_examples_needed(self) -> int:
         return self.config.dreambooth.num_class_images

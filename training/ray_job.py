@@ -14,18 +14,14 @@ import time
 from pathlib import Path
 
 import yaml
-from lorafleet.registry.errors import LorafleetError, ServiceUnavailable
 
 from lorafleet.local_cluster import free_port, job_env, secure_local_ray
 
 from .config import TrainConfig
+from .errors import TrainingClusterUnavailable, TrainingJobFailed
 
 RESULT_MARKER = "LORAFLEET_RESULT "
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-class TrainingJobFailed(LorafleetError):
-    code = "training_failed"
 
 
 def _local_cluster(num_cpus: int | None = None) -> str:
@@ -47,7 +43,7 @@ def _wait_for_job_server(client_factory, address: str, timeout_s: float = 60):
         except Exception as exc:  # the dashboard takes a few seconds to come up
             last = exc
             time.sleep(1)
-    raise ServiceUnavailable(f"Ray job server at {address} did not answer: {last}")
+    raise TrainingClusterUnavailable(f"Ray job server at {address} did not answer: {last}")
 
 
 def submit_training_job(config: TrainConfig, name: str | None, registry_uri: str | None,
@@ -121,6 +117,7 @@ def _train_worker(payload: dict) -> None:
     """Ray Train worker: the same Trainer, gradients averaged across workers (gloo on CPU)."""
     import ray.train
     import torch.distributed as dist
+
     from lorafleet.registry import AdapterRegistry
 
     from .loop import Trainer

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.errors import BaseModelError
 from lorafleet.registry.base_spec import BaseSpec, ModuleShape
-from lorafleet.registry.errors import BaseModelError
 
 from .fingerprint import pipeline_fingerprint
 from .tiny import build_small_pipeline, build_tiny_pipeline

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import LorafleetError
+from lorafleet.errors import ErrorKind, LorafleetError
 
 _KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._/-]*$")
 
@@ -26,12 +26,14 @@ class ObjectExists(LorafleetError):
     """``create`` lost: the key already exists."""
 
     code = "object_exists"
+    kind = ErrorKind.conflict
 
 
 class PreconditionFailed(LorafleetError):
     """``compare_and_swap`` lost: the object changed since it was read."""
 
     code = "precondition_failed"
+    kind = ErrorKind.conflict
 
 
 @dataclass(frozen=True)

@@ -96,10 +96,11 @@ def test_kuberay_kinds_validate_against_the_crds(overlay):
 
 
 def test_serve_config_is_valid_and_generated_from_the_code(overlay):
+    from ray.serve.schema import ServeDeploySchema
+
     from lorafleet.serve import app as serve_app
     from lorafleet.serve.cli import serve_config
     from lorafleet.serve.settings import load_settings
-    from ray.serve.schema import ServeDeploySchema
 
     name, documents = overlay
     [config] = serve_configs(documents)
@@ -295,7 +296,7 @@ def test_network_policies_admit_the_serve_port_from_the_ingress_and_ray_ports_fr
 
 def test_placeholder_secrets_would_be_refused_by_the_server():
     """The shipped API-token placeholders are refused at start-up: nobody deploys them by accident."""
-    from lorafleet.registry.errors import RequestInvalid
+    from lorafleet.serve.errors import RequestInvalid
     from lorafleet.serve.settings import load_settings
 
     line = (K8S / "base" / "secrets-api-tokens.env").read_text().split("LORAFLEET_API_TOKENS=", 1)[1].strip()

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import publish_lora, snapshot, write_lora
+from safetensors.torch import save_file
+
+from lorafleet.demo import synthetic_lora
 from lorafleet.registry import PublishRequest
 from lorafleet.registry.errors import (
     AdapterIncompatible,
@@ -25,9 +28,6 @@ from lorafleet.registry.errors import (
 )
 from lorafleet.registry.formats import LORAFLEET_METADATA_KEY
 from lorafleet.registry.safetensors_io import AdapterLimits
-from safetensors.torch import save_file
-
-from lorafleet.demo import synthetic_lora
 
 
 def _pickle_bin(d: Path, spec) -> Path:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_embedding
-from lorafleet.registry import AdapterFormat, PublishRequest
-from lorafleet.registry.errors import AdapterIncompatible
-from lorafleet.registry.formats import payload_from_stored, to_kohya
 from safetensors.torch import load_file, save_file
 
 from lorafleet.bases import load_base
+from lorafleet.registry import AdapterFormat, PublishRequest
+from lorafleet.registry.errors import AdapterIncompatible
+from lorafleet.registry.formats import payload_from_stored, to_kohya
 
 PROMPT = "a red circle on the left"
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from helpers import publish_lora, snapshot
+from safetensors.torch import load_file
+
 from lorafleet.registry import AdapterRegistry
 from lorafleet.registry.adapter_registry import blob_key
 from lorafleet.registry.errors import (
@@ -22,7 +24,6 @@ from lorafleet.registry.errors import (
     VersionNotFound,
     YankedVersion,
 )
-from safetensors.torch import load_file
 
 
 def test_versions_are_assigned_in_order_and_every_reference_resolves(registry, tiny_spec, tmp_path):

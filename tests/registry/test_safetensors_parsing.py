@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from lorafleet.registry import PublishRequest
 from lorafleet.registry.errors import InvalidAdapter, UnsafeFormat
 from lorafleet.registry.safetensors_io import AdapterLimits, load_tensors
-from safetensors.torch import load_file
 
 _TENSOR = torch.arange(6, dtype=torch.float32).reshape(2, 3)
 

@@ -9,12 +9,12 @@ import time
 
 import pytest
 from helpers import publish_lora, snapshot, write_lora
-from lorafleet.registry import PublishRequest
-from lorafleet.registry.adapter_registry import blob_key, manifest_key
-from lorafleet.registry.errors import IntegrityError, InvalidAdapter, InvalidName, InvalidReference, VersionNotFound
 from safetensors.torch import load_file, save_file
 
 from lorafleet.demo import synthetic_lora
+from lorafleet.registry import PublishRequest
+from lorafleet.registry.adapter_registry import blob_key, manifest_key
+from lorafleet.registry.errors import IntegrityError, InvalidAdapter, InvalidName, InvalidReference, VersionNotFound
 
 
 def _lora_with_alpha(directory, spec, alpha: str):
@@ -102,9 +102,8 @@ def test_forged_manifests_are_refused_on_read(registry, tiny_spec, tmp_path, for
 
 
 def test_the_cli_lists_around_a_poisoned_manifest_and_deletes_it(tmp_path, tiny_spec, capsys):
-    from lorafleet.registry import AdapterRegistry
-
     from lorafleet.cli import main
+    from lorafleet.registry import AdapterRegistry
 
     uri = f"file://{tmp_path / 'reg'}"
     registry = AdapterRegistry(uri)

@@ -4,8 +4,9 @@ cheap request limits (the tiny base, 32 px, 1-2 steps) so hundreds of requests t
 from __future__ import annotations
 
 import pytest
-from lorafleet.registry import AdapterRegistry, PublishRequest
 from reliability_setup import CHEAP_LIMITS, LOOKS
+
+from lorafleet.registry import AdapterRegistry, PublishRequest
 
 
 @pytest.fixture(scope="module")

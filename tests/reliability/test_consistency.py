@@ -10,9 +10,13 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from helpers import soak_scaled, write_lora
+
 from lorafleet.registry import AdapterRegistry, PublishRequest
 from lorafleet.serve.service import decode_npy
+
+pytestmark = pytest.mark.slow  # live servers and load: `make test-fast` skips them
 
 PUBLISHERS, CLIENTS = 4, 4
 ROUNDS = soak_scaled(6, 12)  # 4 x 12 + 1 moves stay within the alias history kept (50)

@@ -19,9 +19,12 @@ import httpx
 import numpy as np
 import pytest
 from helpers import metric_samples
+from reliability_setup import LOOKS
+
 from lorafleet.registry import AdapterRegistry
 from lorafleet.serve.service import decode_npy
-from reliability_setup import LOOKS
+
+pytestmark = pytest.mark.slow  # live servers and load: `make test-fast` skips them
 
 
 @pytest.fixture
@@ -80,11 +83,10 @@ def _steps_done(output: Path) -> int:
 
 
 def test_training_killed_at_a_random_step_publishes_nothing_and_resumes(tmp_path, record):
+    from lorafleet.devtools.shapes import write_shapes_folder
     from lorafleet.training.checkpoint import latest_checkpoint
     from lorafleet.training.config import load_train_config
     from lorafleet.training.loop import train
-
-    from lorafleet.devtools.shapes import write_shapes_folder
 
     dataset = write_shapes_folder(tmp_path / "data", 8, colour="cyan", shape="circle")
     registry = AdapterRegistry(f"file://{tmp_path / 'registry'}")
@@ -121,6 +123,7 @@ def test_a_blob_corrupted_in_the_bucket_is_never_served(seaweed, tiny_spec, tmp_
     """One byte of an adapter's blob flipped in S3: 502 integrity_error, logged and counted, never an image;
     the other adapters keep serving."""
     from helpers import S3_BUCKET, write_lora
+
     from lorafleet.registry import PublishRequest
     from lorafleet.registry.adapter_registry import blob_key
 

@@ -14,6 +14,8 @@ import pytest
 from helpers import soak_scaled
 from reliability_setup import TOKENS
 
+pytestmark = pytest.mark.slow  # live servers and load: `make test-fast` skips them
+
 EXAMPLES_PER_OPERATION = soak_scaled(40, 300)
 
 

@@ -15,8 +15,11 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import soak_scaled
 from reliability_setup import LOOKS
+
+pytestmark = pytest.mark.slow  # live servers and load: `make test-fast` skips them
 
 QUEUE = 4
 MIXED = ",".join(["base", *(f"{name}:prod" for name in LOOKS), f"{LOOKS[0]}@1"])

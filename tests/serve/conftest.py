@@ -4,6 +4,7 @@ serve_setup.py: conftest modules are not importable by name when several exist).
 from __future__ import annotations
 
 import pytest
+
 from lorafleet.registry import AdapterRegistry, PublishRequest
 
 
@@ -31,3 +32,11 @@ def pulled_files(adapter_registry, tmp_path_factory):
         _, path = adapter_registry.pull(name, directory)
         files[name] = path
     return files
+
+
+@pytest.fixture
+def fetcher(adapter_registry):
+    """A fetcher over the module's registry: host tier only (64 MiB), no disk tier."""
+    from lorafleet.serve.adapter_cache import AdapterFetcher
+
+    return AdapterFetcher(adapter_registry, host_bytes=64 * 1024**2, disk=None)

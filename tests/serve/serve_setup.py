@@ -12,6 +12,14 @@ GUIDANCE = 5.0
 PROMPT = "a red circle on the left"
 
 
+def adapter_uses(fetcher, registry, refs, weights=None) -> list:
+    """AdapterUse for each ref (weight 1 alone; 0.6 each when composed, unless given)."""
+    from lorafleet.serve.engine import AdapterUse
+
+    weights = weights or [1.0 if len(refs) == 1 else 0.6] * len(refs)
+    return [AdapterUse(fetcher.fetch(registry.resolve(ref)).adapter, w) for ref, w in zip(refs, weights)]
+
+
 def plain_diffusers_image(adapter_file: Path | None, prompt: str = PROMPT, seed: int = 0, steps: int = STEPS,
                           guidance: float = GUIDANCE, textual_inversion: Path | None = None) -> np.ndarray:
     """The reference: a fresh base pipeline, plain diffusers loading of the adapter file."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
+
+from lorafleet.demo import synthetic_lora
 from lorafleet.registry.errors import IntegrityError
 from lorafleet.registry.identity import sha256_bytes
 from lorafleet.registry.manifest import Manifest
 from lorafleet.serve.adapter_cache import AdapterFetcher, ByteBudgetLRU, DiskTier
-
-from lorafleet.demo import synthetic_lora
 
 
 class FakeRegistry:
@@ -137,10 +137,10 @@ def _forged(registry, spec, tmp_path):
     for a file that never passed validation: a LoRA with shapes the base does not have."""
     import torch
     from helpers import publish_lora
-    from lorafleet.registry.adapter_registry import blob_key, manifest_key
-    from lorafleet.registry.identity import sha256_bytes
 
     from lorafleet.demo import synthetic_lora
+    from lorafleet.registry.adapter_registry import blob_key, manifest_key
+    from lorafleet.registry.identity import sha256_bytes
 
     manifest = publish_lora(registry, spec, tmp_path, name="forged")
     payload = synthetic_lora(spec, seed=5)

@@ -15,12 +15,13 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
+from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
+
 from lorafleet.registry import PublishRequest
 from lorafleet.serve.app import create_local_app
 from lorafleet.serve.service import decode_npy
 from lorafleet.serve.settings import ServeSettings
-from PIL import Image
-from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
 
 TOKENS = "gen-token-0123456789abcdef0123456789=generate,admin-token-0123456789abcdef0123456789=admin"
 
@@ -279,6 +280,7 @@ def test_wrong_method_answers_405_with_allow(client):
 
 def test_a_corrupted_blob_is_never_served_and_is_counted(adapter_registry, tiny_spec, tmp_path):
     from helpers import write_lora
+
     from lorafleet.registry.adapter_registry import blob_key
 
     manifest = adapter_registry.publish(write_lora(tmp_path, tiny_spec, seed=91),

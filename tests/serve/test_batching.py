@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-from lorafleet.serve.adapter_cache import AdapterFetcher
-from lorafleet.serve.batching import BatchScheduler
-from lorafleet.serve.engine import AdapterUse, BatchRequest, GenerationJob, PipelineEngine, batch_key
-from lorafleet.serve.replica import GenerationTask, GeneratorReplica
-from lorafleet.serve.settings import ServeSettings
 from serve_setup import GUIDANCE, PROMPT, STEPS, diffusers_set_image
 
 from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import load_base
+from lorafleet.serve.batching import BatchScheduler
+from lorafleet.serve.engine import AdapterUse, BatchRequest, GenerationJob, PipelineEngine, batch_key
+from lorafleet.serve.replica import GenerationTask, GeneratorReplica
+from lorafleet.serve.settings import ServeSettings
 
 TOLERANCE = 1e-4  # max abs pixel difference, CPU fp32
-
-
-@pytest.fixture
-def fetcher(adapter_registry):
-    return AdapterFetcher(adapter_registry, host_bytes=64 * 1024**2, disk=None)
 
 
 def _engine(**options) -> PipelineEngine:
@@ -130,6 +123,7 @@ def test_policy_routes_until_a_set_is_due_to_fuse_and_routes_again_after(adapter
 def test_a_non_routable_adapter_splits_the_batch_by_adapter_set(adapter_registry, fetcher, tiny_spec, tmp_path):
     """A convolution LoRA cannot be routed per row; its requests run as their own pass."""
     from helpers import write_lora
+
     from lorafleet.registry import PublishRequest
 
     path = write_lora(tmp_path / "conv", tiny_spec, seed=5, targets=("conv1", "conv2"))
@@ -145,37 +139,42 @@ def test_a_non_routable_adapter_splits_the_batch_by_adapter_set(adapter_registry
 
 def test_the_oldest_request_is_always_in_the_next_pass():
     """Starvation check with keys that cannot share a pass: a hot key keeps arriving faster than
-    it is served; a cold request still finishes within the passes of the requests ahead of it."""
+    it is served (three new hot requests per pass of two); a cold request still finishes within
+    the passes of the requests ahead of it. Passes are released one at a time by the test."""
     passes: list[list[str]] = []
+    gate, started = threading.Semaphore(0), threading.Semaphore(0)
 
     def run_batch(requests):
-        time.sleep(0.01)
         passes.append(list(requests))
+        started.release()  # a pass began: the test may add arrivals, then let it finish
+        gate.acquire()
         return requests
 
     scheduler = BatchScheduler(run_batch, max_batch_images=2)
-    stop = threading.Event()
-    hot_futures = []
 
-    def feed_hot():
-        while not stop.is_set():
-            hot_futures.append(scheduler.submit("hot", "hot"))
-            time.sleep(0.002)  # 5x faster than a pass serves two
+    def one_pass(hot_arrivals: int) -> None:
+        assert started.acquire(timeout=30)
+        for _ in range(hot_arrivals):
+            scheduler.submit("hot", "hot")
+        gate.release()
 
-    feeder = threading.Thread(target=feed_hot)
-    feeder.start()
-    time.sleep(0.1)
+    for _ in range(7):
+        scheduler.submit("hot", "hot")
+    for _ in range(3):
+        one_pass(hot_arrivals=3)
     ahead = scheduler.waiting
     cold = scheduler.submit("cold", "cold")
     passes_before = len(passes)
-    assert cold.result(timeout=30) == "cold"
+    while ["cold"] not in passes:
+        one_pass(hot_arrivals=3)
     served_after = len(passes) - passes_before
-    stop.set()
-    feeder.join()
-    scheduler.close()
+    assert cold.result(timeout=30) == "cold"
     assert ahead > 4 and scheduler.waiting > 4  # hot traffic really was queued all along
     assert served_after <= (ahead + 1) // 2 + 2  # its own pass, plus the hot passes ahead of it (2 per pass)
     assert ["cold"] in passes
+    scheduler.close()
+    for _ in range(scheduler.waiting + 1):  # let the pass in progress and the queued ones finish
+        gate.release()
 
 
 def test_a_failing_pass_fails_only_its_own_requests():

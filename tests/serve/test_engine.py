@@ -5,25 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lorafleet.registry.errors import AdapterIncompatible
-from lorafleet.serve.adapter_cache import AdapterFetcher
-from lorafleet.serve.engine import AdapterUse, GenerationJob, PipelineEngine
-from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
+from serve_setup import GUIDANCE, PROMPT, STEPS, adapter_uses, plain_diffusers_image
 
 from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import load_base
+from lorafleet.registry.errors import AdapterIncompatible
+from lorafleet.serve.engine import GenerationJob, PipelineEngine
 
 JOB = GenerationJob(PROMPT, None, STEPS, GUIDANCE, 32, 32, (0,))
 TOLERANCE = 1e-4  # max abs pixel difference to plain diffusers, fused or not
 
 
-@pytest.fixture
-def fetcher(adapter_registry):
-    return AdapterFetcher(adapter_registry, host_bytes=64 * 1024**2, disk=None)
-
-
 def _use(fetcher, registry, ref, weight=1.0):
-    return AdapterUse(fetcher.fetch(registry.resolve(ref)).adapter, weight)
+    return adapter_uses(fetcher, registry, [ref], [weight])[0]
 
 
 def test_images_match_plain_diffusers_across_swaps_fuses_and_evictions(adapter_registry, pulled_files, fetcher):
@@ -91,8 +85,9 @@ def test_textual_inversion_tokens_match_plain_diffusers(adapter_registry, pulled
 
 
 def test_full_fine_tunes_are_refused_by_the_engine(adapter_registry, fetcher, tiny_spec, tmp_path):
-    from lorafleet.registry import PublishRequest
     from safetensors.torch import save_file
+
+    from lorafleet.registry import PublishRequest
 
     unet = load_base("tiny").pipeline.unet
     save_file({f"unet.{k}": v for k, v in unet.state_dict().items()}, str(tmp_path / "full.safetensors"))

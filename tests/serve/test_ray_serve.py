@@ -13,8 +13,9 @@ import numpy as np
 import psutil
 import pytest
 from helpers import metric_samples
-from lorafleet.registry import AdapterRegistry, PublishRequest
 from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
+
+from lorafleet.registry import AdapterRegistry, PublishRequest
 
 pytestmark = pytest.mark.slow
 ADMIN = {"Authorization": "Bearer admin-token-0123456789abcdef0123456789"}
@@ -46,10 +47,10 @@ def s3_server(tmp_path_factory):
 def live(s3_server, tiny_spec, tmp_path_factory):
     """The registry, the running server's URL, and the adapters' pulled files."""
     from helpers import write_lora
-    from lorafleet.serve.server import start_server
-    from lorafleet.serve.settings import ServeSettings
 
     from lorafleet.local_cluster import free_port
+    from lorafleet.serve.server import start_server
+    from lorafleet.serve.settings import ServeSettings
 
     saved = {k: os.environ.get(k) for k in [*s3_server.env(), "LORAFLEET_S3_CONNECT_TIMEOUT",
                                             "LORAFLEET_S3_MAX_ATTEMPTS"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import publish_lora
+
 from lorafleet.registry import AdapterRegistry
 from lorafleet.registry.errors import AdapterNotFound, AliasNotFound, VersionNotFound
 from lorafleet.serve.service import AdapterResolver

@@ -9,8 +9,9 @@ import threading
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from lorafleet.registry.errors import RequestInvalid
+
 from lorafleet.serve.app import create_local_app
+from lorafleet.serve.errors import RequestInvalid
 from lorafleet.serve.settings import ServeSettings, load_settings
 
 GEN = "gen-token-0123456789abcdef0123456789"
@@ -152,8 +153,9 @@ def test_unauthenticated_30mb_bodies_do_not_grow_server_memory(adapter_registry,
 
 def test_the_server_revalidates_stored_bytes_before_injecting_them(tiny_spec, tmp_path):
     """A version whose blob was swapped in storage (digest updated too) is refused, not injected."""
-    from lorafleet.registry import AdapterRegistry
     from test_adapter_cache import _forged
+
+    from lorafleet.registry import AdapterRegistry
 
     registry = AdapterRegistry(f"file://{tmp_path / 'reg'}")
     _forged(registry, tiny_spec, tmp_path)

@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 import yaml
+
 from lorafleet.serve.cli import serve_config
 from lorafleet.serve.settings import ServeSettings, load_settings
 
@@ -31,7 +32,7 @@ def test_settings_precedence_file_then_env_then_flags(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad", [{"port": 70000}, {"device": "tpu"}, {"unknown_key": 1}, {"dtype": "float8"},
                                  {"cache": {"active_max_adapters": 0}}])
 def test_bad_settings_are_refused_naming_the_key(tmp_path, bad):
-    from lorafleet.registry.errors import RequestInvalid
+    from lorafleet.serve.errors import RequestInvalid
 
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(bad))
@@ -41,8 +42,8 @@ def test_bad_settings_are_refused_naming_the_key(tmp_path, bad):
 
 
 def test_auth_without_tokens_refuses_to_start(tmp_path):
-    from lorafleet.registry.errors import ServiceUnavailable
     from lorafleet.serve.auth import TokenTable
+    from lorafleet.serve.errors import ServiceUnavailable
 
     with pytest.raises(ServiceUnavailable, match="no tokens"):
         TokenTable.from_settings(ServeSettings(auth_enabled=True))

@@ -6,28 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from lorafleet.registry.errors import AdapterIncompatible
-from lorafleet.serve.adapter_cache import AdapterFetcher
-from lorafleet.serve.engine import AdapterUse, GenerationJob, PipelineEngine
-from lorafleet.serve.slots import SLOT, LoraSlot
-from serve_setup import GUIDANCE, PROMPT, STEPS, diffusers_set_image
+from serve_setup import GUIDANCE, PROMPT, STEPS, adapter_uses, diffusers_set_image
 
 from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import load_base
+from lorafleet.registry.errors import AdapterIncompatible
+from lorafleet.serve.engine import GenerationJob, PipelineEngine
+from lorafleet.serve.slots import SLOT, LoraSlot
 
 TOLERANCE = 1e-4
 JOB = GenerationJob(PROMPT, None, STEPS, GUIDANCE, 32, 32, (0,))
 SEQUENCE = [["style0"], ["style1"], [], ["style1", "style2"], ["style3"], ["style1"], []]
 
 
-@pytest.fixture
-def fetcher(adapter_registry):
-    return AdapterFetcher(adapter_registry, host_bytes=64 * 1024**2, disk=None)
-
-
-def _uses(fetcher, registry, names, weights=None):
-    weights = weights or [1.0 if len(names) == 1 else 0.6] * len(names)
-    return [AdapterUse(fetcher.fetch(registry.resolve(n)).adapter, w) for n, w in zip(names, weights)]
+_uses = adapter_uses
 
 
 def _slot_engine(target_rank=8, compile_unet=False, device="cpu", dtype="float32"):

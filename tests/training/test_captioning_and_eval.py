@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from lorafleet.registry.errors import BaseModelError
-from lorafleet.training.captioning import caption_folder
 
 from lorafleet.devtools.shapes import write_shapes_folder
 from lorafleet.devtools.tiny_models import build_tiny_blip, build_tiny_clip
+from lorafleet.errors import BaseModelError
+from lorafleet.training.captioning import caption_folder
 
 
 def test_captions_are_written_only_where_missing(tmp_path):

@@ -7,12 +7,12 @@ import struct
 import zlib
 
 import pytest
-from lorafleet.registry.errors import RequestInvalid
-from lorafleet.training.config import DataConfig
-from lorafleet.training.data import open_image, prepare_folder, scan
 from PIL import Image
 
 from lorafleet.devtools.shapes import write_shapes_folder
+from lorafleet.training.config import DataConfig
+from lorafleet.training.data import open_image, prepare_folder, scan
+from lorafleet.training.errors import TrainingInputInvalid
 
 
 def _huge_png(path):
@@ -57,7 +57,7 @@ def test_bad_files_are_skipped_and_reported_never_a_crash(tmp_path):
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(RequestInvalid, match="does not exist"):
+    with pytest.raises(TrainingInputInvalid, match="does not exist"):
         scan(DataConfig(path=tmp_path / "nope"))
     examples, report = scan(DataConfig(path=tmp_path))
     assert examples == [] and report.kept == 0
@@ -65,7 +65,7 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
 
 def test_bad_metadata_jsonl_names_the_line(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"oops": 1}\n')
-    with pytest.raises(RequestInvalid, match="line 2"):
+    with pytest.raises(TrainingInputInvalid, match="line 2"):
         scan(DataConfig(path=tmp_path))
 
 
@@ -90,11 +90,11 @@ def test_prepare_writes_square_images_captions_and_report(tmp_path):
 
 def test_buckets_group_by_aspect_and_weights_steer_sampling(tmp_path):
     import torch
+
+    from lorafleet.bases import load_base
     from lorafleet.training.batches import BatchSource
     from lorafleet.training.config import load_train_config
     from lorafleet.training.data import bucket_for
-
-    from lorafleet.bases import load_base
 
     assert bucket_for(1.0, 32) == (32, 32) and bucket_for(2.0, 32) == (40, 24) and bucket_for(0.5, 32) == (24, 40)
     rows = []
@@ -116,7 +116,7 @@ def test_buckets_group_by_aspect_and_weights_steer_sampling(tmp_path):
 
 def test_bad_weights_are_refused_naming_the_line(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x", "weight": -2}\n')
-    with pytest.raises(RequestInvalid, match="line 1: weight"):
+    with pytest.raises(TrainingInputInvalid, match="line 1: weight"):
         scan(DataConfig(path=tmp_path))
 
 
@@ -162,5 +162,5 @@ def test_a_symlinked_metadata_file_is_refused(tmp_path):
     import os
 
     os.symlink(tmp_path / "elsewhere.jsonl", folder / "metadata.jsonl")
-    with pytest.raises(RequestInvalid, match="not a regular file"):
+    with pytest.raises(TrainingInputInvalid, match="not a regular file"):
         scan(DataConfig(path=folder))

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from lorafleet.registry import AdapterRegistry
-from lorafleet.registry.errors import RequestInvalid
-from lorafleet.serve.service import decode_npy
-from lorafleet.training.config import load_train_config
-from lorafleet.training.loop import Interrupted, train
-from lorafleet.training.publish import publish_result
 
 from lorafleet.devtools.shapes import write_shapes_folder
+from lorafleet.registry import AdapterRegistry
+from lorafleet.serve.service import decode_npy
+from lorafleet.training.config import load_train_config
+from lorafleet.training.errors import TrainingInputInvalid
+from lorafleet.training.loop import Interrupted, train
+from lorafleet.training.publish import publish_result
 
 COMMON = ["base=tiny", "max_steps=30", "optimizer.learning_rate=0.005", "batch_size=4", "data.trigger=sks",
           "validation_prompts=['sks a red circle']"]
@@ -113,12 +113,12 @@ def test_interrupted_run_publishes_nothing(dataset, tmp_path):
 
 def test_bad_datasets_give_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RequestInvalid, match="no usable images"):
+    with pytest.raises(TrainingInputInvalid, match="no usable images"):
         train(_config("lora", tmp_path / "empty", tmp_path / "run"))
     (tmp_path / "corrupt").mkdir()
     for index in range(3):
         (tmp_path / "corrupt" / f"{index}.png").write_bytes(b"garbage")
-    with pytest.raises(RequestInvalid, match="3 unreadable"):
+    with pytest.raises(TrainingInputInvalid, match="3 unreadable"):
         train(_config("lora", tmp_path / "corrupt", tmp_path / "run"))
 
 
@@ -132,18 +132,19 @@ def test_mixed_sizes_and_missing_captions_still_train(tmp_path):
 
 
 def test_config_rejects_unknown_keys_by_name(tmp_path):
-    with pytest.raises(RequestInvalid) as caught:
+    with pytest.raises(TrainingInputInvalid) as caught:
         load_train_config(None, [f"data.path={tmp_path}", "lora.rnk=4"])
     assert caught.value.field == "lora.rnk"
-    with pytest.raises(RequestInvalid) as caught:
+    with pytest.raises(TrainingInputInvalid) as caught:
         load_train_config(None, [f"data.path={tmp_path}", "method=magic"])
     assert caught.value.field == "method"
-    with pytest.raises(RequestInvalid):
+    with pytest.raises(TrainingInputInvalid):
         load_train_config(None, ["max_steps=10"])  # data.path is required
 
 
 def test_printed_example_configs_are_valid(tmp_path):
     import yaml
+
     from lorafleet.training.cli import EXAMPLE_CONFIG
     from lorafleet.training.config import TrainConfig
 
@@ -243,7 +244,7 @@ def test_base_target_regularization_rows_aim_at_the_frozen_base(method, regulari
                                                ("lora", ["data.trigger_mode=prepend"]),
                                                ("qlora", ["data.trigger_mode=none"])])
 def test_base_target_is_refused_where_it_cannot_work(method, extra, regularized_dataset, tmp_path):
-    with pytest.raises(RequestInvalid) as caught:
+    with pytest.raises(TrainingInputInvalid) as caught:
         _base_target_config(method, regularized_dataset, tmp_path / "run", *extra)
     assert caught.value.field == "regularization.target"
 

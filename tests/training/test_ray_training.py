@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from lorafleet.registry import AdapterRegistry
-from lorafleet.training.config import load_train_config
 
 from lorafleet.devtools.shapes import write_shapes_folder
+from lorafleet.registry import AdapterRegistry
+from lorafleet.training.config import load_train_config
 
 pytestmark = pytest.mark.slow
 
@@ -56,10 +56,10 @@ def test_the_local_cluster_uses_ray_token_auth_and_jobs_carry_no_secrets(monkeyp
 
     import httpx
     import ray
-    from lorafleet.training import ray_job
     from ray.job_submission import JobSubmissionClient
 
     from lorafleet.local_cluster import job_env
+    from lorafleet.training import ray_job
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)

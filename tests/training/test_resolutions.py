@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
+
+from lorafleet.devtools.shapes import write_shapes_folder
 from lorafleet.registry import AdapterRegistry
 from lorafleet.training.config import load_train_config
 from lorafleet.training.loop import ADAPTER_FILE, train
 from lorafleet.training.publish import publish_result
-from PIL import Image
-
-from lorafleet.devtools.shapes import write_shapes_folder
 
 METHODS = {
     "lora": [],
