@@ -3,7 +3,7 @@
 # exact versions with hashes, then checks the new lock by installing it into a fresh venv and
 # running the fast tests there. The old lock is kept when the check fails.
 #   make lock              # refresh and check
-#   SKIP_CHECK=1 make lock # refresh only (then run `make check-lock` yourself)
+#   SKIP_CHECK=1 make lock # refresh only; `make test` then installs it (setup re-runs on a new lock)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
