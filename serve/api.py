@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI). Domain errors become HTTP in one handler, via errors_http.STATUS_BY_ERROR."""
 
 import asyncio
+import logging
 import time
 from typing import Annotated
 
@@ -44,6 +45,7 @@ ERROR_DESCRIPTIONS = {
 }
 ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in ERROR_DESCRIPTIONS.items()}
 NOT_READY_RESPONSES = {503: ERROR_RESPONSES[503]}
+logger = logging.getLogger(__name__)
 _BEARER = HTTPBearer(auto_error=False, description="A token with the route's scope (generate or admin).")
 
 
@@ -173,8 +175,10 @@ def _install_adapter_routes(app: FastAPI, service: GenerationService, generate_s
     @app.get("/v1/adapters", response_model=list[AdapterSummary], responses=ERROR_RESPONSES,
              dependencies=generate_scope)
     async def list_adapters():
-        manifests = await asyncio.to_thread(service.registry.list)
-        return [_summary(service, m.name, m) for m in manifests]
+        listing = await asyncio.to_thread(service.registry.listing)
+        for problem in listing.skipped:  # one unreadable manifest must not hide the others
+            logger.warning("GET /v1/adapters skipped an unreadable version: %s", problem)
+        return [_summary(service, m.name, m) for m in listing.manifests]
 
     @app.get("/v1/adapters/{name}", response_model=AdapterSummary, responses=ERROR_RESPONSES,
              dependencies=generate_scope)

@@ -166,3 +166,27 @@ def test_the_server_revalidates_stored_bytes_before_injecting_them(tiny_spec, tm
         assert response.status_code == 422, response.text
         assert response.json()["error"]["code"] == "adapter_incompatible"
         assert client.post("/v1/generate", json={"prompt": "a red circle", "steps": 1}).status_code == 200
+
+
+def test_one_poisoned_manifest_does_not_break_the_adapter_listing(tiny_spec, tmp_path):
+    """A NaN-alpha manifest once made GET /v1/adapters a 502 for everyone; now it is skipped."""
+    import json
+
+    from helpers import publish_lora
+    from lorafleet.registry import AdapterRegistry
+    from lorafleet.registry.adapter_registry import manifest_key
+
+    registry = AdapterRegistry(f"file://{tmp_path / 'reg'}")
+    publish_lora(registry, tiny_spec, tmp_path, name="good")
+    publish_lora(registry, tiny_spec, tmp_path, name="poisoned", seed=1)
+    key = manifest_key("poisoned", 1)
+    raw = json.loads(registry.store.read(key).data)
+    raw["alpha"] = None
+    registry.store.delete(key)
+    registry.store.create(key, json.dumps(raw).replace("null", "NaN", 1).encode())
+    settings = ServeSettings(base="tiny", registry=registry.uri, cache={"disk_dir": str(tmp_path / "cache")})
+    app, _ = create_local_app(settings, registry)
+    with TestClient(app) as client:
+        response = client.get("/v1/adapters")
+        assert response.status_code == 200, response.text
+        assert [a["name"] for a in response.json()] == ["good"]
