@@ -31,6 +31,7 @@ import torch
 
 from lorafleet.accelerator import Placement, row_weights_budget
 from lorafleet.registry.errors import AdapterIncompatible
+from lorafleet.registry.formats import COMPONENTS as LORA_COMPONENTS
 from lorafleet.registry.manifest import AdapterFormat
 
 from .adapter_cache import ByteBudgetLRU, CachedAdapter
@@ -38,8 +39,6 @@ from .residency import PassMode, TierResidency
 from .routing import ImageAdapters, LoraRouter, NotRoutable, RoutedAdapter, prepare_routed
 from .sampler import BatchShape, ImageSpec, sample_images, uses_guidance
 from .slots import LoraSlot
-
-LORA_COMPONENTS = ("unet", "text_encoder")
 
 
 @dataclass(frozen=True)

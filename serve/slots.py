@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 
 from lorafleet.registry.errors import AdapterIncompatible
+from lorafleet.registry.formats import COMPONENTS as LORA_COMPONENTS
 
 from .routing import ImageAdapters, stack_layer
 
 SLOT = "lf_slot"
-SLOT_COMPONENTS = ("unet", "text_encoder")
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
@@ -39,7 +39,7 @@ class LoraSlot:
         self.pipe = pipe
         self.target_rank = target_rank
         self.layers: dict[str, torch.nn.Module] = {}
-        for component in SLOT_COMPONENTS:
+        for component in LORA_COMPONENTS:
             model = getattr(pipe, component)
             model.add_adapter(LoraConfig(r=target_rank, lora_alpha=target_rank, target_modules=_linear_names(model),
                                          lora_dropout=0.0, init_lora_weights=True), adapter_name=SLOT)
