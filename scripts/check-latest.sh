@@ -12,8 +12,8 @@ trap 'rm -rf "$work"' EXIT
 "$PYTHON" -m venv "$work/venv"
 pip="$work/venv/bin/pip"
 "$pip" install --quiet --upgrade pip
-"$pip" install --quiet "torch==2.13.0"
-if ! "$pip" install --quiet --upgrade --upgrade-strategy eager -e ".[test]"; then
+# torch stays the CPU wheel of the lock's constraints (a newer torch in range is a CUDA build of GBs).
+if ! "$pip" install --quiet --upgrade --upgrade-strategy eager -c requirements/constraints-lock.txt -e ".[test]"; then
     echo "check-latest: the newest versions in range do not install together" >&2
     exit 2
 fi
