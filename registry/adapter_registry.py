@@ -1,12 +1,6 @@
 """The versioned adapter registry: publish, resolve, pull, alias, yank, gc.
 
-Layout in the store (every name validated before it becomes a key)::
-
-    blobs/sha256/ab/abcdef...           content-addressed safetensors, written idempotently
-    manifests/NAME/v000000007.json      created once; the version number is won by create-once
-    yanks/NAME/v000000007.json          created once; a yanked version stays resolvable by number
-    aliases/NAME/ALIAS.json             moved by compare-and-swap, with its history
-    index/sha256/ab/abcdef.../NAME/v000000007   digest -> versions using it (NAME@sha256:... refs, gc)
+Where each object lives in the store: ``registry/layout.py``.
 
 Nothing read back from the store is trusted: a manifest is size-checked, parsed strictly and must
 match the key it was read from before anything uses it.
@@ -23,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
 from .base_spec import BaseSpec
 
@@ -45,14 +39,24 @@ from .errors import (
 from .identity import (
     LATEST,
     NAME_PATTERN,
-    VERSION_PATTERN,
     AdapterRef,
     sha256_bytes,
     sha256_stream,
     validate_alias,
-    validate_digest,
     validate_name,
     validate_version,
+)
+from .layout import (
+    AliasMove,
+    AliasRecord,
+    YankRecord,
+    alias_key,
+    blob_key,
+    digest_index_key,
+    digest_index_prefix,
+    manifest_key,
+    version_from_key,
+    yank_key,
 )
 from .manifest import MAX_MANIFEST_BYTES, AdapterMethod, BaseRef, Manifest
 from .safetensors_io import AdapterLimits
@@ -60,58 +64,6 @@ from .storage import ObjectExists, ObjectInfo, ObjectStore, PreconditionFailed, 
 
 _PUBLISH_ATTEMPTS = 200
 _ALIAS_HISTORY = 50
-
-
-def blob_key(digest: str) -> str:
-    hexdigest = validate_digest(digest).split(":", 1)[1]
-    return f"blobs/sha256/{hexdigest[:2]}/{hexdigest}"
-
-
-def manifest_key(name: str, version: int) -> str:
-    return f"manifests/{name}/v{version:09d}.json"
-
-
-def yank_key(name: str, version: int) -> str:
-    return f"yanks/{name}/v{version:09d}.json"
-
-
-def alias_key(name: str, alias: str) -> str:
-    return f"aliases/{name}/{alias}.json"
-
-
-def digest_index_prefix(digest: str) -> str:
-    hexdigest = validate_digest(digest).split(":", 1)[1]
-    return f"index/sha256/{hexdigest[:2]}/{hexdigest}/"
-
-
-def digest_index_key(digest: str, name: str, version: int) -> str:
-    return f"{digest_index_prefix(digest)}{name}/v{version:09d}"
-
-
-def _version_from_key(key: str) -> int | None:
-    stem = key.rsplit("/", 1)[-1]
-    if stem.startswith("v") and stem.endswith(".json") and stem[1:-5].isdigit():
-        return int(stem[1:-5])
-    return None
-
-
-class AliasMove(BaseModel):
-    version: int
-    at: datetime
-
-
-class AliasRecord(BaseModel):
-    name: str
-    alias: str
-    version: int
-    revision: int = Field(description="Incremented on every move (compare-and-swap token).")
-    updated_at: datetime
-    history: list[AliasMove] = Field(default_factory=list)
-
-
-class YankRecord(BaseModel):
-    reason: str = ""
-    at: datetime
 
 
 @dataclass
@@ -232,10 +184,10 @@ class AdapterRegistry:
 
     # ----------------------------------------------------------------------------- reading
     def _version_numbers(self, name: str) -> list[int]:
-        return sorted(v for info in self.store.list(f"manifests/{name}/") if (v := _version_from_key(info.key)))
+        return sorted(v for info in self.store.list(f"manifests/{name}/") if (v := version_from_key(info.key)))
 
     def _yanked_versions(self, name: str) -> set[int]:
-        return {v for info in self.store.list(f"yanks/{name}/") if (v := _version_from_key(info.key))}
+        return {v for info in self.store.list(f"yanks/{name}/") if (v := version_from_key(info.key))}
 
     def names(self) -> list[str]:
         return sorted({info.key.split("/")[1] for info in self.store.list("manifests/")})
@@ -341,7 +293,7 @@ class AdapterRegistry:
         """(name, version) pairs the digest index records for ``digest`` (one listing, no scan)."""
         found = []
         for info in self.store.list(digest_index_prefix(digest)):
-            entry_name, version = info.key.split("/")[-2], _version_from_key(info.key + ".json")
+            entry_name, version = info.key.split("/")[-2], version_from_key(info.key + ".json")
             if version and NAME_PATTERN.fullmatch(entry_name) and (name is None or entry_name == name):
                 found.append((entry_name, version))
         return sorted(found)
@@ -515,13 +467,12 @@ class AdapterRegistry:
     def delete(self, ref: str, *, force: bool = False) -> list[str]:
         """Remove one version's manifest (even an unreadable one) for an admin; its blob goes at
         the next gc. Returns the aliases that still point at it (they stop resolving)."""
-        name, _, number = ref.partition("@")
-        validate_name(name, "ref")
-        if not VERSION_PATTERN.fullmatch(number):
+        parsed = AdapterRef.parse(ref)
+        if parsed.version is None:
             raise InvalidReference(f"delete takes NAME@VERSION, got {ref!r}", field="ref")
-        version = int(number)
         if not force:
             raise InvalidReference("delete removes a version for good: pass force=True (--force)", field="force")
+        name, version = parsed.name, parsed.version
         if not self.store.exists(manifest_key(name, version)):
             raise VersionNotFound(f"{name}@{version} does not exist", field="ref")
         self.store.delete(manifest_key(name, version))
