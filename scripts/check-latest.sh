@@ -30,7 +30,9 @@ for name, version in sorted(locked.items()):
         print(f"  {name}: {version} -> {now}")
 PY
 "$work/venv/bin/pip" check || echo "check-latest: pip check found conflicts (above)"
-"$work/venv/bin/python" -m pytest -m "not slow" -q -p no:cacheprovider
+# The lock-equality test is meant to fail when newer versions exist: that difference is listed above.
+"$work/venv/bin/python" -m pytest -m "not slow" -q -p no:cacheprovider \
+    --deselect tests/test_repository.py::test_the_installed_environment_is_the_lock
 status=$?
 [ $status -eq 0 ] && echo "check-latest: the newest versions pass the fast tests" \
                   || echo "check-latest: the newest versions FAIL the fast tests (exit $status); the lock still holds"
