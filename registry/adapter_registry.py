@@ -38,7 +38,6 @@ from .errors import (
 )
 from .identity import (
     LATEST,
-    NAME_PATTERN,
     AdapterRef,
     sha256_bytes,
     sha256_stream,
@@ -52,6 +51,7 @@ from .layout import (
     YankRecord,
     alias_key,
     blob_key,
+    digest_index_entry,
     digest_index_key,
     digest_index_prefix,
     manifest_key,
@@ -164,11 +164,13 @@ class AdapterRegistry:
             num_parameters=payload.num_parameters, description=request.description,
         )
 
-    def _index_digest(self, manifest: Manifest) -> None:
+    def _index_digest(self, manifest: Manifest) -> bool:
+        """Record the version under its digest; False when it already was."""
         try:
             self.store.create(digest_index_key(manifest.digest, manifest.name, manifest.version), b"")
         except ObjectExists:
-            pass
+            return False
+        return True
 
     def _create_manifest(self, fields: dict) -> Manifest:
         name = fields["name"]
@@ -291,12 +293,8 @@ class AdapterRegistry:
 
     def _indexed_versions(self, digest: str, name: str | None = None) -> list[tuple[str, int]]:
         """(name, version) pairs the digest index records for ``digest`` (one listing, no scan)."""
-        found = []
-        for info in self.store.list(digest_index_prefix(digest)):
-            entry_name, version = info.key.split("/")[-2], version_from_key(info.key + ".json")
-            if version and NAME_PATTERN.fullmatch(entry_name) and (name is None or entry_name == name):
-                found.append((entry_name, version))
-        return sorted(found)
+        entries = (digest_index_entry(info.key) for info in self.store.list(digest_index_prefix(digest)))
+        return sorted(e for e in entries if e is not None and (name is None or e[0] == name))
 
     def _resolve_digest(self, ref: AdapterRef) -> Manifest:
         """Through the digest index: one listing and one manifest read, whatever the version count.
@@ -312,14 +310,8 @@ class AdapterRegistry:
 
     def reindex(self) -> int:
         """Write the digest index entries of every readable version; returns how many were added."""
-        added = 0
-        for name in self.names():
-            for manifest in self._listing_of(name).manifests:
-                key = digest_index_key(manifest.digest, manifest.name, manifest.version)
-                if not self.store.exists(key):
-                    self._index_digest(manifest)
-                    added += 1
-        return added
+        return sum(self._index_digest(manifest) for name in self.names()
+                   for manifest in self._listing_of(name).manifests)
 
     # ----------------------------------------------------------------------------- blobs
     def read_blob(self, manifest: Manifest) -> bytes:

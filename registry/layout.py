@@ -15,7 +15,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from .identity import validate_digest
+from .identity import NAME_PATTERN, validate_digest
 
 
 def blob_key(digest: str) -> str:
@@ -42,6 +42,14 @@ def digest_index_prefix(digest: str) -> str:
 
 def digest_index_key(digest: str, name: str, version: int) -> str:
     return f"{digest_index_prefix(digest)}{name}/v{version:09d}"
+
+
+def digest_index_entry(key: str) -> tuple[str, int] | None:
+    """(name, version) of a ``digest_index_key``, or None for a key it did not write."""
+    *_, name, stem = ["", *key.split("/")]
+    if not (stem.startswith("v") and stem[1:].isdigit() and NAME_PATTERN.fullmatch(name)):
+        return None
+    return name, int(stem[1:])
 
 
 def version_from_key(key: str) -> int | None:

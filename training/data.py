@@ -52,9 +52,10 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise UnusableFile("not_a_regular_file", f"{path.name}: not a regular file")
-        if info.st_size > max_bytes:
-            raise UnusableFile("too_large", f"{path.name}: {info.st_size} bytes (limit {max_bytes})")
-        return handle.read(max_bytes + 1)[:max_bytes]
+        data = handle.read(max_bytes + 1) if info.st_size <= max_bytes else b""
+        if info.st_size > max_bytes or len(data) > max_bytes:  # too large, or grew while we read it
+            raise UnusableFile("too_large", f"{path.name}: over {max_bytes} bytes")
+        return data
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # refuse images that decompress beyond this (PIL's bomb guard)
 RECOMMENDED_WORDS = (5, 20)
 
