@@ -9,8 +9,14 @@
 
 from __future__ import annotations
 
+# Imports inside functions: building the command-line parser must not import torch, diffusers or
+# Ray (`lorafleet --help` takes 0.3 s).
 import tempfile
 from pathlib import Path
+
+import httpx
+
+from lorafleet.text_table import format_table
 
 DEMO_ADAPTER_NAME = "demo-cyan"
 DEMO_BASE_PROMPTS = ("a red circle", "a blue square", "a yellow triangle", "a purple circle")  # grid rows
@@ -34,9 +40,6 @@ def _grid_and_scores(generate, ref: str, prompts: dict, seeds: int, out: Path) -
 
 
 def cmd_demo(args) -> int:
-    import httpx
-
-    from lorafleet.benchmarks.registry_bench import format_table
     from lorafleet.local_cluster import free_port
     from lorafleet.registry import AdapterRegistry
     from lorafleet.serve.server import install_stop_handlers, start_server

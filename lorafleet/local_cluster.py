@@ -9,9 +9,12 @@ token, or ``disabled``) is respected.
 
 from __future__ import annotations
 
+# Imports inside functions: Ray's internals only when Ray is already imported (this module must
+# not import Ray itself).
 import os
 import secrets
 import socket
+import sys
 from contextlib import closing
 
 AUTH_MODE = "RAY_AUTH_MODE"
@@ -38,8 +41,6 @@ def secure_local_ray() -> str:
 def _refresh_ray_config() -> None:
     """Ray caches its config (the auth mode among it) when first imported; re-read it, as Ray's own
     token set-up does (ray._private.authentication.authentication_token_setup._enable_token_auth)."""
-    import sys
-
     if "ray" in sys.modules:
         from ray._raylet import Config
 

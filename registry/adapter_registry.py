@@ -8,6 +8,8 @@ match the key it was read from before anything uses it.
 
 from __future__ import annotations
 
+# Imports inside functions: parsing and validating tensors (torch) only at publish: listing and
+# resolving never import torch.
 import os
 import tempfile
 import time
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from .base_spec import BaseSpec
+from lorafleet.bases.spec import BaseSpec
 
 if TYPE_CHECKING:
     from .formats import AdapterPayload

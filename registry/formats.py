@@ -14,6 +14,7 @@ component in the ``lora_adapter_metadata`` header entry, so that plain
 
 from __future__ import annotations
 
+# Imports inside functions: safetensors' torch API only when tensors are written.
 import json
 import math
 import re
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .base_spec import BaseSpec
+from lorafleet.bases.spec import LORA_COMPONENTS, BaseSpec
+
 from .errors import InvalidAdapter, UnsafeFormat
 from .manifest import AdapterFormat, ComponentLora
 from .safetensors_io import (
@@ -36,8 +38,8 @@ from .safetensors_io import (
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry
 LORAFLEET_METADATA_KEY = "lorafleet"
-COMPONENTS = ("unet", "text_encoder")
-_DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
+DIFFUSERS_LORA_KEY = re.compile(rf"^({'|'.join(LORA_COMPONENTS)})\.(.+)\.lora_([AB])\.weight$")
+"""A LoRA tensor as diffusers saves it: component, module path, A (down) or B (up)."""
 _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 _KOHYA_KEY = re.compile(r"^lora_(unet|te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _DIRECTORY_FILES = (
@@ -166,12 +168,12 @@ def _ranks_by_module(keys: dict[str, torch.Tensor], pattern: re.Pattern, group: 
 def _from_diffusers(tensors, metadata: dict[str, str], adapter_config: dict | None) -> AdapterPayload:
     flat = json_metadata(metadata, LORA_METADATA_KEY) if metadata.get(LORA_METADATA_KEY) else None
     components = {}
-    for component in COMPONENTS:
+    for component in LORA_COMPONENTS:
         prefix = f"{component}."
         component_keys = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not component_keys:
             continue
-        ranks = _ranks_by_module({f"{component}.{k}": v for k, v in component_keys.items()}, _DIFFUSERS_KEY, 2)
+        ranks = _ranks_by_module({f"{component}.{k}": v for k, v in component_keys.items()}, DIFFUSERS_LORA_KEY, 2)
         if flat is not None:
             config = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
         elif adapter_config is not None:
@@ -188,7 +190,7 @@ def _from_diffusers(tensors, metadata: dict[str, str], adapter_config: dict | No
 
 
 def _component_for_modules(modules: list[str], spec: BaseSpec) -> str:
-    for component in COMPONENTS:
+    for component in LORA_COMPONENTS:
         if all(spec.module(component, m) is not None for m in modules):
             return component
     return "unet"  # validation will list the modules that do not exist
@@ -298,7 +300,7 @@ def read_adapter(path: Path, spec: BaseSpec, limits: AdapterLimits | None = None
 
 def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -> AdapterPayload:
     keys = list(tensors)
-    if all(_DIFFUSERS_KEY.match(k) for k in keys):
+    if all(DIFFUSERS_LORA_KEY.match(k) for k in keys):
         payload = _from_diffusers(tensors, metadata, adapter_config)
         payload.trigger_tokens = list(json_metadata(metadata, LORAFLEET_METADATA_KEY).get("trigger_tokens", []))
         return payload

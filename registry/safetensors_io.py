@@ -7,6 +7,7 @@ that claims huge tensors or offsets past its end is refused before allocation.
 
 from __future__ import annotations
 
+# Imports inside functions: torch only when tensors are loaded: the header checks run without it.
 import json
 import math
 import struct

@@ -6,17 +6,14 @@ and the weights agree, that ranks are within limits, and that the adapter change
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from .base_spec import BaseSpec, ModuleShape
+from lorafleet.bases.spec import BaseSpec, ModuleShape
+
 from .errors import AdapterIncompatible, InvalidAdapter
-from .formats import LORAFLEET_METADATA_KEY, AdapterPayload, json_metadata
+from .formats import DIFFUSERS_LORA_KEY, LORAFLEET_METADATA_KEY, AdapterPayload, json_metadata
 from .manifest import AdapterFormat
 from .safetensors_io import AdapterLimits
-
-_LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
 
 
 def expected_lora_shapes(module: ModuleShape, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -32,7 +29,7 @@ def lora_pairs(payload: AdapterPayload) -> dict[tuple[str, str], dict[str, torch
     """The payload's LoRA tensors by (component, module path): {"A": down, "B": up} (other keys ignored)."""
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in payload.tensors.items():
-        match = _LORA_KEY.match(key)
+        match = DIFFUSERS_LORA_KEY.match(key)
         if match:
             pairs.setdefault((match.group(1), match.group(2)), {})[match.group(3)] = tensor
     return pairs

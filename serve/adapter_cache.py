@@ -16,12 +16,14 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from lorafleet.bases.spec import BaseSpec
 from lorafleet.errors import LorafleetError
-from lorafleet.registry.base_spec import BaseSpec
 from lorafleet.registry.errors import AdapterIncompatible, IntegrityError
 from lorafleet.registry.formats import AdapterPayload, payload_from_stored
 from lorafleet.registry.identity import sha256_bytes, validate_digest
@@ -35,10 +37,15 @@ logger = logging.getLogger(__name__)
 
 
 class ByteBudgetLRU(Generic[V]):
-    """A thread-safe LRU map bounded by the total size of its values; pinned keys stay."""
+    """A thread-safe LRU map bounded by the total size of its values (and optionally by count).
 
-    def __init__(self, budget_bytes: int):
+    Pinned keys are never evicted: a caller pins what it is about to use so that making room for
+    one entry cannot evict another the same request needs.
+    """
+
+    def __init__(self, budget_bytes: int, max_items: int | None = None):
         self.budget_bytes = budget_bytes
+        self.max_items = max_items
         self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
         self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -53,46 +60,81 @@ class ByteBudgetLRU(Generic[V]):
             return item[0]
 
     def put(self, key: str, value: V, size: int) -> list[str]:
-        """Store ``value``; returns the keys evicted to make room (empty if it did not fit)."""
+        """Store ``value``, evicting after it; returns the keys evicted (nothing is stored if
+        ``value`` alone is over the budget)."""
         with self._lock:
             if size > self.budget_bytes:
                 return []
             self._items.pop(key, None)
             self._items[key] = (value, size)
-            return self._evict_over_budget(keep=key)
+            return [key for key, _ in self._evict_until_fits(incoming=0, keep=key)]
 
-    def _evict_over_budget(self, keep: str) -> list[str]:
+    def make_room(self, size: int) -> list[tuple[str, V]]:
+        """Evict unpinned entries, least recently used first, until one more entry of ``size``
+        fits in count and bytes (or only pinned ones are left); returns what it evicted, so that
+        the caller can release it. Use before building an entry that costs memory to build."""
+        with self._lock:
+            return self._evict_until_fits(incoming=size, keep=None)
+
+    def insert(self, key: str, value: V, size: int) -> None:
+        """Store ``value`` without evicting anything (after ``make_room``)."""
+        with self._lock:
+            self._items.pop(key, None)
+            self._items[key] = (value, size)
+
+    def _evict_until_fits(self, incoming: int, keep: str | None) -> list[tuple[str, V]]:
         evicted = []
+        room_for = 0 if keep is not None else 1  # ``put`` has stored its entry already
         for key in list(self._items):
-            if self._bytes_locked() <= self.budget_bytes:
+            if self._fits_locked(incoming, room_for):
                 break
             if key != keep and not self._pins.get(key):
-                del self._items[key]
-                evicted.append(key)
+                evicted.append((key, self._items.pop(key)[0]))
         self.evictions += len(evicted)
         return evicted
+
+    def _fits_locked(self, incoming: int, room_for: int) -> bool:
+        count_fits = self.max_items is None or len(self._items) + room_for <= self.max_items
+        return count_fits and self._bytes_locked() + incoming <= self.budget_bytes
 
     def _bytes_locked(self) -> int:
         return sum(size for _, size in self._items.values())
 
-    def pin(self, key: str) -> None:
+    @contextmanager
+    def pinned(self, keys: list[str]) -> Iterator[None]:
+        """Keys that no eviction may take while the block runs (present yet or not)."""
         with self._lock:
-            self._pins[key] = self._pins.get(key, 0) + 1
+            for key in keys:
+                self._pins[key] = self._pins.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for key in keys:
+                    self._pins[key] -= 1
+                    if not self._pins[key]:
+                        del self._pins[key]
 
-    def unpin(self, key: str) -> None:
+    def pop(self, key: str) -> V | None:
         with self._lock:
-            if self._pins.get(key, 0) <= 1:
-                self._pins.pop(key, None)
-            else:
-                self._pins[key] -= 1
-
-    def remove(self, key: str) -> None:
-        with self._lock:
-            self._items.pop(key, None)
+            item = self._items.pop(key, None)
+            return None if item is None else item[0]
 
     def keys(self) -> list[str]:
         with self._lock:
             return list(self._items)
+
+    def values(self) -> list[V]:
+        with self._lock:
+            return [value for value, _ in self._items.values()]
+
+    def items(self) -> list[tuple[str, V]]:
+        with self._lock:
+            return [(key, value) for key, (value, _) in self._items.items()]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
 
     @property
     def bytes_used(self) -> int:
@@ -138,11 +180,11 @@ class DiskTier:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            self.index.remove(digest)
+            self.index.pop(digest)
             return None
         if sha256_bytes(data) != digest:  # corrupted on disk: drop it, fetch again
             self.integrity_failures += 1
-            self.index.remove(digest)
+            self.index.pop(digest)
             path.unlink(missing_ok=True)
             return None
         return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# Imports inside functions: Ray only for the Ray backend.
 import asyncio
 
 from lorafleet.errors import LorafleetError

@@ -15,13 +15,15 @@ import numpy as np
 import torch
 
 from lorafleet.accelerator import resolve_placement
+from lorafleet.bases import load_base
 from lorafleet.registry import AdapterRegistry
 from lorafleet.registry.manifest import Manifest
 
 from .adapter_cache import AdapterFetcher, DiskTier
 from .batching import BatchScheduler
-from .engine import AdapterUse, BatchRequest, EngineResult, GenerationJob, PipelineEngine
-from .residency import PassMode, Residency, Tier, TierResidency
+from .engine import PipelineEngine
+from .jobs import AdapterUse, BatchRequest, EngineResult, GenerationJob
+from .residency import FuseEvent, PassMode, Residency, Tier, TierResidency
 from .settings import ServeSettings
 from .slots import LoraSlot
 
@@ -51,7 +53,7 @@ class GenerationOutput:
     generation_ms: float
     replica: str
     evicted_active: list[str] = field(default_factory=list)
-    fuse_events: list[str] = field(default_factory=list)
+    fuse_events: list[FuseEvent] = field(default_factory=list)
     resident: Residency = field(default_factory=dict)
     mode: PassMode = PassMode.base  # how the pass applied adapters
     batch_images: int = 1  # images in the pass this request shared
@@ -59,8 +61,6 @@ class GenerationOutput:
 
 def load_replica_base(settings: ServeSettings):
     """The base pipeline on the configured device and dtype."""
-    from lorafleet.bases import load_base
-
     loaded = load_base(settings.base, base_config=settings.base_config)
     placement = resolve_placement(settings.device, settings.dtype)
     if placement.dtype != loaded.pipeline.unet.dtype:

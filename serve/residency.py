@@ -29,6 +29,13 @@ class PassMode(StrEnum):
     slot = "slot"  # the compile-safe hot-swap slot
 
 
+class FuseEvent(StrEnum):
+    """A change of the fused state, reported with the pass that made it."""
+
+    fuse = "fuse"
+    unfuse = "unfuse"
+
+
 @dataclass(frozen=True)
 class TierResidency:
     """One tier of one replica: what it holds, and its cumulative counters."""

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from peft.utils.other import get_pattern_key
 
 from lorafleet.registry.errors import AdapterIncompatible
 from lorafleet.registry.formats import AdapterPayload
@@ -71,8 +72,6 @@ class RoutedAdapter:
 
 def _pattern_value(pattern: dict, module: str, default):
     """A rank/alpha pattern's value for ``module``, matched as peft matches it when loading."""
-    from peft.utils.other import get_pattern_key
-
     return pattern.get(get_pattern_key(pattern.keys(), module), default)
 
 

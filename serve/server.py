@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+# Imports inside functions: Ray or uvicorn, whichever way the service is started.
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -95,6 +98,27 @@ def serve_in_process(settings: ServeSettings) -> None:
     print(f"lorafleet is serving base {settings.base!r} at http://{settings.host}:{settings.port} "
           "(in-process, no Ray); Ctrl-C stops it", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+@contextmanager
+def serving_in_thread(settings: ServeSettings, registry=None) -> Iterator[str]:
+    """The in-process service (no Ray) on ``settings.host:port`` from a background thread, for
+    callers that generate over HTTP from the same process (the concept runs); yields its URL."""
+    import uvicorn
+
+    from .app import create_local_app
+
+    app, _ = create_local_app(settings, registry)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="lorafleet-http", daemon=True)
+    thread.start()
+    try:
+        url = f"http://{settings.host}:{settings.port}"
+        wait_ready(url, alive=thread.is_alive)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 def install_stop_handlers() -> threading.Event:

@@ -8,6 +8,7 @@ images encoded.
 
 from __future__ import annotations
 
+# Imports inside functions: PIL only to encode PNG output.
 import asyncio
 import base64
 import hashlib
@@ -32,8 +33,8 @@ from lorafleet.registry.errors import (
     YankedVersion,
 )
 
-from .engine import GenerationJob
 from .errors import Overloaded, RequestInvalid, RequestTimeout, ServiceUnavailable
+from .jobs import GenerationJob
 from .metrics import ServiceMetrics
 from .replica import GenerationOutput, GenerationTask
 from .residency import Residency

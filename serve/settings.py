@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from .auth import configured_tokens
 from .errors import RequestInvalid
 
 
@@ -132,8 +135,6 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _safe_to_listen(self) -> "ServeSettings":
-        from .auth import configured_tokens
-
         configured_tokens(self)  # refuses weak or placeholder tokens at start-up
         if not self.auth_required and not self.insecure_no_auth and not is_loopback(self.host):
             raise ValueError(f"host {self.host!r} is not a loopback address and auth is off: configure tokens "
@@ -151,8 +152,6 @@ class ServeSettings(BaseSettings):
 
 
 def is_loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -163,8 +162,6 @@ def is_loopback(host: str) -> bool:
 
 def _field_of(error: dict) -> str:
     """The settings key an error names: its location, or the key a cross-field check names first."""
-    import re
-
     field = ".".join(str(p) for p in error["loc"])
     named = re.match(r"^([a-z_]+(?:\.[a-z_]+)?)[ :]", _message(error))
     if not field and named and named.group(1).split(".")[0] in ServeSettings.model_fields:

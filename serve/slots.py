@@ -19,10 +19,13 @@ The same copy runs on CPU without compile (tests), and on CUDA with ``compile`` 
 from __future__ import annotations
 
 import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 
+from lorafleet.bases.spec import LORA_COMPONENTS
 from lorafleet.registry.errors import AdapterIncompatible
-from lorafleet.registry.formats import COMPONENTS as LORA_COMPONENTS
 
+from .jobs import LoraSet
 from .routing import ImageAdapters, stack_layer
 
 SLOT = "lf_slot"
@@ -34,8 +37,6 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
 
 class LoraSlot:
     def __init__(self, pipe, target_rank: int, compile_unet: bool = False):
-        from peft import LoraConfig
-
         self.pipe = pipe
         self.target_rank = target_rank
         self.layers: dict[str, torch.nn.Module] = {}
@@ -45,15 +46,13 @@ class LoraSlot:
                                          lora_dropout=0.0, init_lora_weights=True), adapter_name=SLOT)
             self.layers.update(self._slot_layers(component, model))
         self._written: set[str] = set()
-        self.current: tuple | None = ()  # the set in the slot: () is the base model
+        self.current = LoraSet()  # the set in the slot: the empty set is the base model
         self.swaps = 0
         if compile_unet:
             pipe.unet.compile()
 
     @staticmethod
     def _slot_layers(component: str, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-        from peft.tuners.lora import LoraLayer
-
         found = {}
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and SLOT in module.lora_A:
@@ -77,7 +76,7 @@ class LoraSlot:
                 field="adapters")
 
     @torch.no_grad()
-    def load(self, key: tuple, adapters: ImageAdapters) -> bool:
+    def load(self, key: LoraSet, adapters: ImageAdapters) -> bool:
         """Put ``adapters`` (with weights) in the slot; False if that set is there already."""
         if key == self.current:
             return False

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorafleet.demo import synthetic_embedding, synthetic_lora
 from lorafleet.registry import AdapterRegistry, PublishRequest
+from lorafleet.synthetic import synthetic_embedding, synthetic_lora
 
 S3_BUCKET = "lorafleet-tests"  # created by the session's SeaweedFS fixture
 

@@ -71,7 +71,7 @@ def test_json_errors_name_the_field(tmp_path):
 def test_publish_of_a_pickle_file_is_refused(tmp_path, tiny_spec):
     import torch
 
-    from lorafleet.demo import synthetic_lora
+    from lorafleet.synthetic import synthetic_lora
 
     torch.save(synthetic_lora(tiny_spec).tensors, tmp_path / "pytorch_lora_weights.bin")
     result = run("registry", "publish", str(tmp_path / "pytorch_lora_weights.bin"), "--name", "x",

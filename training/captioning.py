@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# Imports inside functions: torch and transformers only when a captioning model runs.
 from dataclasses import dataclass, field
 from pathlib import Path
 

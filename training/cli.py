@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# Imports inside functions: building the command-line parser must not import torch, diffusers or
+# Ray (`lorafleet --help` takes 0.3 s).
 import json
 import sys
 from pathlib import Path

@@ -7,9 +7,11 @@ duplicate images are skipped and counted. Captions come from ``metadata.jsonl``
 
 from __future__ import annotations
 
+# Imports inside functions: PIL only when images are read.
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import stat
@@ -235,8 +237,6 @@ BUCKET_ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 
 def bucket_for(aspect: float, resolution: int, multiple: int = 8) -> tuple[int, int]:
     """(width, height) of about resolution^2 pixels whose aspect is nearest ``aspect``."""
-    import math
-
     nearest = min(BUCKET_ASPECTS, key=lambda a: abs(math.log(a / aspect)))
     width = max(multiple, round(resolution * math.sqrt(nearest) / multiple) * multiple)
     height = max(multiple, round(resolution / math.sqrt(nearest) / multiple) * multiple)

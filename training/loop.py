@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+# Imports inside functions: bitsandbytes only for its 8-bit optimizer (CUDA).
 import logging
 import math
 import os
@@ -16,8 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 
 from lorafleet.accelerator import resolve_placement
+from lorafleet.bases import load_base
 from lorafleet.registry.formats import AdapterPayload
 
 from .batches import Batch, BatchSource, ClassBatchSource, TextEncoder, step_generator
@@ -57,8 +62,6 @@ def _optimizer(parameters, config: TrainConfig):
 
 
 def _lr_scheduler(optimizer, config: TrainConfig):
-    from diffusers.optimization import get_scheduler
-
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[config.optimizer.schedule]
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=config.optimizer.warmup_steps,
                          num_training_steps=config.max_steps)
@@ -75,10 +78,6 @@ def _snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float | None) 
 
 class Trainer:
     def __init__(self, config: TrainConfig, progress=None, rank: int = 0, world_size: int = 1):
-        from diffusers import DDPMScheduler
-
-        from lorafleet.bases import load_base
-
         self.config = config
         self.progress = progress
         self.rank, self.world_size = rank, world_size
@@ -113,8 +112,6 @@ class Trainer:
     def _ema(self):
         if self.config.ema_decay is None:
             return None
-        from diffusers.training_utils import EMAModel
-
         return EMAModel(self.parameters, decay=self.config.ema_decay)
 
     def _class_images(self) -> ClassBatchSource:

@@ -1,17 +1,25 @@
 """Training methods as small strategies over one loop.
 
-A method decides what is trainable (``prepare``), what a batch holds beyond the instance images
-(``extra_examples``), how the losses combine (``combine``), and what is published (``export``).
+A method decides what is trainable (``prepare``), what the examples and a batch hold beyond the
+instance images (``prepare_examples``, ``class_examples_needed``), how the losses combine
+(``combine``), and what is published (``export``); the loop asks, and never tests which method
+it runs.
 LoRA, DreamBooth-LoRA (prior preservation), QLoRA (4-bit base), textual inversion and full
 fine-tuning differ only there.
 """
 
 from __future__ import annotations
 
+# Imports inside functions: bitsandbytes only for QLoRA on CUDA.
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import AdapterFormat, AdapterMethod, ComponentLora
@@ -38,7 +46,6 @@ class TrainingMethod:
 
     def prepare_examples(self, examples: list) -> None:
         """Adjust the scanned examples before training (DreamBooth: one instance prompt)."""
-
     def prepare(self, pipe) -> list[torch.nn.Parameter]:
         """Make the pipeline trainable as this method wants; return the trainable parameters."""
         raise NotImplementedError
@@ -54,7 +61,6 @@ class TrainingMethod:
 
     def after_step(self, pipe) -> None:
         """Called after each optimizer step (e.g. textual inversion restores frozen rows)."""
-
     def export(self, pipe) -> AdapterPayload:
         raise NotImplementedError
 
@@ -74,15 +80,11 @@ class TrainingMethod:
 
 
 def _lora_config(rank: int, alpha: float, targets: list[str], dropout: float):
-    from peft import LoraConfig
-
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout,
                       init_lora_weights="gaussian")
 
 
 def _peft_targets(model, adapter_name: str = "default") -> list[str]:
-    from peft.tuners.lora import LoraLayer
-
     return sorted(name for name, module in model.named_modules()
                   if isinstance(module, LoraLayer) and adapter_name in module.lora_A)
 
@@ -110,8 +112,6 @@ class LoraMethod(TrainingMethod):
         return models
 
     def export(self, pipe) -> AdapterPayload:
-        from peft.utils import get_peft_model_state_dict
-
         tensors, components = {}, {}
         for name, model in self._components(pipe).items():
             for key, value in get_peft_model_state_dict(model).items():
@@ -134,8 +134,6 @@ class LoraMethod(TrainingMethod):
                 model.enable_adapters()
 
     def load_trainable_state(self, pipe, state: dict[str, torch.Tensor]) -> None:
-        from peft.utils import set_peft_model_state_dict
-
         for name, model in self._components(pipe).items():
             prefix = f"{name}."
             set_peft_model_state_dict(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
@@ -181,10 +179,7 @@ class QLoraMethod(LoraMethod):
 
 def quantize_with_diffusers(pipe) -> dict:
     """On CUDA: diffusers' own bitsandbytes path (it refuses to run without a GPU)."""
-    import tempfile
-
     import bitsandbytes as bnb
-    from diffusers import BitsAndBytesConfig, UNet2DConditionModel
 
     before = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

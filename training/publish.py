@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lorafleet.bases import base_spec
 from lorafleet.registry import AdapterRegistry, Manifest, PublishRequest
 
 from .config import TrainConfig
@@ -10,8 +11,6 @@ from .methods import METHODS
 
 
 def publish_result(result: TrainResult, config: TrainConfig, registry: AdapterRegistry, name: str) -> Manifest:
-    from lorafleet.bases import base_spec
-
     method = METHODS[config.method].adapter_method
     request = PublishRequest(
         name=name, base=base_spec(config.base), method=method, aliases=list(config.publish.aliases),

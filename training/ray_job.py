@@ -5,6 +5,8 @@ Either way the result is the same adapter format, published the same way.
 
 from __future__ import annotations
 
+# Imports inside functions: Ray only when a job goes to a cluster; the loop only inside the
+# worker.
 import json
 import os
 import shlex

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# Imports inside functions: PIL and transformers only when images or CLIP scores are made.
 import json
 from pathlib import Path
 

@@ -6,6 +6,9 @@ model (``lorafleet registry list``) do not pay for importing torch and diffusers
 
 from __future__ import annotations
 
+# Imports inside functions: names resolve lazily, so that commands that never touch a model do not
+# import torch.
+
 _EXPORTS = {
     "BUILTIN_BASES", "DEFAULT_BASE", "LORA_COMPONENTS", "LoadedBase", "base_id", "base_spec", "export_base",
     "load_base", "spec_from_pipeline",

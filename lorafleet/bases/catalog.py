@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# Imports inside functions: diffusers only when a pipeline is built or loaded.
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.bases.spec import LORA_COMPONENTS, BaseSpec, ModuleShape
 from lorafleet.errors import BaseModelError
-from lorafleet.registry.base_spec import BaseSpec, ModuleShape
 
 from .fingerprint import pipeline_fingerprint
 from .tiny import build_small_pipeline, build_tiny_pipeline
@@ -31,7 +32,6 @@ BUILTIN_BASES: dict[str, Callable[[], object]] = {
     "toy": _load_toy_pipeline,  # draws the toy world: trained weights (docs/toy-model-card.md)
 }
 DEFAULT_BASE = "tiny"
-LORA_COMPONENTS = ("unet", "text_encoder")
 
 
 def _module_shapes(model: torch.nn.Module) -> dict[str, ModuleShape]:

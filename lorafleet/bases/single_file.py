@@ -8,6 +8,7 @@ back to the LDM ones (the inverse of diffusers' conversion) for the UNet, VAE an
 
 from __future__ import annotations
 
+# Imports inside functions: safetensors' torch API only when a checkpoint is read or written.
 from pathlib import Path
 
 import torch

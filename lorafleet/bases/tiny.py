@@ -7,6 +7,7 @@ It draws noise-like images: it exists to test plumbing, deterministically.
 
 from __future__ import annotations
 
+# Imports inside functions: diffusers and transformers only when a built-in base is built.
 import torch
 
 from .vocabulary import build_tokenizer

@@ -7,6 +7,7 @@ exactly one token.
 
 from __future__ import annotations
 
+# Imports inside functions: transformers only when a tokenizer is built.
 from functools import lru_cache
 
 BOS = "<|startoftext|>"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# Imports inside functions: every benchmark's arguments are added when the parser is built; its
+# heavy imports wait for its run.
 import argparse
 
 

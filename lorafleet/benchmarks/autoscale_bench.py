@@ -6,6 +6,8 @@ up; after it they come back down. Prints when each happened.
 
 from __future__ import annotations
 
+# Imports inside functions: every benchmark's arguments are added when the parser is built; its
+# heavy imports wait for its run.
 import tempfile
 import threading
 import time

@@ -8,6 +8,8 @@ apart with their own trigger words, named together in one request.
 
 from __future__ import annotations
 
+# Imports inside functions: every benchmark's arguments are added when the parser is built; its
+# heavy imports wait for its run.
 import tempfile
 from pathlib import Path
 

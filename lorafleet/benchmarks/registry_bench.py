@@ -8,14 +8,17 @@ on loopback for the run.
 
 from __future__ import annotations
 
+# Imports inside functions: every benchmark's arguments are added when the parser is built; its
+# heavy imports wait for its run.
 import json
+import os
 import statistics
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from lorafleet.demo import synthetic_lora
+from lorafleet.text_table import format_table
 
 from . import positive_int
 
@@ -28,11 +31,15 @@ REGISTRY_COLUMNS = ["backend", "adapters", "adapter_mb", "publish_adapters_per_s
 
 def _rank_for_size(spec, size_mb: float) -> int:
     """The LoRA rank that makes a synthetic adapter about ``size_mb`` MB (fp32)."""
+    from lorafleet.synthetic import synthetic_lora
+
     one = synthetic_lora(spec, rank=1, targets=BIG_TARGETS)
     return max(1, round(size_mb * 1e6 / (one.num_parameters * 4)))
 
 
 def _write_sources(directory: Path, spec, count: int, rank: int) -> list[Path]:
+    from lorafleet.synthetic import synthetic_lora
+
     paths = []
     for index in range(count):
         path = directory / f"adapter-{index}.safetensors"
@@ -49,6 +56,7 @@ def _timed(fn) -> float:
 
 def _bench_backend(uri: str, spec, sources: list[Path], versions: int, workdir: Path) -> dict:
     from lorafleet.registry import AdapterRegistry, PublishRequest
+    from lorafleet.synthetic import synthetic_lora
 
     registry = AdapterRegistry(uri)
     total_mb = sum(p.stat().st_size for p in sources) / 1e6
@@ -94,8 +102,6 @@ def _backend_uri(backend: str, stack: ExitStack, workdir: Path) -> str:
     if backend == "file":
         return f"file://{workdir / 'registry'}"
     if backend == "s3":
-        import os
-
         from lorafleet.devtools.seaweed import start_seaweed
 
         server = stack.enter_context(start_seaweed(workdir / "seaweed"))
@@ -103,17 +109,6 @@ def _backend_uri(backend: str, stack: ExitStack, workdir: Path) -> str:
         server.create_bucket("bench")
         return "s3://bench/registry"
     raise ValueError(f"unknown backend {backend!r}")
-
-
-def format_table(results: list[dict], columns: list[str] | None = None, transpose: bool = False) -> str:
-    """A plain-text table: one row per result, or one row per metric when ``transpose``."""
-    columns = columns or list(results[0])
-    if transpose:
-        rows = [[c] + [str(r.get(c, "")) for r in results] for c in columns]
-    else:
-        rows = [columns] + [[str(r.get(c, "")) for c in columns] for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
 def emit(results: list[dict], columns: list[str] | None = None, transpose: bool = False) -> int:

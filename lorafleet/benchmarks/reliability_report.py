@@ -8,6 +8,8 @@ from pytest's JUnit report.
 
 from __future__ import annotations
 
+# Imports inside functions: every benchmark's arguments are added when the parser is built; its
+# heavy imports wait for its run.
 import json
 import os
 import platform

@@ -10,6 +10,8 @@ load, switch overhead and the no-adapter limit.
 
 from __future__ import annotations
 
+# Imports inside functions: every benchmark's arguments are added when the parser is built; its
+# heavy imports wait for its run.
 import json
 import statistics
 import tempfile
@@ -17,7 +19,6 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 
 from . import positive_int
 
@@ -34,6 +35,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def _direct_ms(base: str, steps: int, repeats: int) -> float:
+    import torch
+
     from lorafleet.bases import load_base
 
     pipe = load_base(base).pipeline

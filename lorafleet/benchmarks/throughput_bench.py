@@ -34,6 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafleet.accelerator import resolve_placement, seeded_generators
+from lorafleet.bases import base_spec, load_base
+from lorafleet.registry import AdapterRegistry, PublishRequest
+from lorafleet.serve.adapter_cache import AdapterFetcher
+from lorafleet.serve.engine import PipelineEngine
+from lorafleet.serve.jobs import AdapterUse, BatchRequest, GenerationJob
+from lorafleet.serve.replica import GenerationTask, GeneratorReplica
+from lorafleet.serve.sampler import BatchShape, ImageSpec, sample_images
+from lorafleet.serve.settings import ServeSettings
+from lorafleet.synthetic import synthetic_lora
+
 PROMPT = "a red circle on the left"
 GUIDANCE = 7.5
 SCENARIOS = (1, 10, 100)  # distinct adapters in the traffic
@@ -41,9 +52,6 @@ SCENARIOS = (1, 10, 100)  # distinct adapters in the traffic
 
 def publish_synthetic_adapters(registry, spec, count: int, directory: Path) -> list[tuple[object, Path]]:
     """``count`` random LoRAs for ``spec`` published as bench0..N-1: (manifest, pulled file) each."""
-    from lorafleet.demo import synthetic_lora
-    from lorafleet.registry import PublishRequest
-
     directory.mkdir(parents=True, exist_ok=True)
     published = []
     for index in range(count):
@@ -58,9 +66,6 @@ class _Setup:
     """A registry with ``count`` adapters for ``base``, their files, and a job factory."""
 
     def __init__(self, base: str, count: int, steps: int, workdir: Path):
-        from lorafleet.bases import base_spec, load_base
-        from lorafleet.registry import AdapterRegistry
-
         self.base, self.steps = base, steps
         registry = AdapterRegistry(f"file://{workdir / 'registry'}")
         self.registry_uri = registry.uri
@@ -70,22 +75,15 @@ class _Setup:
         self.size = load_base(base).native_size
 
     def job(self, seed: int):
-        from lorafleet.serve.engine import GenerationJob
-
         return GenerationJob(PROMPT, None, self.steps, GUIDANCE, self.size, self.size, (seed,))
 
     def task(self, adapter: int | None, seed: int):
-        from lorafleet.serve.replica import GenerationTask
-
         if adapter is None:
             return GenerationTask((), self.job(seed), "")
         manifest = self.manifests[adapter]
         return GenerationTask(((manifest, 1.0),), self.job(seed), manifest.digest)
 
     def replica(self, workdir: Path, fuse_after: int, max_batch_images: int):
-        from lorafleet.serve.replica import GeneratorReplica
-        from lorafleet.serve.settings import ServeSettings
-
         settings = ServeSettings(base=self.base, registry=self.registry_uri, fuse_after=fuse_after,
                                  batching={"max_batch_images": max_batch_images},
                                  cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"),
@@ -116,9 +114,6 @@ def _lorafleet_rate(setup: _Setup, replica, order: list[int], concurrency: int) 
 
 def _limit_rate(setup: _Setup, requests: int, batch: int) -> float:
     """The base alone: the same denoising loop, batches of ``batch``, no adapter machinery at all."""
-    from lorafleet.bases import load_base
-    from lorafleet.serve.sampler import BatchShape, ImageSpec, sample_images
-
     pipe = load_base(setup.base).pipeline
     shape = BatchShape(setup.size, setup.size, setup.steps, True)
     specs = [ImageSpec(PROMPT, None, GUIDANCE, seed) for seed in range(requests)]
@@ -130,15 +125,11 @@ def _limit_rate(setup: _Setup, requests: int, batch: int) -> float:
 
 
 def _pipe_call(pipe, setup: _Setup, seed: int) -> None:
-    from lorafleet.accelerator import seeded_generators
-
     pipe(PROMPT, num_inference_steps=setup.steps, guidance_scale=GUIDANCE, width=setup.size, height=setup.size,
          generator=seeded_generators([seed]), output_type="np")
 
 
 def _naive_rate(setup: _Setup, order: list[int]) -> float:
-    from lorafleet.bases import load_base
-
     pipe = load_base(setup.base).pipeline
     _pipe_call(pipe, setup, 0)
     started = time.perf_counter()
@@ -153,8 +144,6 @@ class _SetAdaptersLoop:
     """Every adapter preloaded under its own name; per request ``set_adapters`` then one call."""
 
     def __init__(self, setup: _Setup, adapters: int):
-        from lorafleet.bases import load_base
-
         self.setup = setup
         self.pipe = load_base(setup.base).pipeline
         for index in range(adapters):
@@ -219,9 +208,6 @@ def _switch_overhead(setup: _Setup, workdir: Path, repeats: int) -> dict:
 
 def _peft_layers_pass(setup: _Setup, batch: int):
     """The same pass on peft's injected layers (diffusers ``load_lora_weights``): the unfused alternative."""
-    from lorafleet.bases import load_base
-    from lorafleet.serve.sampler import BatchShape, ImageSpec, sample_images
-
     pipe = load_base(setup.base).pipeline
     pipe.load_lora_weights(str(setup.files[0]))
     shape = BatchShape(setup.size, setup.size, setup.steps, True)
@@ -233,12 +219,6 @@ def _pass_costs(setup: _Setup, batch: int, repeats: int) -> dict:
     """Median seconds of one pass of ``batch`` images per engine mode (engines used directly).
 
     The modes take turns within each repeat, so that drift in machine speed moves them alike."""
-    from lorafleet.accelerator import resolve_placement
-    from lorafleet.bases import load_base
-    from lorafleet.registry import AdapterRegistry
-    from lorafleet.serve.adapter_cache import AdapterFetcher
-    from lorafleet.serve.engine import AdapterUse, BatchRequest, PipelineEngine
-
     fetcher = AdapterFetcher(AdapterRegistry(setup.registry_uri), 4 * 1024**3, None)
     adapters = [fetcher.fetch(m).adapter for m in setup.manifests]
 

@@ -7,6 +7,8 @@ resolution and rank for both loops. Also: QLoRA's base memory vs fp32, and the t
 
 from __future__ import annotations
 
+# Imports inside functions: every benchmark's arguments are added when the parser is built; its
+# heavy imports wait for its run. Each run is a fresh process.
 import multiprocessing
 import resource
 import tempfile
@@ -23,12 +25,11 @@ def _peak_rss_mb() -> float:
 
 
 def _lorafleet_run(data: str, output: str, steps: int, batch: int, rank: int, base: str, queue) -> None:
-    from lorafleet.training.config import load_train_config
+    from lorafleet.training.config import DataConfig, LoraConfig, TrainConfig
     from lorafleet.training.loop import Trainer
 
-    config = load_train_config(None, [f"data.path={data}", f"output_dir={output}", f"max_steps={steps}",
-                                      f"batch_size={batch}", f"lora.rank={rank}", f"lora.alpha={rank}",
-                                      f"base={base}", "data.resolution=64"])
+    config = TrainConfig(data=DataConfig(path=Path(data), resolution=64), output_dir=Path(output), max_steps=steps,
+                         batch_size=batch, lora=LoraConfig(rank=rank, alpha=rank), base=base)
     trainer = Trainer(config)
     trainer.step(0)  # warm-up outside the timing
     started = time.perf_counter()

@@ -3,6 +3,7 @@ and reliability runs that need a live HTTP server, its process (RSS, kill) and i
 
 from __future__ import annotations
 
+# Imports inside functions: psutil and the server only when a server is started.
 import subprocess
 import sys
 from dataclasses import dataclass

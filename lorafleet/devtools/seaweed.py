@@ -6,6 +6,7 @@ credentials given here.
 
 from __future__ import annotations
 
+# Imports inside functions: boto3 only when a bucket is made.
 import os
 import shutil
 import signal

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Imports inside functions: PIL only when images are drawn (the train bench imports this module
+# when its parser is built).
+import json
 import random
 from pathlib import Path
 
@@ -30,8 +33,6 @@ def draw_shape(size: int, colour: str, shape: str, rng: random.Random):
 def write_shapes_folder(folder: Path, count: int, colour: str = "red", shape: str = "circle", size: int = 32,
                         seed: int = 0, captions: str = "sidecar") -> Path:
     """``count`` PNGs of one coloured shape, captioned 'a <colour> <shape>' (sidecar or jsonl)."""
-    import json
-
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     rows = []

@@ -5,6 +5,7 @@ Used to test the code paths that load real ones by local path: a BLIP captioner 
 
 from __future__ import annotations
 
+# Imports inside functions: transformers only when a model is built.
 from pathlib import Path
 
 import torch

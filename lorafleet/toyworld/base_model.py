@@ -12,6 +12,7 @@ Recipe (`lorafleet base train-toy`, reproducible from a seed, CPU):
 
 from __future__ import annotations
 
+# Imports inside functions: diffusers only when the toy base is trained.
 import math
 import random
 import time

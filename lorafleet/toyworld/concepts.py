@@ -7,12 +7,15 @@ the concept-learning tests and by `lorafleet bench concepts`.
 
 from __future__ import annotations
 
+# Imports inside functions: training and serving only when a concept run starts (the concepts
+# bench imports this module when its parser is built).
 import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -23,40 +26,62 @@ from .world import caption, render, write_dataset
 TRIGGER = "sks"
 TI_TOKEN = "<sks>"
 BASE_CHECK_PROMPTS = base_targets()  # every base colour x shape pairing: the drift check
-COMMON = ["data.trigger_mode=substitute", "data.cache_latents=true",
-          "data.caption_dropout=0.1",
-          "batch_size=8", "optimizer.warmup_steps=20", "optimizer.schedule=cosine", "checkpoint_every=0"]
-# Per method: training overrides (the trigger binds the concept; `full` is the reference).
+COMMON = {"data": {"trigger_mode": "substitute", "cache_latents": True, "caption_dropout": 0.1},
+          "batch_size": 8, "optimizer": {"warmup_steps": 20, "schedule": "cosine"}, "checkpoint_every": 0}
+# Per method: training settings (the trigger binds the concept; `full` is the reference).
 # All but textual inversion also get this many renders of the base's own concepts in the folder
 # (regularization images): without them the update leaks into every prompt. The adapter methods
 # train those rows (and DreamBooth its class images) toward the frozen base's own prediction
 # (regularization.target=base), weighted 4x: that is what keeps the base prompts at >= 90%
 # (docs/toy-model-card.md).
 REGULARIZED_METHODS = {"lora": 48, "dreambooth": 48, "qlora": 48, "full": 48}
-BASE_TARGET = ["regularization.target=base", "regularization.weight=4"]
-METHODS: dict[str, list[str]] = {
-    "lora": ["max_steps=300", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
-             "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']", *BASE_TARGET],
-    "dreambooth": ["max_steps=450", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
-                   "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']",
-                   "dreambooth.class_prompt=a circle", "dreambooth.num_class_images=16",
-                   "dreambooth.class_image_steps=20", "dreambooth.prior_loss_weight=1.0", *BASE_TARGET],
-    "qlora": ["max_steps=300", "optimizer.learning_rate=0.002", "lora.rank=8", "lora.alpha=8",
-              "lora.target_modules=['attn2.to_q','attn2.to_k','attn2.to_v','attn2.to_out.0']", *BASE_TARGET],
-    "textual_inversion": ["max_steps=300", "optimizer.learning_rate=0.02", f"textual_inversion.token={TI_TOKEN}",
-                          "textual_inversion.init_word=blue"],
-    "full": ["max_steps=500", "optimizer.learning_rate=0.001"],
+BASE_TARGET = {"regularization": {"target": "base", "weight": 4}}
+CROSS_ATTENTION_LORA = {"optimizer": {"learning_rate": 0.002}, **BASE_TARGET,
+                        "lora": {"rank": 8, "alpha": 8,
+                                 "target_modules": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]}}
+METHODS: dict[str, dict] = {
+    "lora": {"max_steps": 300, **CROSS_ATTENTION_LORA},
+    "dreambooth": {"max_steps": 450, **CROSS_ATTENTION_LORA,
+                   "dreambooth": {"class_prompt": "a circle", "num_class_images": 16, "class_image_steps": 20,
+                                  "prior_loss_weight": 1.0}},
+    "qlora": {"max_steps": 300, **CROSS_ATTENTION_LORA},
+    "textual_inversion": {"max_steps": 300, "optimizer": {"learning_rate": 0.02},
+                          "textual_inversion": {"token": TI_TOKEN, "init_word": "blue"}},
+    "full": {"max_steps": 500, "optimizer": {"learning_rate": 0.001}},
 }
 
 # A held-out shape needs more than the cross-attention, and time: LoRA-type methods train every
 # transformer projection and the ResNet convolutions at rank 16 for 2,400 steps (LoRA: 600 steps
 # draw 19% stars, 1,200 50%, 2,400 81%; docs/toy-model-card.md). A convolution LoRA is served
 # unbatched, through peft's layers, as the router cannot split it.
-SHAPE_LORA = ["max_steps=2400", "optimizer.learning_rate=0.004", "lora.rank=16", "lora.alpha=16",
-              "lora.target_modules=['to_q','to_k','to_v','to_out.0','proj_in','proj_out','ff.net.0.proj',"
-              "'ff.net.2','conv1','conv2']"]
-CONCEPT_SETTINGS: dict[tuple[str, str], list[str]] = {
+SHAPE_LORA = {"max_steps": 2400, "optimizer": {"learning_rate": 0.004},
+              "lora": {"rank": 16, "alpha": 16,
+                       "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                          "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]}}
+CONCEPT_SETTINGS: dict[tuple[str, str], dict] = {
     (method, "shape"): SHAPE_LORA for method in ("lora", "dreambooth", "qlora")}
+
+
+def _merged(*trees: dict) -> dict:
+    """Later trees win, section by section (a section is a nested dict)."""
+    merged: dict = {}
+    for tree in trees:
+        for key, value in tree.items():
+            both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = _merged(merged[key], value) if both_sections else value
+    return merged
+
+
+def concept_train_config(method: str, data: Path, output_dir: Path, *, concept: str, trigger: str, seed: int,
+                         base: str, resolution: int, aliases: list[str] | None = None):
+    """The recipe of ``method`` for ``concept`` on the toy world, as a validated ``TrainConfig``."""
+    from lorafleet.training.config import TrainConfig
+
+    run = {"method": method, "base": base, "seed": seed, "output_dir": output_dir,
+           "data": {"path": data, "trigger": trigger, "resolution": resolution},
+           "publish": {"aliases": list(aliases or [])}}
+    recipe = _merged(run, COMMON, METHODS[method], CONCEPT_SETTINGS.get((method, concept), {}))
+    return TrainConfig.model_validate(recipe)
 
 
 @dataclass
@@ -137,7 +162,6 @@ def train_and_publish(method: str, workdir: Path, registry, concept: str = "colo
     """Train ``method`` on the held-out ``concept`` (≤20 images, a trigger word) over ``base`` (the
     toy base or one trained by `train-toy --out`) and publish it."""
     from lorafleet.bases import load_base
-    from lorafleet.training.config import load_train_config
     from lorafleet.training.loop import train
     from lorafleet.training.publish import publish_result
 
@@ -146,12 +170,8 @@ def train_and_publish(method: str, workdir: Path, registry, concept: str = "colo
     size = load_base(base).native_size
     data, targets = concept_dataset(workdir / "data", concept, regularization=regularization, size=size)
     trigger = trigger or (TI_TOKEN if method == "textual_inversion" else TRIGGER)
-    aliases_setting = [f"publish.aliases={list(aliases)}"] if aliases else []
-    config = load_train_config(None, [f"method={method}", f"data.path={data}", f"output_dir={workdir / 'run'}",
-                                      f"data.trigger={trigger}", f"seed={train_seed}", f"base={base}",
-                                      f"data.resolution={size}", *COMMON, *METHODS[method],
-                                      *CONCEPT_SETTINGS.get((method, concept), []),
-                                      *aliases_setting])
+    config = concept_train_config(method, data, workdir / "run", concept=concept, trigger=trigger, seed=train_seed,
+                                  base=base, resolution=size, aliases=aliases)
     started = time.perf_counter()
     result = train(config)
     train_seconds = time.perf_counter() - started
@@ -254,14 +274,14 @@ def _full_unet_as_base(payload, directory: Path, base: str) -> str:
 
 @contextmanager
 def _served(registry, workdir: Path, base: str = "toy"):
-    """The toy base served in-process over HTTP (FastAPI app + a real replica): generate(prompt, ref, n)."""
-    from fastapi.testclient import TestClient
+    """The toy base served in this process over loopback HTTP (a real server and replica, no Ray):
+    generate(prompt, ref, n)."""
 
-    from lorafleet.serve.app import create_local_app
+    from lorafleet.local_cluster import free_port
+    from lorafleet.serve.server import serving_in_thread
     from lorafleet.serve.settings import ServeSettings
 
     settings = ServeSettings(base=base, registry=registry.uri, cache={"disk_dir": str(workdir / "cache")},
-                             limits={"max_num_images": 8})
-    app, _ = create_local_app(settings, registry)
-    with TestClient(app) as client:
+                             limits={"max_num_images": 8}, host="127.0.0.1", port=free_port())
+    with serving_in_thread(settings, registry) as url, httpx.Client(base_url=url, timeout=600) as client:
         yield lambda prompt, ref, count: generate_over_http(client, prompt, ref, count)

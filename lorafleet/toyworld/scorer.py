@@ -10,6 +10,7 @@ image inside no box, or inside two, is rejected. Validated on renders and distra
 
 from __future__ import annotations
 
+# Imports inside functions: PIL only when images are scored.
 import random
 from collections import deque
 from dataclasses import dataclass, field

@@ -4,6 +4,7 @@ scenes are drawn from a seed, so datasets are reproducible anywhere."""
 
 from __future__ import annotations
 
+# Imports inside functions: PIL only when images are drawn.
 import colorsys
 import random
 from dataclasses import dataclass

@@ -7,6 +7,7 @@ compare-and-swap is ``PutObject`` with ``If-Match: <etag>``.
 
 from __future__ import annotations
 
+# Imports inside functions: boto3 only for an s3:// registry.
 import os
 import re
 from collections.abc import Iterator

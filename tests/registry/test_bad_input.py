@@ -15,7 +15,6 @@ import torch
 from helpers import publish_lora, snapshot, write_lora
 from safetensors.torch import save_file
 
-from lorafleet.demo import synthetic_lora
 from lorafleet.registry import PublishRequest
 from lorafleet.registry.errors import (
     AdapterIncompatible,
@@ -28,6 +27,7 @@ from lorafleet.registry.errors import (
 )
 from lorafleet.registry.formats import LORAFLEET_METADATA_KEY
 from lorafleet.registry.safetensors_io import AdapterLimits
+from lorafleet.synthetic import synthetic_lora
 
 
 def _pickle_bin(d: Path, spec) -> Path:

@@ -117,7 +117,7 @@ def _huge_integer_header() -> bytes:
 def _huge_integer_metadata(spec) -> bytes:
     from safetensors.torch import save
 
-    from lorafleet.demo import synthetic_lora
+    from lorafleet.synthetic import synthetic_lora
 
     tensors = synthetic_lora(spec).tensors
     return save(tensors, metadata={"lora_adapter_metadata": "{\"unet.r\": " + "9" * 5000 + "}"})

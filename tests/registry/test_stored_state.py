@@ -11,10 +11,10 @@ import pytest
 from helpers import publish_lora, snapshot, write_lora
 from safetensors.torch import load_file, save_file
 
-from lorafleet.demo import synthetic_lora
 from lorafleet.registry import PublishRequest
 from lorafleet.registry.adapter_registry import blob_key, manifest_key
 from lorafleet.registry.errors import IntegrityError, InvalidAdapter, InvalidName, InvalidReference, VersionNotFound
+from lorafleet.synthetic import synthetic_lora
 
 
 def _lora_with_alpha(directory, spec, alpha: str):

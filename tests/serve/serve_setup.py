@@ -14,10 +14,17 @@ PROMPT = "a red circle on the left"
 
 def adapter_uses(fetcher, registry, refs, weights=None) -> list:
     """AdapterUse for each ref (weight 1 alone; 0.6 each when composed, unless given)."""
-    from lorafleet.serve.engine import AdapterUse
+    from lorafleet.serve.jobs import AdapterUse
 
     weights = weights or [1.0 if len(refs) == 1 else 0.6] * len(refs)
     return [AdapterUse(fetcher.fetch(registry.resolve(ref)).adapter, w) for ref, w in zip(refs, weights)]
+
+
+def run_one(engine, uses: list, job):
+    """One request through the engine, in a pass of its own."""
+    from lorafleet.serve.jobs import BatchRequest
+
+    return engine.run_batch([BatchRequest(tuple(uses), job)])[0]
 
 
 def plain_diffusers_image(adapter_file: Path | None, prompt: str = PROMPT, seed: int = 0, steps: int = STEPS,

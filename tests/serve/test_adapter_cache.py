@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-from lorafleet.demo import synthetic_lora
 from lorafleet.registry.errors import IntegrityError
 from lorafleet.registry.identity import sha256_bytes
 from lorafleet.registry.manifest import Manifest
 from lorafleet.serve.adapter_cache import AdapterFetcher, ByteBudgetLRU, DiskTier
+from lorafleet.synthetic import synthetic_lora
 
 
 class FakeRegistry:
@@ -138,9 +138,9 @@ def _forged(registry, spec, tmp_path):
     import torch
     from helpers import publish_lora
 
-    from lorafleet.demo import synthetic_lora
     from lorafleet.registry.adapter_registry import blob_key, manifest_key
     from lorafleet.registry.identity import sha256_bytes
+    from lorafleet.synthetic import synthetic_lora
 
     manifest = publish_lora(registry, spec, tmp_path, name="forged")
     payload = synthetic_lora(spec, seed=5)

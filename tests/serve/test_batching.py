@@ -8,12 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from serve_setup import GUIDANCE, PROMPT, STEPS, diffusers_set_image
+from serve_setup import GUIDANCE, PROMPT, STEPS, diffusers_set_image, run_one
 
 from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import load_base
 from lorafleet.serve.batching import BatchScheduler
-from lorafleet.serve.engine import AdapterUse, BatchRequest, GenerationJob, PipelineEngine, batch_key
+from lorafleet.serve.engine import PipelineEngine
+from lorafleet.serve.jobs import AdapterUse, BatchRequest, GenerationJob, shared_pass_key
 from lorafleet.serve.replica import GenerationTask, GeneratorReplica
 from lorafleet.serve.settings import ServeSettings
 
@@ -55,7 +56,7 @@ def test_a_mixed_batch_gives_each_request_the_images_it_gets_alone(adapter_regis
                                                                      row_weights_bytes):
     """Alone = plain diffusers with that request's adapters, weights, prompt, guidance and seeds."""
     requests = _mixed_requests(fetcher, adapter_registry)
-    keys = {batch_key(r.uses, r.job) for r in requests}
+    keys = {shared_pass_key(r.uses, r.job) for r in requests}
     assert len(keys) == 1  # one pass for all of them
     engine = _engine(row_weights_bytes=row_weights_bytes)
     together = engine.run_batch(requests)
@@ -65,7 +66,7 @@ def test_a_mixed_batch_gives_each_request_the_images_it_gets_alone(adapter_regis
         assert np.abs(batched.images - _reference(request, pulled_files)).max() <= TOLERANCE, request.uses
     alone_engine = _engine()
     for request, batched in zip(requests, together):  # and the engine's own single-request passes
-        assert np.abs(alone_engine.run(list(request.uses), request.job).images - batched.images).max() <= TOLERANCE
+        assert np.abs(run_one(alone_engine, list(request.uses), request.job).images - batched.images).max() <= TOLERANCE
 
 
 def test_a_layer_takes_row_weights_only_where_they_pay_and_while_the_budget_lasts():
@@ -97,7 +98,7 @@ def test_a_layer_takes_row_weights_only_where_they_pay_and_while_the_budget_last
 
 def test_routing_leaves_no_layer_replaced_even_when_the_pass_fails(adapter_registry, fetcher):
     engine = _engine(row_weights_bytes=1024**3)
-    images = [engine._image_adapters(r) for r in _mixed_requests(fetcher, adapter_registry)]
+    images = [engine.routed.image_adapters(r) for r in _mixed_requests(fetcher, adapter_registry)]
     layers = [engine.router._module(name) for name in {n for image in images for a, _ in image for n in a.layers}]
     with pytest.raises(ZeroDivisionError), engine.router.route(images):
         assert all("forward" in vars(layer) for layer in layers)
@@ -117,7 +118,7 @@ def test_policy_routes_until_a_set_is_due_to_fuse_and_routes_again_after(adapter
     never = _engine(max_active=4)  # fuse_after 0: nothing is ever injected
     for _ in range(3):
         assert never.run_batch([style1])[0].mode == "mixed"
-    assert not never.active
+    assert not never.tier.residency().digests
 
 
 def test_a_non_routable_adapter_splits_the_batch_by_adapter_set(adapter_registry, fetcher, tiny_spec, tmp_path):
@@ -134,7 +135,7 @@ def test_a_non_routable_adapter_splits_the_batch_by_adapter_set(adapter_registry
     assert [r.mode for r in results] == ["active", "active"] and [r.batch_images for r in results] == [1, 1]
     alone = _engine()
     for request, result in zip([conv, other], results):
-        assert np.abs(alone.run(list(request.uses), request.job).images - result.images).max() <= TOLERANCE
+        assert np.abs(run_one(alone, list(request.uses), request.job).images - result.images).max() <= TOLERANCE
 
 
 def test_the_oldest_request_is_always_in_the_next_pass():
@@ -221,5 +222,5 @@ def test_mixed_batch_matches_alone_on_cuda_in_half_precision(adapter_registry, f
     requests = _mixed_requests(fetcher, adapter_registry)
     together = engine.run_batch(requests)
     for request, batched in zip(requests, together):
-        alone = engine.run(list(request.uses), request.job)
+        alone = run_one(engine, list(request.uses), request.job)
         assert np.abs(batched.images - alone.images).max() <= 1e-2

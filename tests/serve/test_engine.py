@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from serve_setup import GUIDANCE, PROMPT, STEPS, adapter_uses, plain_diffusers_image
+from serve_setup import GUIDANCE, PROMPT, STEPS, adapter_uses, plain_diffusers_image, run_one
 
 from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import load_base
 from lorafleet.registry.errors import AdapterIncompatible
-from lorafleet.serve.engine import GenerationJob, PipelineEngine
+from lorafleet.serve.engine import PipelineEngine
+from lorafleet.serve.jobs import GenerationJob
 
 JOB = GenerationJob(PROMPT, None, STEPS, GUIDANCE, 32, 32, (0,))
 TOLERANCE = 1e-4  # max abs pixel difference to plain diffusers, fused or not
@@ -29,11 +30,11 @@ def test_images_match_plain_diffusers_across_swaps_fuses_and_evictions(adapter_r
     events = []
     for name in sequence:
         uses = [_use(fetcher, adapter_registry, name)] if name else []
-        result = engine.run(uses, JOB)
+        result = run_one(engine, uses, JOB)
         events += result.fuse_events
         assert np.abs(result.images[0] - references[name]).max() <= TOLERANCE, (name, result.fused)
     assert "fuse" in events and "unfuse" in events  # the sequence did exercise fusing
-    assert len(engine.active) == 2  # and eviction
+    assert len(engine.tier.residency().digests) == 2  # and eviction
 
 
 def test_leaving_the_fused_state_restores_the_base_bit_identically(adapter_registry, fetcher):
@@ -41,8 +42,8 @@ def test_leaving_the_fused_state_restores_the_base_bit_identically(adapter_regis
     engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=4, fuse_after=1)
     for _ in range(3):
         for name in ("style1", "style2"):
-            assert engine.run([_use(fetcher, adapter_registry, name)], JOB).fused
-    assert engine.leave_fused_state()
+            assert run_one(engine, [_use(fetcher, adapter_registry, name)], JOB).fused
+    assert run_one(engine, [], JOB).fuse_events == ["unfuse"]  # a pass with no adapter leaves the fused state
     weights = {k.replace(".base_layer", ""): v for k, v in engine.pipe.unet.state_dict().items() if "lora_" not in k}
     assert set(weights) == set(pristine)
     for key, tensor in weights.items():
@@ -54,7 +55,7 @@ def test_cached_tensors_are_never_mutated_by_swaps(adapter_registry, fetcher):
     use = _use(fetcher, adapter_registry, "style1")
     before = {k: v.clone() for k, v in use.adapter.payload.tensors.items()}
     for name in ("style1", "style2", "style1", "style3", "style1"):
-        engine.run([_use(fetcher, adapter_registry, name)], JOB)
+        run_one(engine, [_use(fetcher, adapter_registry, name)], JOB)
     with torch.no_grad():
         for parameter in engine.pipe.unet.parameters():
             parameter.add_(1.0)  # anything sharing storage with the cache would change too
@@ -64,7 +65,7 @@ def test_cached_tensors_are_never_mutated_by_swaps(adapter_registry, fetcher):
 
 def test_weighted_sets_of_two_adapters_match_diffusers_set_adapters(adapter_registry, pulled_files, fetcher):
     engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=4)
-    result = engine.run([_use(fetcher, adapter_registry, "style1", 0.7),
+    result = run_one(engine, [_use(fetcher, adapter_registry, "style1", 0.7),
                          _use(fetcher, adapter_registry, "style2", 0.4)], JOB)
     pipe = load_base("tiny").pipeline
     pipe.load_lora_weights(str(pulled_files["style1"]), adapter_name="a")
@@ -78,10 +79,10 @@ def test_weighted_sets_of_two_adapters_match_diffusers_set_adapters(adapter_regi
 def test_textual_inversion_tokens_match_plain_diffusers(adapter_registry, pulled_files, fetcher):
     engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=4)
     job = GenerationJob("a photo of <sks>", None, STEPS, GUIDANCE, 32, 32, (0,))
-    result = engine.run([_use(fetcher, adapter_registry, "sks-token")], job)
+    result = run_one(engine, [_use(fetcher, adapter_registry, "sks-token")], job)
     expected = plain_diffusers_image(None, prompt="a photo of <sks>", textual_inversion=pulled_files["sks-token"])
     assert np.abs(result.images[0] - expected).max() <= TOLERANCE
-    engine.run([_use(fetcher, adapter_registry, "style1")], JOB)  # other adapters still fine afterwards
+    run_one(engine, [_use(fetcher, adapter_registry, "style1")], JOB)  # other adapters still fine afterwards
 
 
 def test_full_fine_tunes_are_refused_by_the_engine(adapter_registry, fetcher, tiny_spec, tmp_path):
@@ -94,16 +95,16 @@ def test_full_fine_tunes_are_refused_by_the_engine(adapter_registry, fetcher, ti
     adapter_registry.publish(tmp_path / "full.safetensors", PublishRequest(name="full", base=tiny_spec, method="full"))
     engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"))
     with pytest.raises(AdapterIncompatible):
-        engine.run([_use(fetcher, adapter_registry, "full")], JOB)
+        run_one(engine, [_use(fetcher, adapter_registry, "full")], JOB)
 
 
 def test_a_textual_inversion_token_is_inactive_unless_requested(adapter_registry, fetcher):
     """After serving <sks>, a request without it must read '<sks>' as plain text again."""
     engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active=4)
     job = GenerationJob("a photo of <sks>", None, STEPS, GUIDANCE, 32, 32, (0,))
-    before = engine.run([], job).images[0]
-    with_token = engine.run([_use(fetcher, adapter_registry, "sks-token")], job).images[0]
-    after = engine.run([], job).images[0]
+    before = run_one(engine, [], job).images[0]
+    with_token = run_one(engine, [_use(fetcher, adapter_registry, "sks-token")], job).images[0]
+    after = run_one(engine, [], job).images[0]
     assert np.abs(with_token - before).max() > 1e-3
     assert np.abs(after - before).max() == 0
 
@@ -115,10 +116,10 @@ def test_active_tier_respects_its_byte_budget(adapter_registry, fetcher):
                             max_active_bytes=budget, fuse_after=1)  # every set is injected to be fused
     evicted = []
     for name in ("style1", "style2", "style3", "style4"):
-        result = engine.run([_use(fetcher, adapter_registry, name)], JOB)
+        result = run_one(engine, [_use(fetcher, adapter_registry, name)], JOB)
         assert result.mode == "fused"
         evicted += result.evicted
-    assert len(engine.active) == 2 and engine.active_bytes <= budget
+    assert len(engine.tier.residency().digests) == 2 and engine.tier.residency().bytes <= budget
     assert len(evicted) == 2
 
 
@@ -126,6 +127,6 @@ def test_routed_copies_respect_the_same_byte_budget(adapter_registry, fetcher):
     one = _use(fetcher, adapter_registry, "style1").adapter.nbytes
     engine = PipelineEngine(load_base("tiny").pipeline, resolve_placement("cpu"), max_active_bytes=2 * one + one // 2)
     for name in ("style1", "style2", "style3", "style4"):
-        assert engine.run([_use(fetcher, adapter_registry, name)], JOB).mode == "mixed"
+        assert run_one(engine, [_use(fetcher, adapter_registry, name)], JOB).mode == "mixed"
     latest = [adapter_registry.resolve(name).digest for name in ("style3", "style4")]
-    assert engine.routed.keys() == latest and not engine.active  # least recently used went first
+    assert engine.routed.cache.keys() == latest and not engine.tier.residency().digests  # least recently used went first

@@ -173,6 +173,7 @@ def test_one_poisoned_manifest_does_not_break_the_adapter_listing(tiny_spec, tmp
     import json
 
     from helpers import publish_lora
+
     from lorafleet.registry import AdapterRegistry
     from lorafleet.registry.adapter_registry import manifest_key
 

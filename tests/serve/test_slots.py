@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from serve_setup import GUIDANCE, PROMPT, STEPS, adapter_uses, diffusers_set_image
+from serve_setup import GUIDANCE, PROMPT, STEPS, adapter_uses, diffusers_set_image, run_one
 
 from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import load_base
 from lorafleet.registry.errors import AdapterIncompatible
-from lorafleet.serve.engine import GenerationJob, PipelineEngine
+from lorafleet.serve.engine import PipelineEngine
+from lorafleet.serve.jobs import GenerationJob
 from lorafleet.serve.slots import SLOT, LoraSlot
 
 TOLERANCE = 1e-4
@@ -39,7 +40,7 @@ def test_swaps_give_the_images_of_plain_diffusers_and_never_change_modules(adapt
     pristine = {k: v.clone() for k, v in engine.pipe.unet.state_dict().items() if "lora_" not in k}
     modules_before = [name for name, _ in engine.pipe.unet.named_modules()]
     for names in SEQUENCE:
-        result = engine.run(_uses(fetcher, adapter_registry, names), JOB)
+        result = run_one(engine, _uses(fetcher, adapter_registry, names), JOB)
         assert result.mode == "slot"
         difference = np.abs(result.images - _reference(pulled_files, names)).max()
         assert difference <= TOLERANCE, (names, difference)
@@ -53,16 +54,16 @@ def test_swaps_give_the_images_of_plain_diffusers_and_never_change_modules(adapt
 def test_a_set_already_in_the_slot_is_not_copied_again(adapter_registry, fetcher):
     engine = _slot_engine()
     for _ in range(3):
-        engine.run(_uses(fetcher, adapter_registry, ["style1"]), JOB)
+        run_one(engine, _uses(fetcher, adapter_registry, ["style1"]), JOB)
     assert engine.slot.swaps == 1
 
 
 def test_a_set_over_the_target_rank_is_refused_and_the_slot_keeps_serving(adapter_registry, fetcher):
     engine = _slot_engine(target_rank=4)  # each test adapter has rank 4: two of them do not fit
-    before = engine.run(_uses(fetcher, adapter_registry, ["style1"]), JOB).images
+    before = run_one(engine, _uses(fetcher, adapter_registry, ["style1"]), JOB).images
     with pytest.raises(AdapterIncompatible, match="target_rank"):
-        engine.run(_uses(fetcher, adapter_registry, ["style1", "style2"]), JOB)
-    after = engine.run(_uses(fetcher, adapter_registry, ["style1"]), JOB).images
+        run_one(engine, _uses(fetcher, adapter_registry, ["style1", "style2"]), JOB)
+    after = run_one(engine, _uses(fetcher, adapter_registry, ["style1"]), JOB).images
     assert np.abs(after - before).max() == 0
 
 
@@ -79,10 +80,10 @@ def test_compiled_unet_swaps_without_recompiling(adapter_registry, fetcher):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     engine = _slot_engine(target_rank=8, compile_unet=True, device="cuda", dtype="float16")
-    engine.run(_uses(fetcher, adapter_registry, ["style0"]), JOB)  # compiles
+    run_one(engine, _uses(fetcher, adapter_registry, ["style0"]), JOB)  # compiles
     torch._dynamo.config.error_on_recompile = True
     try:
         for names in SEQUENCE[1:]:
-            engine.run(_uses(fetcher, adapter_registry, names), JOB)
+            run_one(engine, _uses(fetcher, adapter_registry, names), JOB)
     finally:
         torch._dynamo.config.error_on_recompile = False

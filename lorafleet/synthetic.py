@@ -1,4 +1,4 @@
-"""Synthetic adapters for a base: the built-in demo adapter, benchmarks and tests.
+"""Synthetic adapters for a base: benchmarks and tests.
 
 A synthetic LoRA has random A and B matrices (B is not zero, so it visibly changes the output),
 deterministic from its seed.
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from lorafleet.registry.base_spec import BaseSpec
+from lorafleet.bases.spec import BaseSpec
 from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import AdapterFormat, ComponentLora
 from lorafleet.registry.validation import expected_lora_shapes
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-DEMO_ADAPTER_NAME = "demo-style"
 
 
 def _targets(spec: BaseSpec, component: str, suffixes: tuple[str, ...]) -> list[str]:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+LORA_COMPONENTS = ("unet", "text_encoder")
+"""The pipeline components a LoRA adapter may target, named as diffusers names them."""
+
 
 @dataclass(frozen=True)
 class ModuleShape:

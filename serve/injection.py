@@ -1,0 +1,76 @@
+"""How an adapter enters and leaves the pipeline as named peft layers or tokens (diffusers'
+loaders), for the active tier (serve/active_tier.py). Routed and slot passes never inject."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft.tuners.lora import LoraLayer
+
+from lorafleet.bases.spec import LORA_COMPONENTS
+from lorafleet.registry.errors import AdapterIncompatible
+from lorafleet.registry.manifest import AdapterFormat
+
+from .adapter_cache import CachedAdapter
+from .jobs import peft_name
+
+
+@dataclass(frozen=True)
+class Injected:
+    """An adapter in the pipeline: LoRA layers on some components, or textual-inversion tokens."""
+
+    digest: str
+    kind: AdapterFormat
+    components: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()
+
+
+def inject(pipe, adapter: CachedAdapter) -> Injected:
+    kind = adapter.payload.format
+    if kind == AdapterFormat.diffusers_lora:
+        return Injected(adapter.digest, kind, components=_inject_lora(pipe, adapter))
+    if kind == AdapterFormat.textual_inversion:
+        return Injected(adapter.digest, kind, tokens=_load_tokens(pipe, adapter))
+    raise AdapterIncompatible(
+        f"{adapter.manifest.adapter_id} is a {kind.value} adapter; serve full fine-tunes as their own base",
+        field="adapters",
+    )
+
+
+def remove(pipe, injected: Injected) -> None:
+    if injected.kind == AdapterFormat.textual_inversion:
+        pipe.unload_textual_inversion(list(injected.tokens))
+    else:
+        pipe.delete_adapters([peft_name(injected.digest)])
+
+
+def _inject_lora(pipe, adapter: CachedAdapter) -> tuple[str, ...]:
+    payload = adapter.payload
+    state = dict(payload.tensors)  # a new dict; diffusers copies values into fresh parameters
+    common = dict(network_alphas=None, adapter_name=peft_name(adapter.digest), metadata=payload.lora_metadata(),
+                  _pipeline=pipe, low_cpu_mem_usage=False)
+    components = tuple(sorted(payload.components))
+    if "unet" in components:
+        pipe.load_lora_into_unet(state, unet=pipe.unet, **common)
+    if "text_encoder" in components:
+        pipe.load_lora_into_text_encoder(state, text_encoder=pipe.text_encoder, **common)
+    return components
+
+
+def _load_tokens(pipe, adapter: CachedAdapter) -> tuple[str, ...]:
+    """Each token's embedding is a copy: the pipeline's embedding matrix never shares the cache's storage."""
+    tensors = adapter.payload.tensors
+    tokens = tuple(tensors)
+    if len(tokens) == 1:
+        pipe.load_textual_inversion({tokens[0]: tensors[tokens[0]].clone()}, token=tokens[0])
+    else:
+        pipe.load_textual_inversion([{t: tensors[t].clone()} for t in tokens], token=list(tokens))
+    return tokens
+
+
+def lora_modules(pipe, names: tuple[str, ...]):
+    """(component, module) for every peft LoRA layer that holds one of ``names``."""
+    for component in LORA_COMPONENTS:
+        for module in getattr(pipe, component).modules():
+            if isinstance(module, LoraLayer) and any(name in module.lora_A for name in names):
+                yield component, module
