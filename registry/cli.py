@@ -136,6 +136,8 @@ def cmd_gc(args) -> int:
 def cmd_export(args) -> int:
     from safetensors.torch import save_file
 
+    from lorafleet.bases import base_spec
+
     from .formats import payload_from_stored, to_kohya
 
     registry = _registry(args)
@@ -143,7 +145,7 @@ def cmd_export(args) -> int:
     payload = payload_from_stored(registry.read_blob(manifest))
     if args.format != "kohya":
         raise InvalidAdapter(f"unknown export format {args.format!r}", field="format")
-    tensors, metadata = to_kohya(payload)
+    tensors, metadata = to_kohya(payload, base_spec(manifest.base.id))
     target = Path(args.dest)
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(target), metadata=metadata)

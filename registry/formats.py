@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.bases.spec import LORA_COMPONENTS, BaseSpec
+from lorafleet.bases.spec import BaseSpec
+from lorafleet.families import ALL_LORA_COMPONENTS, families_with_components, family_named
 
-from .errors import InvalidAdapter, UnsafeFormat
+from .errors import AdapterIncompatible, InvalidAdapter, UnsafeFormat
 from .manifest import AdapterFormat, ComponentLora
 from .safetensors_io import (
     PICKLE_SUFFIXES,
@@ -38,10 +39,14 @@ from .safetensors_io import (
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry
 LORAFLEET_METADATA_KEY = "lorafleet"
-DIFFUSERS_LORA_KEY = re.compile(rf"^({'|'.join(LORA_COMPONENTS)})\.(.+)\.lora_([AB])\.weight$")
+DIFFUSERS_LORA_KEY = re.compile(rf"^({'|'.join(ALL_LORA_COMPONENTS)})\.(.+)\.lora_([AB])\.weight$")
 """A LoRA tensor as diffusers saves it: component, module path, A (down) or B (up)."""
+_ATTN_PROCESSOR_KEY = re.compile(
+    rf"^({'|'.join(ALL_LORA_COMPONENTS)})\.(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
+"""diffusers' older layout, which its training scripts still write through convert_state_dict_to_diffusers:
+``to_q.lora.down.weight`` (UNet), ``q_proj.lora_linear_layer.up.weight`` (text encoders)."""
 _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
-_KOHYA_KEY = re.compile(r"^lora_(unet|te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_KEY = re.compile(r"^lora_(unet|te1|te2|te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _DIRECTORY_FILES = (
     "pytorch_lora_weights.safetensors",
     "adapter_model.safetensors",
@@ -168,7 +173,7 @@ def _ranks_by_module(keys: dict[str, torch.Tensor], pattern: re.Pattern, group: 
 def _from_diffusers(tensors, metadata: dict[str, str], adapter_config: dict | None) -> AdapterPayload:
     flat = json_metadata(metadata, LORA_METADATA_KEY) if metadata.get(LORA_METADATA_KEY) else None
     components = {}
-    for component in LORA_COMPONENTS:
+    for component in ALL_LORA_COMPONENTS:
         prefix = f"{component}."
         component_keys = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not component_keys:
@@ -190,10 +195,10 @@ def _from_diffusers(tensors, metadata: dict[str, str], adapter_config: dict | No
 
 
 def _component_for_modules(modules: list[str], spec: BaseSpec) -> str:
-    for component in LORA_COMPONENTS:
+    for component in spec.lora_components:
         if all(spec.module(component, m) is not None for m in modules):
             return component
-    return "unet"  # validation will list the modules that do not exist
+    return family_named(spec.family).denoiser  # validation will list the modules that do not exist
 
 
 def _from_peft(tensors, adapter_config: dict | None, spec: BaseSpec) -> AdapterPayload:
@@ -215,17 +220,37 @@ def _from_peft(tensors, adapter_config: dict | None, spec: BaseSpec) -> AdapterP
 
 
 def _kohya_module_table(spec: BaseSpec) -> dict[tuple[str, str], tuple[str, str]]:
-    """(kohya prefix, flattened name) -> (component, module path), for every base module."""
-    table = {}
-    for path in spec.modules.get("unet", {}):
-        table[("unet", path.replace(".", "_"))] = ("unet", path)
-    for path in spec.modules.get("text_encoder", {}):
-        table[("te", path.replace(".", "_"))] = ("text_encoder", path)
-        table[("te", "text_model_" + path.replace(".", "_"))] = ("text_encoder", path)
-    return table
+    """(kohya prefix, flattened name) -> (component, module path), for every base module, named as
+    the base's family names them (SDXL: SGM UNet names, te1/te2)."""
+    family = family_named(spec.family)
+    return {(family.kohya_prefix(component), flat): (component, path)
+            for component, names in spec.kohya_names.items() for flat, path in names.items()}
+
+
+def check_family(components, spec: BaseSpec) -> None:
+    """Refuse an adapter whose components say it was made for another model family, naming both."""
+    foreign = sorted(set(components) - set(spec.lora_components))
+    if not foreign:
+        return
+    made_for = " or ".join(f.title for f in families_with_components(components)) or "an unknown model family"
+    raise AdapterIncompatible(
+        f"the adapter targets {', '.join(foreign)}: it is made for {made_for}, but base {spec.id!r} is "
+        f"{family_named(spec.family).title} ({', '.join(spec.lora_components)})", field="base")
+
+
+_KOHYA_PREFIX_COMPONENTS = {"unet": None, "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+
+
+def _kohya_family_check(prefixes: set[str], spec: BaseSpec) -> None:
+    """A kohya file's text-encoder prefixes say its family (te: one encoder; te1/te2: SDXL)."""
+    components = {_KOHYA_PREFIX_COMPONENTS[p] for p in prefixes} - {None}
+    if "te1" in prefixes or "te2" in prefixes:
+        components.add("text_encoder_2")
+    check_family(components, spec)
 
 
 def _from_kohya(tensors, spec: BaseSpec) -> AdapterPayload:
+    _kohya_family_check({_KOHYA_KEY.match(k).group(1) for k in tensors}, spec)
     table = _kohya_module_table(spec)
     grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     problems = []
@@ -298,10 +323,31 @@ def read_adapter(path: Path, spec: BaseSpec, limits: AdapterLimits | None = None
     return payload
 
 
+def _module_path(spec: BaseSpec, component: str, path: str) -> str:
+    """The base's name for a module: text-encoder LoRAs are saved with or without ``text_model.``."""
+    if spec.module(component, path) is None and spec.module(component, f"text_model.{path}") is not None:
+        return f"text_model.{path}"
+    return path
+
+
+def _in_current_layout(tensors, spec: BaseSpec) -> dict[str, torch.Tensor]:
+    """LoRA tensors renamed to ``<component>.<module path>.lora_{A,B}.weight`` with the base's paths."""
+    renamed = {}
+    for key, tensor in tensors.items():
+        match = DIFFUSERS_LORA_KEY.match(key)
+        if match:
+            component, path, side = match.groups()
+        else:
+            component, path, direction = _ATTN_PROCESSOR_KEY.match(key).groups()
+            side = "A" if direction == "down" else "B"
+        renamed[f"{component}.{_module_path(spec, component, path)}.lora_{side}.weight"] = tensor
+    return renamed
+
+
 def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -> AdapterPayload:
     keys = list(tensors)
-    if all(DIFFUSERS_LORA_KEY.match(k) for k in keys):
-        payload = _from_diffusers(tensors, metadata, adapter_config)
+    if all(DIFFUSERS_LORA_KEY.match(k) or _ATTN_PROCESSOR_KEY.match(k) for k in keys):
+        payload = _from_diffusers(_in_current_layout(tensors, spec), metadata, adapter_config)
         payload.trigger_tokens = list(json_metadata(metadata, LORAFLEET_METADATA_KEY).get("trigger_tokens", []))
         return payload
     if all(_PEFT_KEY.match(k) for k in keys):
@@ -320,20 +366,27 @@ def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -
     )
 
 
-def to_kohya(payload: AdapterPayload) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The kohya/A1111 layout of a LoRA payload, with the true alpha of every module."""
+def to_kohya(payload: AdapterPayload, spec: BaseSpec) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The kohya/A1111 layout of a LoRA payload for ``spec``'s family, with the true alpha of every
+    module (what kohya's sd-scripts write, and diffusers' kohya loader reads)."""
     if payload.format != AdapterFormat.diffusers_lora:
         raise InvalidAdapter(f"only LoRA adapters export to kohya, not {payload.format.value}")
+    family = family_named(spec.family)
     out: dict[str, torch.Tensor] = {}
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
     for component, config in payload.components.items():
+        flat_names = {}
+        for flat, path in spec.kohya_names.get(component, {}).items():
+            flat_names.setdefault(path, flat)  # the first name of a path is kohya's own
         for module in config.target_modules:
-            flat = prefixes[component] + module.replace(".", "_")
+            if module not in flat_names:
+                raise AdapterIncompatible(f"{component}.{module}: no module of base {spec.id!r} has this name",
+                                          field="base")
+            flat = f"lora_{family.kohya_prefix(component)}_{flat_names[module]}"
             out[f"{flat}.lora_down.weight"] = payload.tensors[f"{component}.{module}.lora_A.weight"]
             out[f"{flat}.lora_up.weight"] = payload.tensors[f"{component}.{module}.lora_B.weight"]
             alpha = config.alpha_pattern.get(module, config.alpha)
             out[f"{flat}.alpha"] = torch.tensor(float(alpha))
-    return out, {"format": "pt", "ss_network_module": "networks.lora"}
+    return out, {"format": "pt", "ss_network_module": "networks.lora", "ss_base_model_version": family.name}
 
 
 def payload_from_stored(data: bytes) -> AdapterPayload:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from lorafleet.bases.spec import BaseSpec, ModuleShape
+from lorafleet.families import family_named
 
 from .errors import AdapterIncompatible, InvalidAdapter
-from .formats import DIFFUSERS_LORA_KEY, LORAFLEET_METADATA_KEY, AdapterPayload, json_metadata
+from .formats import DIFFUSERS_LORA_KEY, LORAFLEET_METADATA_KEY, AdapterPayload, check_family, json_metadata
 from .manifest import AdapterFormat
 from .safetensors_io import AdapterLimits
 
@@ -76,12 +77,14 @@ def _validate_lora(payload: AdapterPayload, spec: BaseSpec, limits: AdapterLimit
     pairs = lora_pairs(payload)
     if not pairs:
         raise InvalidAdapter("the adapter targets no module: it would change nothing", field="path")
+    check_family({component for component, _ in pairs}, spec)
     problems = []
     for (component, path), pair in sorted(pairs.items()):
         problems += _check_lora_module(component, path, pair, spec, limits)
     if problems:
         raise AdapterIncompatible(
-            f"adapter does not fit base {spec.id!r} ({len(problems)} problems)", field="base", problems=problems
+            f"adapter does not fit base {spec.id!r}, a {family_named(spec.family).title} base ({len(problems)} "
+            "problems)", field="base", problems=problems
         )
     problems = _check_lora_config(payload, pairs)
     if problems:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafleet.bases.spec import LORA_COMPONENTS
+from lorafleet.families import family_of_pipeline
 from lorafleet.registry.manifest import AdapterFormat
 
 from .adapter_cache import ByteBudgetLRU
@@ -37,6 +37,7 @@ class TierChange:
 class ActiveTier:
     def __init__(self, pipe, max_items: int, max_bytes: int):
         self.pipe = pipe
+        self.components = family_of_pipeline(pipe).lora_components
         self._entries: ByteBudgetLRU[Injected] = ByteBudgetLRU(max_bytes, max_items=max_items)
         self._applied: LoraSet | None = None  # what set_adapters was last given
         self._lora_enabled = True
@@ -101,7 +102,7 @@ class ActiveTier:
         """Merge the applied ``lora_set`` into the base weights, keeping copies to restore them."""
         modules = list(lora_modules(self.pipe, lora_set.names))
         self._pristine = {module: module.get_base_layer().weight.detach().clone() for _, module in modules}
-        components = [c for c in LORA_COMPONENTS if any(component == c for component, _ in modules)]
+        components = [c for c in self.components if any(component == c for component, _ in modules)]
         self.pipe.fuse_lora(components=components, adapter_names=list(lora_set.names))
         self.fused = lora_set
         return [FuseEvent.fuse]
@@ -110,7 +111,7 @@ class ActiveTier:
         """Restore the base weights bit-identically (nothing if no set is fused)."""
         if self.fused is None:
             return []
-        self.pipe.unfuse_lora(components=list(LORA_COMPONENTS))
+        self.pipe.unfuse_lora(components=list(self.components))
         with torch.no_grad():
             for module, weight in self._pristine.items():
                 module.get_base_layer().weight.copy_(weight)

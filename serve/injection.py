@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from peft.tuners.lora import LoraLayer
 
-from lorafleet.bases.spec import LORA_COMPONENTS
+from lorafleet.families import family_of_pipeline
 from lorafleet.registry.errors import AdapterIncompatible
 from lorafleet.registry.manifest import AdapterFormat
 
@@ -49,11 +49,13 @@ def _inject_lora(pipe, adapter: CachedAdapter) -> tuple[str, ...]:
     state = dict(payload.tensors)  # a new dict; diffusers copies values into fresh parameters
     common = dict(network_alphas=None, adapter_name=peft_name(adapter.digest), metadata=payload.lora_metadata(),
                   _pipeline=pipe, low_cpu_mem_usage=False)
-    components = tuple(sorted(payload.components))
-    if "unet" in components:
-        pipe.load_lora_into_unet(state, unet=pipe.unet, **common)
-    if "text_encoder" in components:
-        pipe.load_lora_into_text_encoder(state, text_encoder=pipe.text_encoder, **common)
+    family = family_of_pipeline(pipe)
+    components = tuple(c for c in family.lora_components if c in payload.components)
+    for component in components:
+        if component == family.denoiser:
+            getattr(pipe, f"load_lora_into_{component}")(state, **{component: getattr(pipe, component)}, **common)
+        else:
+            pipe.load_lora_into_text_encoder(state, text_encoder=getattr(pipe, component), prefix=component, **common)
     return components
 
 
@@ -70,7 +72,7 @@ def _load_tokens(pipe, adapter: CachedAdapter) -> tuple[str, ...]:
 
 def lora_modules(pipe, names: tuple[str, ...]):
     """(component, module) for every peft LoRA layer that holds one of ``names``."""
-    for component in LORA_COMPONENTS:
+    for component in family_of_pipeline(pipe).lora_components:
         for module in getattr(pipe, component).modules():
             if isinstance(module, LoraLayer) and any(name in module.lora_A for name in names):
                 yield component, module

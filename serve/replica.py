@@ -139,6 +139,7 @@ class GeneratorReplica:
         return {Tier.active: self._active, **self.fetcher.resident()}
 
     def health(self) -> dict:
-        return {"base": self.base.id, "base_fingerprint": self.base.fingerprint, "replica": self.replica_id,
+        return {"base": self.base.id, "family": self.base.family.name, "base_fingerprint": self.base.fingerprint,
+                "replica": self.replica_id,
                 "native_size": self.base.native_size, "torch_threads": torch.get_num_threads(),
                 "device": str(self.placement.device), "dtype": str(self.placement.dtype).removeprefix("torch.")}

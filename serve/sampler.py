@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lorafleet.accelerator import seeded_generators
+from lorafleet.families import family_of_pipeline
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,11 @@ def _guidance(images: list[ImageSpec], like: torch.Tensor) -> torch.Tensor:
 def sample_images(pipe, shape: BatchShape, images: list[ImageSpec]) -> np.ndarray:
     """Images ``[n, height, width, 3]`` float32 in [0, 1], one per spec, from one batched loop."""
     device = pipe._execution_device
-    negatives = [image.negative_prompt or "" for image in images] if shape.guided else None
-    prompt_embeds, negative_embeds = pipe.encode_prompt(
-        [image.prompt for image in images], device, 1, shape.guided, negatives)
-    if shape.guided:
-        prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+    family = family_of_pipeline(pipe)
+    negatives = [image.negative_prompt for image in images] if shape.guided else None
+    conditioning = family.encode(pipe, [image.prompt for image in images], negatives, device, shape.height,
+                                 shape.width)
+    prompt_embeds = conditioning.prompt_embeds
     pipe.scheduler.set_timesteps(shape.steps, device=device)
     generators = seeded_generators([image.seed for image in images])
     latents = pipe.prepare_latents(len(images), pipe.unet.config.in_channels, shape.height, shape.width,
@@ -71,12 +72,12 @@ def sample_images(pipe, shape: BatchShape, images: list[ImageSpec]) -> np.ndarra
         model_input = torch.cat([latents] * 2) if shape.guided else latents
         model_input = pipe.scheduler.scale_model_input(model_input, t)
         noise = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond,
-                          return_dict=False)[0]
+                          return_dict=False, **conditioning.denoiser_kwargs)[0]
         if shape.guided:
             unconditional, conditional = noise.chunk(2)
             noise = unconditional + guidance * (conditional - unconditional)
         latents = pipe.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    decoded = family.decode(pipe, latents)
     output = pipe.image_processor.postprocess(decoded, output_type="np", do_denormalize=[True] * len(images))
     return np.asarray(output, dtype=np.float32)
 

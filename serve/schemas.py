@@ -184,6 +184,7 @@ class AdapterSummary(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     base: str | None = None
+    family: str | None = None  # the base's model family (lorafleet.families): sd1, sdxl
     base_fingerprint: str | None = None
     registry: str | None = None
     registry_reachable: bool | None = None

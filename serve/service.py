@@ -284,5 +284,6 @@ class GenerationService:
             reachable, mode = True, "registry"
         except LorafleetError:
             reachable, mode = False, "cached-only"
-        return {"status": "ready", "base": health.get("base"), "base_fingerprint": health.get("base_fingerprint"),
+        return {"status": "ready", "base": health.get("base"), "family": health.get("family"),
+                "base_fingerprint": health.get("base_fingerprint"),
                 "registry": self.registry.uri, "registry_reachable": reachable, "mode": mode}

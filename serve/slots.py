@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from lorafleet.bases.spec import LORA_COMPONENTS
+from lorafleet.families import family_of_pipeline
 from lorafleet.registry.errors import AdapterIncompatible
 
 from .jobs import LoraSet
@@ -40,7 +40,7 @@ class LoraSlot:
         self.pipe = pipe
         self.target_rank = target_rank
         self.layers: dict[str, torch.nn.Module] = {}
-        for component in LORA_COMPONENTS:
+        for component in family_of_pipeline(pipe).lora_components:
             model = getattr(pipe, component)
             model.add_adapter(LoraConfig(r=target_rank, lora_alpha=target_rank, target_modules=_linear_names(model),
                                          lora_dropout=0.0, init_lora_weights=True), adapter_name=SLOT)

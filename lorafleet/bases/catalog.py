@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 # Imports inside functions: diffusers only when a pipeline is built or loaded.
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.bases.spec import LORA_COMPONENTS, BaseSpec, ModuleShape
+from lorafleet.bases.spec import BaseSpec, ModuleShape
 from lorafleet.errors import BaseModelError
+from lorafleet.families import ModelFamily, family_of_checkpoint_keys, family_of_class_name, family_of_pipeline
 
 from .fingerprint import pipeline_fingerprint
-from .tiny import build_small_pipeline, build_tiny_pipeline
+from .tiny import build_small_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 TOY_DIRECTORY = Path(__file__).parent / "toy"  # trained by `lorafleet base train-toy`, committed
 
@@ -30,6 +32,7 @@ BUILTIN_BASES: dict[str, Callable[[], object]] = {
     "tiny": build_tiny_pipeline,  # plumbing tests: a few MB, random weights
     "small": build_small_pipeline,  # benchmarks: UNet 64/128/256, random weights
     "toy": _load_toy_pipeline,  # draws the toy world: trained weights (docs/toy-model-card.md)
+    "tiny-sdxl": build_tiny_sdxl_pipeline,  # SDXL plumbing tests: SDXL-shaped, random weights
 }
 DEFAULT_BASE = "tiny"
 
@@ -45,17 +48,20 @@ def _module_shapes(model: torch.nn.Module) -> dict[str, ModuleShape]:
 
 
 def spec_from_pipeline(base_id: str, pipe, fingerprint: str | None = None) -> BaseSpec:
-    components = {name: getattr(pipe, name) for name in LORA_COMPONENTS}
-    vocab = frozenset(pipe.tokenizer.get_vocab())
+    family = family_of_pipeline(pipe)
+    modules = {name: _module_shapes(getattr(pipe, name)) for name in family.lora_components}
     return BaseSpec(
         id=base_id,
         fingerprint=fingerprint or pipeline_fingerprint(pipe),
-        modules={name: _module_shapes(model) for name, model in components.items()},
+        modules=modules,
         parameters={
-            "unet": {k: tuple(v.shape) for k, v in pipe.unet.state_dict().items()},
+            family.denoiser: {k: tuple(v.shape) for k, v in getattr(pipe, family.denoiser).state_dict().items()},
         },
         text_hidden_size=int(pipe.text_encoder.config.hidden_size),
-        vocabulary=vocab,
+        vocabulary=frozenset(pipe.tokenizer.get_vocab()),
+        family=family.name,
+        kohya_names={name: family.kohya_names(pipe, name, paths) for name, paths in modules.items()},
+        text_hidden_sizes={name: int(getattr(pipe, name).config.hidden_size) for name in family.text_encoders},
     )
 
 
@@ -65,51 +71,62 @@ class LoadedBase:
     pipeline: object
     fingerprint: str
 
+    @property
+    def family(self) -> ModelFamily:
+        return family_of_pipeline(self.pipeline)
+
     def spec(self) -> BaseSpec:
         return spec_from_pipeline(self.id, self.pipeline, self.fingerprint)
 
     @property
     def native_size(self) -> int:
         """The image side (pixels) the base was built for: its UNet's latent side times the VAE's scale."""
-        return int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+        denoiser = getattr(self.pipeline, self.family.denoiser)
+        return int(denoiser.config.sample_size) * int(self.pipeline.vae_scale_factor)
 
 
-def _load_diffusers_directory(path: Path):
-    from diffusers import StableDiffusionPipeline
-
+def _model_index_family(path: Path) -> ModelFamily:
     if not (path / "model_index.json").is_file():
         raise BaseModelError(f"{path} is not a diffusers directory (no model_index.json)", field="base")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            local_files_only=True, use_safetensors=True,
-        )
+        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise BaseModelError(f"{path}/model_index.json is not a JSON object: {exc}", field="base") from exc
+    return family_of_class_name(str(class_name))
+
+
+def _load_diffusers_directory(path: Path):
+    family = _model_index_family(path)
+    try:
+        pipe = family.load_pipeline_class().from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True, **family.load_options)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise BaseModelError(f"cannot load base model from {path}: {exc}", field="base") from exc
+    return _frozen(pipe, family)
+
+
+def _frozen(pipe, family: ModelFamily):
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in family.models(pipe).values():
         module.eval().requires_grad_(False)
     return pipe
 
 
 def _load_single_file(path: Path, base_config: str | None):
-    """An original-layout (LDM) .safetensors checkpoint, with configs from ``base_config``."""
-    from diffusers import StableDiffusionPipeline
+    """An original-layout (LDM/SGM) .safetensors checkpoint, with configs from ``base_config``."""
+    from safetensors import safe_open
 
     if path.suffix.lower() != ".safetensors":
         raise BaseModelError(f"{path.name}: only .safetensors checkpoints are loaded (pickle formats can run "
                              "code)", field="base")
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=base_config, local_files_only=True, safety_checker=None,
-            requires_safety_checker=False,
-        )
+        with safe_open(str(path), framework="pt") as checkpoint:
+            family = family_of_checkpoint_keys(checkpoint.keys())
+        pipe = family.load_pipeline_class().from_single_file(
+            str(path), config=base_config, local_files_only=True, **family.load_options)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise BaseModelError(f"cannot load single-file checkpoint {path}: {exc}", field="base") from exc
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval().requires_grad_(False)
-    return pipe
+    return _frozen(pipe, family)
 
 
 def _build_pipeline(base: str, base_config: str | None = None):

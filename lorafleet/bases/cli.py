@@ -5,6 +5,7 @@ from __future__ import annotations
 # Imports inside functions: building the command-line parser must not import torch, diffusers or
 # Ray (`lorafleet --help` takes 0.3 s).
 import json
+import sys
 from pathlib import Path
 
 
@@ -17,10 +18,10 @@ def cmd_export(args) -> int:
         export_single_file(loaded.pipeline, Path(args.dest))
     else:
         loaded = export_base(args.base, Path(args.dest))
-    info = {"base": loaded.id, "fingerprint": loaded.fingerprint, "path": str(Path(args.dest).resolve()),
-            "format": args.format}
-    print(json.dumps(info, indent=2) if args.json else f"exported {loaded.id} to {info['path']}\n"
-          f"fingerprint {loaded.fingerprint}")
+    info = {"base": loaded.id, "family": loaded.family.name, "fingerprint": loaded.fingerprint,
+            "path": str(Path(args.dest).resolve()), "format": args.format}
+    print(json.dumps(info, indent=2) if args.json else f"exported {loaded.id} ({loaded.family.title}) to "
+          f"{info['path']}\nfingerprint {loaded.fingerprint}")
     return 0
 
 
@@ -28,7 +29,10 @@ def cmd_fingerprint(args) -> int:
     from . import load_base
 
     loaded = load_base(args.base, base_config=args.base_config)
-    print(json.dumps({"base": loaded.id, "fingerprint": loaded.fingerprint}) if args.json else loaded.fingerprint)
+    info = {"base": loaded.id, "family": loaded.family.name, "fingerprint": loaded.fingerprint}
+    print(json.dumps(info) if args.json else loaded.fingerprint)
+    if not args.json:
+        print(f"family {loaded.family.name} ({loaded.family.title})", file=sys.stderr)
     return 0
 
 

@@ -12,12 +12,13 @@ import json
 
 import torch
 
+from lorafleet.families import family_of_pipeline
+
 _VOLATILE_KEYS = {
     "_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash", "architectures",
     "dtype", "torch_dtype", "_use_default_values", "_attn_implementation_autoset",
     "_attn_implementation", "output_attentions", "output_hidden_states", "use_cache",
 }
-MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
 
 
 def _config_dict(component) -> dict:
@@ -40,13 +41,15 @@ def _hash_tokenizer(hasher, tokenizer) -> None:
 
 
 def pipeline_fingerprint(pipe) -> str:
+    """Over the family's models (denoiser, VAE, text encoders), tokenizers and scheduler config."""
+    family = family_of_pipeline(pipe)
     hasher = hashlib.sha256()
-    for name in MODEL_COMPONENTS:
-        component = getattr(pipe, name)
+    for name, component in family.models(pipe).items():
         hasher.update(f"[{name}:{type(component).__name__}]".encode())
         hasher.update(json.dumps(_config_dict(component), sort_keys=True, default=str).encode())
         _hash_module(hasher, component)
-    _hash_tokenizer(hasher, pipe.tokenizer)
+    for name in family.tokenizers:
+        _hash_tokenizer(hasher, getattr(pipe, name))
     scheduler = {k: v for k, v in sorted(dict(pipe.scheduler.config).items()) if not k.startswith("_")}
     hasher.update(json.dumps(scheduler, sort_keys=True, default=str).encode())
     return "sha256:" + hasher.hexdigest()

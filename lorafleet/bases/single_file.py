@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.errors import BaseModelError
+from lorafleet.families import family_of_pipeline
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
@@ -116,6 +119,10 @@ def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
 def export_single_file(pipe, destination: Path) -> Path:
     from safetensors.torch import save_file
 
+    family = family_of_pipeline(pipe)
+    if family.name != "sd1":
+        raise BaseModelError(f"single-file export writes the SD 1.x (LDM) layout; {family.title} is not done yet: "
+                             "export it as a diffusers directory", field="format")
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     save_file(pipeline_to_ldm(pipe), str(destination), metadata={"format": "pt", "layout": "ldm"})

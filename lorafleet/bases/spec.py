@@ -7,9 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LORA_COMPONENTS = ("unet", "text_encoder")
-"""The pipeline components a LoRA adapter may target, named as diffusers names them."""
-
 
 @dataclass(frozen=True)
 class ModuleShape:
@@ -25,8 +22,16 @@ class BaseSpec:
     fingerprint: str
     modules: dict[str, dict[str, ModuleShape]]  # component -> module path -> shape
     parameters: dict[str, dict[str, tuple[int, ...]]]  # component -> parameter -> shape
-    text_hidden_size: int
+    text_hidden_size: int  # the first text encoder's (textual-inversion vectors)
     vocabulary: frozenset[str] = field(default_factory=frozenset)
+    family: str = "sd1"  # lorafleet.families name
+    kohya_names: dict[str, dict[str, str]] = field(default_factory=dict)  # component -> kohya flat name -> path
+    text_hidden_sizes: dict[str, int] = field(default_factory=dict)  # text encoder -> hidden size
+
+    @property
+    def lora_components(self) -> tuple[str, ...]:
+        """The components an adapter for this base may target, in the family's order."""
+        return tuple(self.modules)
 
     def module(self, component: str, path: str) -> ModuleShape | None:
         return self.modules.get(component, {}).get(path)

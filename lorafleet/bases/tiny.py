@@ -144,3 +144,67 @@ SMALL_TEXT_CONFIG = {**TEXT_CONFIG, "hidden_size": 64, "intermediate_size": 128,
 def build_small_pipeline():
     """The `small` base (benchmarks): same structure as `tiny`, larger UNet."""
     return build_from_configs(SMALL_SEED, SMALL_UNET_CONFIG, SMALL_VAE_CONFIG, SMALL_TEXT_CONFIG)
+
+
+# `tiny-sdxl`: an SDXL-shaped pipeline with random weights (plumbing tests of the SDXL family).
+# Same component structure as SDXL: a UNet with text-time added conditioning and linear
+# projections, CLIPTextModel + CLIPTextModelWithProjection (hidden states concatenated: 32 + 32),
+# two tokenizers, the Euler scheduler; real SDXL's layout of levels (no attention on the first
+# down and last up level, two layers per block) so that its SGM and kohya names are the real ones.
+TINY_SDXL_SEED = 20261130
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=TINY_IMAGE_SIZE // 4,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[32, 64],
+    layers_per_block=2,
+    transformer_layers_per_block=[1, 2],
+    attention_head_dim=[2, 4],
+    cross_attention_dim=64,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,  # six size numbers x 8, plus the pooled text (32)
+    norm_num_groups=8,
+)
+TINY_SDXL_VAE_CONFIG = {**VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
+
+
+def build_tiny_sdxl_pipeline():
+    """The `tiny-sdxl` base: SDXL-shaped, random weights, identical on every build."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer(list(TINY_WORDS), model_max_length=TEXT_CONFIG["max_position_embeddings"])
+    tokenizer_2 = build_tokenizer(list(TINY_WORDS), model_max_length=TEXT_CONFIG["max_position_embeddings"])
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(TINY_SDXL_SEED)
+        unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
+        vae = AutoencoderKL(**TINY_SDXL_VAE_CONFIG)
+        text_encoder = build_text_encoder(tokenizer, TEXT_CONFIG)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer_2), bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
+            pad_token_id=tokenizer_2.pad_token_id, **TEXT_CONFIG))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

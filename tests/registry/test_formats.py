@@ -52,7 +52,7 @@ def test_alpha_is_kept_not_silently_reset(registry, tiny_spec, diffusers_lora_di
 
 def test_kohya_export_and_publish_mean_the_same_adapter(registry, tiny_spec, diffusers_lora_dir, tmp_path):
     manifest = registry.publish(diffusers_lora_dir, PublishRequest(name="style", base=tiny_spec))
-    tensors, metadata = to_kohya(payload_from_stored(registry.read_blob(manifest)))
+    tensors, metadata = to_kohya(payload_from_stored(registry.read_blob(manifest)), tiny_spec)
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
     assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {8.0}
     kohya_file = tmp_path / "kohya.safetensors"
