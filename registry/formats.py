@@ -296,14 +296,42 @@ def _patterned_config(ranks: dict[str, int], alphas: dict[str, float]) -> Compon
     )
 
 
-def _from_textual_inversion(tensors, weights: Path) -> AdapterPayload:
+def embeddings_by_encoder(payload: AdapterPayload, family) -> list[tuple[str, str, torch.Tensor]]:
+    """(text encoder, token, [vectors, hidden]) of a textual-inversion payload for ``family``: one
+    encoder's tokens by name (SD 1.x), or one token's vectors per encoder by key (SDXL: clip_l, clip_g)."""
+    if not family.embedding_keys:
+        return [(family.text_encoders[0], token, tensor) for token, tensor in payload.tensors.items()]
+    token = payload.trigger_tokens[0] if payload.trigger_tokens else ""
+    return [(component, token, payload.tensors[key]) for component, key in family.embedding_keys
+            if key in payload.tensors]
+
+
+def _from_textual_inversion(tensors, weights: Path, spec: BaseSpec) -> AdapterPayload:
+    keyed = {key for _, key in family_named(spec.family).embedding_keys}
+    file_keys = {"clip_l", "clip_g"}  # SDXL embeddings as A1111 writes them, whatever the base
+    if set(tensors) & file_keys:
+        made_for = "Stable Diffusion XL (clip_l/clip_g)"
+        if set(tensors) != keyed:
+            raise AdapterIncompatible(f"the embedding is made for {made_for}, but base {spec.id!r} is "
+                                      f"{family_named(spec.family).title}", field="base")
+        token = weights.stem.lower()  # the token is the file name, as A1111 uses it
+        return AdapterPayload(AdapterFormat.textual_inversion, {k: _as_matrix(t) for k, t in tensors.items()},
+                              trigger_tokens=[token], source_format="textual_inversion")
+    if keyed:
+        raise AdapterIncompatible(f"the embedding has one text encoder's vectors (Stable Diffusion 1.x/2.x), but "
+                                  f"base {spec.id!r} is {family_named(spec.family).title}: it needs "
+                                  f"{', '.join(sorted(keyed))}", field="base")
     if set(tensors) == {"emb_params"}:  # A1111 embedding: the token is the file name
         tensors = {weights.stem.lower(): tensors["emb_params"]}
-    embeddings = {token: (t if t.ndim == 2 else t.reshape(1, -1)) for token, t in tensors.items()}
+    embeddings = {token: _as_matrix(t) for token, t in tensors.items()}
     return AdapterPayload(
         AdapterFormat.textual_inversion, embeddings, trigger_tokens=sorted(embeddings),
         source_format="textual_inversion",
     )
+
+
+def _as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.ndim == 2 else tensor.reshape(1, -1)
 
 
 def _is_textual_inversion(tensors: dict[str, torch.Tensor]) -> bool:
@@ -355,7 +383,7 @@ def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -
     if all(_KOHYA_KEY.match(k) for k in keys):
         return _from_kohya(tensors, spec)
     if _is_textual_inversion(tensors):
-        return _from_textual_inversion(tensors, weights)
+        return _from_textual_inversion(tensors, weights, spec)
     if all(k.startswith("unet.") and ".lora" not in k for k in keys):
         return AdapterPayload(AdapterFormat.full_unet, dict(tensors), source_format="full_unet")
     sample = ", ".join(keys[:3])

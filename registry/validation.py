@@ -12,7 +12,14 @@ from lorafleet.bases.spec import BaseSpec, ModuleShape
 from lorafleet.families import family_named
 
 from .errors import AdapterIncompatible, InvalidAdapter
-from .formats import DIFFUSERS_LORA_KEY, LORAFLEET_METADATA_KEY, AdapterPayload, check_family, json_metadata
+from .formats import (
+    DIFFUSERS_LORA_KEY,
+    LORAFLEET_METADATA_KEY,
+    AdapterPayload,
+    check_family,
+    embeddings_by_encoder,
+    json_metadata,
+)
 from .manifest import AdapterFormat
 from .safetensors_io import AdapterLimits
 
@@ -95,16 +102,20 @@ def _validate_lora(payload: AdapterPayload, spec: BaseSpec, limits: AdapterLimit
 
 def _validate_textual_inversion(payload: AdapterPayload, spec: BaseSpec) -> None:
     problems = []
-    for token, embedding in payload.tensors.items():
+    family = family_named(spec.family)
+    for token in dict.fromkeys(payload.trigger_tokens or payload.tensors):
         if not token or len(token) > 64 or any(ch.isspace() for ch in token):
             problems.append(f"{token!r}: a token must be 1-64 characters without spaces")
         if token.lower() in spec.vocabulary or f"{token.lower()}</w>" in spec.vocabulary:
             problems.append(f"{token!r}: already a token of the base's vocabulary")
-        if embedding.ndim != 2 or embedding.shape[-1] != spec.text_hidden_size or embedding.shape[0] > 75:
-            problems.append(
-                f"{token!r}: embedding shape {tuple(embedding.shape)}, base needs [vectors<=75, "
-                f"{spec.text_hidden_size}]"
-            )
+    found = embeddings_by_encoder(payload, family)
+    if family.embedding_keys and len(found) != len(family.embedding_keys):
+        problems.append(f"needs one embedding per text encoder: {', '.join(k for _, k in family.embedding_keys)}")
+    for component, token, embedding in found:
+        hidden = spec.text_hidden_sizes.get(component, spec.text_hidden_size)
+        if embedding.ndim != 2 or embedding.shape[-1] != hidden or embedding.shape[0] > 75:
+            problems.append(f"{token!r} ({component}): embedding shape {tuple(embedding.shape)}, base needs "
+                            f"[vectors<=75, {hidden}]")
     if problems:
         raise AdapterIncompatible("textual inversion does not fit the base", field="base", problems=problems)
 

@@ -9,6 +9,7 @@ from peft.tuners.lora import LoraLayer
 
 from lorafleet.families import family_of_pipeline
 from lorafleet.registry.errors import AdapterIncompatible
+from lorafleet.registry.formats import embeddings_by_encoder
 from lorafleet.registry.manifest import AdapterFormat
 
 from .adapter_cache import CachedAdapter
@@ -39,7 +40,9 @@ def inject(pipe, adapter: CachedAdapter) -> Injected:
 
 def remove(pipe, injected: Injected) -> None:
     if injected.kind == AdapterFormat.textual_inversion:
-        pipe.unload_textual_inversion(list(injected.tokens))
+        for _, tokenizer, encoder in family_of_pipeline(pipe).text_pairs(pipe):
+            if any(token in tokenizer.get_vocab() for token in injected.tokens):
+                pipe.unload_textual_inversion(list(injected.tokens), tokenizer=tokenizer, text_encoder=encoder)
     else:
         pipe.delete_adapters([peft_name(injected.digest)])
 
@@ -60,14 +63,16 @@ def _inject_lora(pipe, adapter: CachedAdapter) -> tuple[str, ...]:
 
 
 def _load_tokens(pipe, adapter: CachedAdapter) -> tuple[str, ...]:
-    """Each token's embedding is a copy: the pipeline's embedding matrix never shares the cache's storage."""
-    tensors = adapter.payload.tensors
-    tokens = tuple(tensors)
-    if len(tokens) == 1:
-        pipe.load_textual_inversion({tokens[0]: tensors[tokens[0]].clone()}, token=tokens[0])
-    else:
-        pipe.load_textual_inversion([{t: tensors[t].clone()} for t in tokens], token=list(tokens))
-    return tokens
+    """Each token's embedding goes to its text encoder (SDXL: both), as a copy: the pipeline's
+    embedding matrices never share the cache's storage."""
+    family = family_of_pipeline(pipe)
+    pairs = {name: (tokenizer, encoder) for name, tokenizer, encoder in family.text_pairs(pipe)}
+    tokens = []
+    for component, token, tensor in embeddings_by_encoder(adapter.payload, family):
+        tokenizer, encoder = pairs[component]
+        pipe.load_textual_inversion({token: tensor.clone()}, token=token, tokenizer=tokenizer, text_encoder=encoder)
+        tokens.append(token)
+    return tuple(dict.fromkeys(tokens))
 
 
 def lora_modules(pipe, names: tuple[str, ...]):

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorafleet.families import family_of_pipeline
+
 from .config import TrainConfig
-from .data import Example, augment, bucket_for, open_image, random_augmentation, resize_and_crop, to_array
+from .data import Example, augment, bucket_for, open_image, random_augmentation, resize_and_crop_recorded, to_array
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -26,6 +28,18 @@ class Batch:
     captions: list[str]
     regularization: torch.Tensor  # [batch] bool: rows that keep the base's behaviour (config.RegularizationConfig)
     weights: torch.Tensor  # [batch] loss weight per row
+    time_ids: torch.Tensor | None = None  # [batch, 6]: original size, crop top-left, target size (SDXL)
+
+    def rows(self, rows: torch.Tensor) -> Batch:
+        """The batch restricted to ``rows`` (a bool mask)."""
+        return Batch(self.latents[rows], [c for c, keep in zip(self.captions, rows.tolist()) if keep],
+                     self.regularization[rows.cpu()], self.weights[rows.cpu()],
+                     None if self.time_ids is None else self.time_ids[rows.cpu()])
+
+
+def square_time_ids(rows: int, side: int) -> torch.Tensor:
+    """Time ids of uncropped square images at their own size (class images, the DreamBooth prior)."""
+    return torch.tensor([[side, side, 0, 0, side, side]] * rows, dtype=torch.float32)
 
 
 @dataclass
@@ -36,6 +50,7 @@ class _Group:
     indices: list[int]
     weights: torch.Tensor  # [len(indices)]
     latents: torch.Tensor | None = None  # [len(indices), 4, h/f, w/f] when cached
+    time_ids: torch.Tensor | None = None  # [len(indices), 6] when cached
 
 
 class BatchSource:
@@ -59,10 +74,14 @@ class BatchSource:
         return [_Group(size, indices, torch.tensor([self.examples[i].weight for i in indices], dtype=torch.float64))
                 for size, indices in sorted(by_size.items())]
 
-    def _pixels(self, example: Example, size: tuple[int, int], rng: random.Random) -> np.ndarray:
-        image = resize_and_crop(open_image(example.path, max_bytes=self.config.data.max_file_bytes), size,
-                                self.config.data.crop, rng)
-        return augment(to_array(image), self.config.data, rng)
+    def _pixels(self, example: Example, size: tuple[int, int], rng: random.Random) -> tuple[np.ndarray, tuple]:
+        image, time_ids = resize_and_crop_recorded(open_image(example.path, max_bytes=self.config.data.max_file_bytes),
+                                                   size, self.config.data.crop, rng)
+        return augment(to_array(image), self.config.data, rng), time_ids
+
+    def _pixels_of(self, indices: list[int], size: tuple[int, int], rng: random.Random):
+        pixels, time_ids = zip(*(self._pixels(self.examples[i], size, rng) for i in indices))
+        return np.stack(pixels), torch.tensor(time_ids, dtype=torch.float32)
 
     @torch.no_grad()
     def _encode(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
@@ -73,7 +92,7 @@ class BatchSource:
 
     def _encode_group(self, group: _Group) -> torch.Tensor:
         rng = random.Random(self.config.seed)
-        pixels = np.stack([self._pixels(self.examples[i], group.size, rng) for i in group.indices])
+        pixels, group.time_ids = self._pixels_of(group.indices, group.size, rng)
         return self._encode(pixels, torch.Generator().manual_seed(self.config.seed))
 
     def _pick(self, generator: torch.Generator) -> tuple[_Group, list[int]]:
@@ -87,16 +106,16 @@ class BatchSource:
         generator = step_generator(self.config.seed, step, micro)
         group, positions = self._pick(generator)
         if group.latents is not None:
-            latents = group.latents[positions]
+            latents, time_ids = group.latents[positions], group.time_ids[positions]
         else:
             rng = random.Random(int(torch.randint(2**31, (1,), generator=generator)))
-            pixels = np.stack([self._pixels(self.examples[group.indices[p]], group.size, rng) for p in positions])
+            pixels, time_ids = self._pixels_of([group.indices[p] for p in positions], group.size, rng)
             latents = self._encode(pixels, generator)
         examples = [self.examples[group.indices[p]] for p in positions]
         captions = [self._maybe_drop(example.caption, generator) for example in examples]
         regularization = torch.tensor([example.regularization for example in examples], dtype=torch.bool)
         weights = torch.where(regularization, self.config.regularization.weight, 1.0)
-        return Batch(latents, captions, regularization, weights)
+        return Batch(latents, captions, regularization, weights, time_ids)
 
     @property
     def cached(self) -> torch.Tensor | None:
@@ -114,7 +133,7 @@ class ClassBatchSource:
     ``regularization.target=base`` their rows learn the base's prediction, like regularization rows."""
 
     def __init__(self, latents: torch.Tensor, prompt: str, config: TrainConfig):
-        self.latents = latents  # [n, 4, h, w]
+        self.latents = latents  # [n, 4, h, w], generated at data.resolution
         self.prompt = prompt
         self.config = config
 
@@ -122,30 +141,30 @@ class ClassBatchSource:
         generator = step_generator(self.config.seed, step, 1000 + micro)
         indices = torch.randint(len(self.latents), (self.config.batch_size,), generator=generator).tolist()
         rows = len(indices)  # every row is the base's own prior; its weight is dreambooth.prior_loss_weight
-        return Batch(self.latents[indices], [self.prompt] * rows, torch.ones(rows, dtype=torch.bool), torch.ones(rows))
+        return Batch(self.latents[indices], [self.prompt] * rows, torch.ones(rows, dtype=torch.bool), torch.ones(rows),
+                     square_time_ids(rows, self.config.data.resolution))
 
 
 class TextEncoder:
-    """Caption -> hidden states; cached when the text encoder does not train."""
+    """Captions -> (hidden states, pooled embedding or None), as the base's family conditions its
+    denoiser; cached per caption when the text encoders do not train."""
 
     def __init__(self, pipe, trains: bool, device: torch.device):
         self.pipe = pipe
+        self.family = family_of_pipeline(pipe)
         self.trains = trains
         self.device = device
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def _run(self, captions: list[str]) -> torch.Tensor:
-        tokenizer = self.pipe.tokenizer
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(self.device)
-        return self.pipe.text_encoder(ids)[0]  # [batch, tokens, hidden]
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.trains:
-            return self._run(captions)
+            return self.family.encode_for_training(self.pipe, captions, self.device)
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
         if missing:
             with torch.no_grad():
-                for caption, hidden in zip(missing, self._run(missing)):
-                    self._cache[caption] = hidden
-        return torch.stack([self._cache[c] for c in captions])
+                hidden, pooled = self.family.encode_for_training(self.pipe, missing, self.device)
+                for index, caption in enumerate(missing):
+                    self._cache[caption] = (hidden[index], None if pooled is None else pooled[index])
+        hidden = torch.stack([self._cache[c][0] for c in captions])
+        pooled = None if self._cache[captions[0]][1] is None else torch.stack([self._cache[c][1] for c in captions])
+        return hidden, pooled

@@ -245,6 +245,14 @@ def bucket_for(aspect: float, resolution: int, multiple: int = 8) -> tuple[int, 
 
 def resize_and_crop(image, resolution: int | tuple[int, int], crop: str, rng: random.Random):
     """Resize to cover the target (keeping the aspect ratio), then crop to it (square or a bucket)."""
+    return resize_and_crop_recorded(image, resolution, crop, rng)[0]
+
+
+def resize_and_crop_recorded(image, resolution: int | tuple[int, int], crop: str,
+                             rng: random.Random) -> tuple[object, tuple[int, int, int, int, int, int]]:
+    """``resize_and_crop``, plus what SDXL is conditioned on: (original height, original width,
+    crop top, crop left, target height, target width), as diffusers' SDXL training scripts record it."""
+    original = (image.height, image.width)
     from PIL import Image
 
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
@@ -257,7 +265,7 @@ def resize_and_crop(image, resolution: int | tuple[int, int], crop: str, rng: ra
         left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
     else:
         left, top = spare_x // 2, spare_y // 2
-    return image.crop((left, top, left + width, top + height))
+    return image.crop((left, top, left + width, top + height)), (*original, top, left, height, width)
 
 
 def to_array(image) -> np.ndarray:

@@ -97,6 +97,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.base = load_base(config.base)
         self.pipe = self.base.pipeline.to(self.placement.device)
+        self.family = self.base.family
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.class_source = self._class_images() if self.method.class_examples_needed() else None
         self.parameters = self.method.prepare(self.pipe)
@@ -138,9 +139,8 @@ class Trainer:
         target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else \
             self.noise_scheduler.get_velocity(latents, noise, timesteps)
         target = self._toward_base(batch, noisy, timesteps, target)
-        hidden = self.text(batch.captions)
         with self._autocast():
-            prediction = self.pipe.unet(noisy, timesteps, hidden).sample
+            prediction = self._predict(batch, noisy, timesteps)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         weights = _snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma) * batch.weights
         return (per_sample * weights.to(per_sample.device)).mean()
@@ -155,9 +155,14 @@ class Trainer:
         rows = rows.to(target.device)
         target = target.clone()
         with torch.no_grad(), self.method.base_model(self.pipe), self._autocast():
-            hidden = self.text([caption for caption, row in zip(batch.captions, rows.tolist()) if row])
-            target[rows] = self.pipe.unet(noisy[rows], timesteps[rows], hidden).sample.to(target.dtype)
+            target[rows] = self._predict(batch.rows(rows), noisy[rows], timesteps[rows]).to(target.dtype)
         return target
+
+    def _predict(self, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The denoiser's prediction, conditioned as the base's family conditions it."""
+        hidden, pooled = self.text(batch.captions)
+        extra = self.family.denoiser_kwargs(pooled, batch.time_ids) if pooled is not None else {}
+        return self.pipe.unet(noisy, timesteps, hidden, **extra).sample
 
     def _autocast(self):
         dtype = self._autocast_dtype()

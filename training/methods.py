@@ -21,6 +21,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from lorafleet.families import family_of_pipeline
 from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import AdapterFormat, AdapterMethod, ComponentLora
 
@@ -95,21 +96,20 @@ class LoraMethod(TrainingMethod):
 
     def prepare(self, pipe) -> list[torch.nn.Parameter]:
         settings = self.config.lora
-        pipe.unet.add_adapter(_lora_config(settings.rank, settings.alpha, settings.target_modules, settings.dropout))
-        if settings.text_encoder:
-            pipe.text_encoder.add_adapter(_lora_config(settings.rank, settings.alpha, settings.text_encoder_targets,
-                                                       settings.dropout))
-        return [p for model in (pipe.unet, pipe.text_encoder) for n, p in model.named_parameters() if "lora_" in n
-                and p.requires_grad]
+        for name, model in self._components(pipe).items():
+            targets = settings.target_modules if name == "unet" else settings.text_encoder_targets
+            model.add_adapter(_lora_config(settings.rank, settings.alpha, targets, settings.dropout))
+        return [p for model in self._components(pipe).values() for n, p in model.named_parameters()
+                if "lora_" in n and p.requires_grad]
 
     def uses_text_encoder_grad(self) -> bool:
         return self.config.lora.text_encoder
 
     def _components(self, pipe) -> dict:
-        models = {"unet": pipe.unet}
-        if self.config.lora.text_encoder:
-            models["text_encoder"] = pipe.text_encoder
-        return models
+        """The UNet, and every text encoder of the family when ``lora.text_encoder`` is set."""
+        family = family_of_pipeline(pipe)
+        names = family.lora_components if self.config.lora.text_encoder else (family.denoiser,)
+        return {name: getattr(pipe, name) for name in names}
 
     def export(self, pipe) -> AdapterPayload:
         tensors, components = {}, {}
@@ -228,7 +228,8 @@ def quantize_linear_layers(model: torch.nn.Module) -> dict:
 
 
 class TextualInversionMethod(TrainingMethod):
-    """New token(s) whose embeddings are the only trainable numbers."""
+    """New token(s) whose embeddings are the only trainable numbers, in every text encoder of the
+    family (SDXL: both, published as clip_l and clip_g)."""
 
     adapter_method = AdapterMethod.textual_inversion
 
@@ -237,50 +238,64 @@ class TextualInversionMethod(TrainingMethod):
         return [settings.token] + [f"{settings.token}_{i}" for i in range(1, settings.num_vectors)]
 
     def prepare(self, pipe) -> list[torch.nn.Parameter]:
-        tokens = self._tokens()
-        added = pipe.tokenizer.add_tokens(tokens)
-        if added != len(tokens):
-            raise ValueError(f"token {self.config.textual_inversion.token!r} already exists in the tokenizer")
-        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
-        embeddings = pipe.text_encoder.get_input_embeddings().weight
-        self.token_ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
-        init = self._init_vector(pipe)
-        with torch.no_grad():
-            for token_id in self.token_ids:
-                embeddings[token_id] = init
-        self.frozen_rows = embeddings.detach().clone()
-        embeddings.requires_grad_(True)
-        return [embeddings]
+        self.family = family_of_pipeline(pipe)
+        self.token_ids, self.frozen_rows, trainable = {}, {}, []
+        for name, tokenizer, encoder in self.family.text_pairs(pipe):
+            trainable.append(self._add_tokens(name, tokenizer, encoder))
+        return trainable
 
-    def _init_vector(self, pipe) -> torch.Tensor:
-        embeddings = pipe.text_encoder.get_input_embeddings().weight
+    def _add_tokens(self, name: str, tokenizer, encoder) -> torch.nn.Parameter:
+        tokens = self._tokens()
+        if tokenizer.add_tokens(tokens) != len(tokens):
+            raise ValueError(f"token {self.config.textual_inversion.token!r} already exists in the tokenizer")
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        embeddings = encoder.get_input_embeddings().weight
+        self.token_ids[name] = tokenizer.convert_tokens_to_ids(tokens)
+        init = self._init_vector(tokenizer, embeddings)
+        with torch.no_grad():
+            for token_id in self.token_ids[name]:
+                embeddings[token_id] = init
+        self.frozen_rows[name] = embeddings.detach().clone()
+        embeddings.requires_grad_(True)
+        return embeddings
+
+    def _init_vector(self, tokenizer, embeddings: torch.Tensor) -> torch.Tensor:
         word = self.config.textual_inversion.init_word
         if word:
-            ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
+            ids = tokenizer(word, add_special_tokens=False).input_ids
             return embeddings[ids].detach().mean(dim=0)
-        return embeddings[: len(pipe.tokenizer) - len(self._tokens())].detach().mean(dim=0)
+        return embeddings[: len(tokenizer) - len(self._tokens())].detach().mean(dim=0)
 
     def uses_text_encoder_grad(self) -> bool:
         return True
 
+    def _embeddings(self, pipe) -> dict[str, torch.Tensor]:
+        return {name: encoder.get_input_embeddings().weight for name, _, encoder in self.family.text_pairs(pipe)}
+
     def after_step(self, pipe) -> None:
-        embeddings = pipe.text_encoder.get_input_embeddings().weight
-        keep = torch.ones(embeddings.shape[0], dtype=torch.bool)
-        keep[self.token_ids] = False
-        with torch.no_grad():
-            embeddings[keep] = self.frozen_rows[keep]  # only the new rows learn
+        for name, embeddings in self._embeddings(pipe).items():
+            keep = torch.ones(embeddings.shape[0], dtype=torch.bool)
+            keep[self.token_ids[name]] = False
+            with torch.no_grad():
+                embeddings[keep] = self.frozen_rows[name][keep]  # only the new rows learn
+
+    def _keys(self) -> dict[str, str]:
+        """Text encoder -> tensor name in the published file (the token, or SDXL's clip_l/clip_g)."""
+        keyed = dict(self.family.embedding_keys)
+        return {name: keyed.get(name, self.config.textual_inversion.token) for name in self.family.text_encoders}
 
     def export(self, pipe) -> AdapterPayload:
-        embeddings = pipe.text_encoder.get_input_embeddings().weight
-        vectors = embeddings[self.token_ids].detach().to("cpu", torch.float32).clone()  # [vectors, hidden]
-        token = self.config.textual_inversion.token
-        return AdapterPayload(AdapterFormat.textual_inversion, {token: vectors}, trigger_tokens=[token],
+        keys, token = self._keys(), self.config.textual_inversion.token
+        tensors = {keys[name]: embeddings[self.token_ids[name]].detach().to("cpu", torch.float32).clone()
+                   for name, embeddings in self._embeddings(pipe).items()}  # [vectors, hidden] each
+        return AdapterPayload(AdapterFormat.textual_inversion, tensors, trigger_tokens=[token],
                               source_format="lorafleet-train")
 
     def load_trainable_state(self, pipe, state: dict[str, torch.Tensor]) -> None:
-        embeddings = pipe.text_encoder.get_input_embeddings().weight
+        keys = self._keys()
         with torch.no_grad():
-            embeddings[self.token_ids] = state[self.config.textual_inversion.token].to(embeddings.dtype)
+            for name, embeddings in self._embeddings(pipe).items():
+                embeddings[self.token_ids[name]] = state[keys[name]].to(embeddings.dtype)
 
 
 class FullMethod(TrainingMethod):

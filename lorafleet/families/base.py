@@ -33,6 +33,8 @@ class ModelFamily:
     tokenizers: tuple[str, ...]
     native_resolution: int  # pixels of the side of the real family's training images
     kohya_prefixes: tuple[tuple[str, str], ...]  # (component, kohya prefix without "lora_"), export order
+    embedding_keys: tuple[tuple[str, str], ...] = ()  # (text encoder, key) of a textual-inversion file; ():
+    # one encoder, keyed by token
 
     @property
     def lora_components(self) -> tuple[str, ...]:
@@ -59,6 +61,11 @@ class ModelFamily:
 
         return getattr(diffusers, self.pipeline_class)
 
+    def text_pairs(self, pipe) -> list[tuple[str, object, object]]:
+        """(text encoder name, tokenizer, text encoder) for each text encoder, in order."""
+        return [(name, getattr(pipe, tokenizer), getattr(pipe, name))
+                for name, tokenizer in zip(self.text_encoders, self.tokenizers)]
+
     def models(self, pipe) -> dict[str, object]:
         """Every neural component of a pipeline of this family, by attribute name."""
         return {name: getattr(pipe, name) for name in (self.denoiser, "vae", *self.text_encoders)}
@@ -69,6 +76,19 @@ class ModelFamily:
         """Prompt embeddings (negative rows first when ``negatives`` is given: guidance) and whatever
         else the denoiser takes for images of ``height`` x ``width``, as the family's pipeline does."""
         raise NotImplementedError
+
+    def encode_for_training(self, pipe, captions: list[str], device):
+        """(hidden states, pooled embedding or None) of ``captions``, with gradients when the text
+        encoders train: the conditioning ``encode`` gives at serving time, without guidance."""
+        tokenizer = pipe.tokenizer
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        return pipe.text_encoder(ids)[0], None  # [batch, tokens, hidden]
+
+    def denoiser_kwargs(self, pooled, time_ids) -> dict:
+        """What the denoiser takes beyond hidden states in training (``time_ids``: [batch, 6] of
+        original height and width, crop top and left, target height and width)."""
+        return {}
 
     def decode(self, pipe, latents):
         """Latents to image tensors in [-1, 1]."""

@@ -81,6 +81,23 @@ class StableDiffusionXL(ModelFamily):
             time_ids = torch.cat([time_ids, time_ids])
         return Conditioning(embeds, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}})
 
+    def encode_for_training(self, pipe, captions: list[str], device):
+        """Both encoders' penultimate hidden states, concatenated, and the second one's pooled
+        projection: what ``StableDiffusionXLPipeline.encode_prompt`` computes (clip_skip unset)."""
+        import torch
+
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            output = encoder(ids, output_hidden_states=True)
+            pooled = output[0]  # the last encoder's text_embeds
+            hidden.append(output.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def denoiser_kwargs(self, pooled, time_ids) -> dict:
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}}
+
     def decode(self, pipe, latents):
         import torch
 
@@ -121,4 +138,5 @@ SDXL = StableDiffusionXL(
     tokenizers=("tokenizer", "tokenizer_2"),
     native_resolution=1024,
     kohya_prefixes=(("unet", "unet"), ("text_encoder", "te1"), ("text_encoder_2", "te2")),
+    embedding_keys=(("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")),  # as A1111 and civitai files
 )

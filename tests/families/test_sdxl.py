@@ -204,3 +204,38 @@ def test_every_route_serves_tiny_sdxl_over_http(sdxl_registry, sdxl_files, tmp_p
         png = Image.open(io.BytesIO(base64.b64decode(generated.data[0].b64_json)))
         assert png.size == (32, 32)
         assert "lorafleet_requests" in client.get("/metrics").text
+
+
+def test_an_a1111_sdxl_embedding_serves_on_both_encoders_like_diffusers(sdxl_spec, tiny_spec, tmp_path):
+    """An SDXL textual inversion as A1111/civitai files hold it (clip_l, clip_g; the token is the file
+    name), served by the engine = diffusers' documented two-call loading; each family refuses the
+    other's embeddings."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(5)
+    path = tmp_path / "shinytok.safetensors"
+    save_file({"clip_l": torch.randn(2, 32) * 0.5, "clip_g": torch.randn(2, 32) * 0.5}, str(path))
+    registry = AdapterRegistry(f"file://{tmp_path / 'r'}")
+    manifest = registry.publish(path, PublishRequest(name="shiny", base=sdxl_spec))
+    assert manifest.trigger_tokens == ["shinytok"]
+    fetcher = AdapterFetcher(registry, host_bytes=64 * 1024**2, disk=None)
+    engine = PipelineEngine(load_base("tiny-sdxl").pipeline, resolve_placement("cpu"))
+    job = GenerationJob("a shinytok circle", None, STEPS, GUIDANCE, 32, 32, (0,))
+    served = engine.run_batch([BatchRequest(_uses(fetcher, registry, ["shiny"]), job)])[0].images[0]
+    pipe = load_base("tiny-sdxl").pipeline
+    state = load_file(str(path))
+    pipe.load_textual_inversion(state["clip_l"], token="shinytok", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="shinytok", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    plain = pipe("a shinytok circle", num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=32, width=32,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert np.abs(served - plain).max() <= TOLERANCE
+    after = engine.run_batch([BatchRequest((), job)])[0].images[0]  # the token is plain text again
+    assert np.abs(after - plain_sdxl_image(prompt="a shinytok circle")).max() <= TOLERANCE
+    with pytest.raises(AdapterIncompatible, match="Stable Diffusion XL"):
+        AdapterRegistry(f"file://{tmp_path / 'sd1'}").publish(path, PublishRequest(name="x", base=tiny_spec))
+    sd1_embedding = tmp_path / "sd1.safetensors"
+    save_file({"<tok>": torch.randn(1, 32)}, str(sd1_embedding))
+    with pytest.raises(AdapterIncompatible, match="Stable Diffusion 1"):
+        registry.publish(sd1_embedding, PublishRequest(name="y", base=sdxl_spec))

@@ -15,7 +15,7 @@ from lorafleet.training.errors import TrainingInputInvalid
 from lorafleet.training.loop import Interrupted, train
 from lorafleet.training.publish import publish_result
 
-COMMON = ["base=tiny", "max_steps=30", "optimizer.learning_rate=0.005", "batch_size=4", "data.trigger=sks",
+COMMON = ["max_steps=30", "optimizer.learning_rate=0.005", "batch_size=4", "data.trigger=sks",
           "validation_prompts=['sks a red circle']"]
 METHOD_SETTINGS = {
     "lora": ["lora.text_encoder=true"],
@@ -32,20 +32,24 @@ def dataset(tmp_path_factory):
     return write_shapes_folder(tmp_path_factory.mktemp("data"), 8, colour="cyan", shape="circle")
 
 
-def _config(method, dataset, output, *extra):
-    return load_train_config(None, [f"method={method}", f"data.path={dataset}", f"output_dir={output}",
+def _config(method, dataset, output, *extra, base="tiny"):
+    return load_train_config(None, [f"method={method}", f"base={base}", f"data.path={dataset}", f"output_dir={output}",
                                     *COMMON, *METHOD_SETTINGS[method], *extra])
+
+
+# The family matrix: every method on SD 1.x-shaped `tiny` and on SDXL-shaped `tiny-sdxl`.
+MATRIX = [(base, method) for base in ("tiny", "tiny-sdxl") for method in METHOD_SETTINGS]
 
 
 _npy = decode_npy
 
 
-@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
-def test_method_trains_publishes_and_serves(method, dataset, tmp_path):
+@pytest.mark.parametrize(("base", "method"), MATRIX, ids=[f"{b}-{m}" for b, m in MATRIX])
+def test_method_trains_publishes_and_serves(base, method, dataset, tmp_path):
     from lorafleet.serve.app import create_local_app
     from lorafleet.serve.settings import ServeSettings
 
-    config = _config(method, dataset, tmp_path / "run")
+    config = _config(method, dataset, tmp_path / "run", base=base)
     result = train(config)
     assert result.metrics["loss_final"] < result.metrics["loss_first"]
     assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "metrics.json").is_file()
@@ -60,10 +64,10 @@ def test_method_trains_publishes_and_serves(method, dataset, tmp_path):
     if method == "full":
         return  # a full fine-tune is served as its own base, not as an adapter
     prompt = "<sks> a red circle" if method == "textual_inversion" else "sks a red circle"
-    settings = ServeSettings(base="tiny", registry=registry.uri, cache={"disk_dir": str(tmp_path / "cache")})
+    settings = ServeSettings(base=base, registry=registry.uri, cache={"disk_dir": str(tmp_path / "cache")})
     app, _ = create_local_app(settings, registry)
     with TestClient(app) as client:
-        body = {"prompt": prompt, "steps": 6, "seed": 1, "output_format": "npy"}
+        body = {"prompt": prompt, "steps": 6, "seed": 1, "guidance_scale": 5.0, "output_format": "npy"}
         with_adapter = client.post("/v1/generate", json={**body, "adapter": "trained"})
         without = client.post("/v1/generate", json=body)
     assert with_adapter.status_code == 200, with_adapter.text
@@ -73,9 +77,9 @@ def test_method_trains_publishes_and_serves(method, dataset, tmp_path):
         from lorafleet.bases import load_base
 
         _, path = registry.pull("trained", tmp_path / "pulled")
-        pipe = load_base("tiny").pipeline
+        pipe = load_base(base).pipeline
         pipe.load_lora_weights(str(path))
-        plain = pipe(prompt, num_inference_steps=6, generator=[torch.Generator().manual_seed(1)],
+        plain = pipe(prompt, num_inference_steps=6, guidance_scale=5.0, generator=[torch.Generator().manual_seed(1)],
                      output_type="np").images[0]
         assert np.abs(served - plain).max() <= 1e-4
 
@@ -230,11 +234,11 @@ def test_base_target_regularization_rows_aim_at_the_frozen_base(method, regulari
     noisy, timesteps = torch.randn_like(batch.latents), torch.full((len(rows),), 500)
     with torch.no_grad():
         target = trainer._toward_base(batch, noisy, timesteps, torch.zeros_like(noisy))
-        adapted = trainer.pipe.unet(noisy, timesteps, trainer.text(batch.captions)).sample
+        adapted = trainer.pipe.unet(noisy, timesteps, trainer.text(batch.captions)[0]).sample
         adapted_models = [trainer.pipe.unet] + ([trainer.pipe.text_encoder] if method == "lora" else [])
         for model in adapted_models:  # `lora` here also trains the text encoder (METHOD_SETTINGS)
             model.disable_adapters()
-        base = trainer.pipe.unet(noisy, timesteps, trainer.text(batch.captions)).sample
+        base = trainer.pipe.unet(noisy, timesteps, trainer.text(batch.captions)[0]).sample
         for model in adapted_models:
             model.enable_adapters()
     assert torch.equal(target, base) and not torch.allclose(target, adapted)
