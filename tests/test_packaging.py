@@ -15,6 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 IMPORT_ALL = """
 import importlib, pkgutil, sys
+# The locust file monkey-patches with gevent when imported, which must come before anything imports
+# ssl (as under locust itself; walking the packages imports them): import it first.
+importlib.import_module("lorafleet.devtools.locustfile")
 import lorafleet
 site = sys.argv[1]
 names = ["lorafleet"] + [m.name for m in pkgutil.walk_packages(lorafleet.__path__, "lorafleet.")]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ..active_tier import TierChange
-from ..jobs import BatchRequest, LoraSet
 from ..residency import PassMode
+
+if TYPE_CHECKING:  # the runners import torch and peft; this package's interface does not need them
+    from ..active_tier import TierChange
+    from ..jobs import BatchRequest, LoraSet
 
 
 @dataclass

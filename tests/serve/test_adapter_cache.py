@@ -44,14 +44,27 @@ def test_lru_evicts_oldest_within_budget_and_keeps_pinned():
     for key in "abc":
         assert lru.put(key, key, 10) == []
     lru.get("a")  # a is now the most recent
-    lru.pin("b")
-    assert lru.put("d", "d", 10) == ["c"]
-    assert lru.keys() == ["b", "a", "d"]
-    assert lru.put("e", "e", 10) == ["a"]  # b is pinned
-    lru.unpin("b")
+    with lru.pinned(["b"]):
+        assert lru.put("d", "d", 10) == ["c"]
+        assert lru.keys() == ["b", "a", "d"]
+        assert lru.put("e", "e", 10) == ["a"]  # b is pinned
     assert lru.put("f", "f", 10) == ["b"]
     assert lru.put("huge", "x", 31) == [] and lru.get("huge") is None
     assert lru.bytes_used == 30 and lru.evictions == 3
+
+
+def test_make_room_bounds_count_and_bytes_before_an_entry_is_built():
+    """What the active tier relies on: room is made first (its evictions returned, to release),
+    pinned keys stay, and nothing is evicted for an entry that already fits."""
+    lru = ByteBudgetLRU[str](budget_bytes=100, max_items=2)
+    lru.insert("a", "A", 10)
+    lru.insert("b", "B", 10)
+    with lru.pinned(["a", "c"]):
+        assert lru.make_room(10) == [("b", "B")]  # the count bound: a is pinned
+        lru.insert("c", "C", 10)
+        assert lru.make_room(10) == []  # only pinned entries are left
+    assert lru.make_room(85) == [("a", "A")]  # now the byte bound, least recent first
+    assert lru.keys() == ["c"] and lru.evictions == 2
 
 
 def test_host_hit_skips_disk_and_registry(tiny_spec, tmp_path):
