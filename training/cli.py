@@ -13,10 +13,10 @@ from lorafleet.errors import LorafleetError
 from .config import DataConfig, Method, load_train_config
 
 EXAMPLE_CONFIG = """\
-# lorafleet training config ({method}). Every key is documented in training/config.py;
-# unknown keys are refused. Override any key with --set dotted.key=value.
+# lorafleet training config ({method}, {family_title}). Every key is documented in training/config.py;
+# unknown keys are refused. Override any key with --set dotted.key=value.{scaled_note}
 method: {method}            # lora | dreambooth | qlora | textual_inversion | full
-base: toy                   # built-in base name (toy, tiny, small) or a diffusers directory
+base: {base}{base_pad}# built-in base name (toy, tiny, small, tiny-sdxl), a diffusers directory or a .safetensors file
 seed: 0
 max_steps: 200              # optimizer steps
 batch_size: 4
@@ -30,17 +30,18 @@ validation_prompts: ["sks a photo"]
 output_dir: lorafleet-runs/my-run
 data:
   path: ./images            # images + NAME.txt captions, or metadata.jsonl (file_name, text)
-  resolution: 32
+  resolution: {resolution}{resolution_pad}# {resolution_note}
+  buckets: {buckets}           # aspect-ratio buckets around resolution^2 (SDXL records each image's size and crop)
   trigger: sks              # trigger token
   trigger_mode: prepend     # prepend | substitute ('[trigger]' in captions) | none
   crop: center              # center | random
   flip: false
   caption_dropout: 0.1
 lora:
-  rank: 4
-  alpha: 4
+  rank: {rank}
+  alpha: {rank}
   target_modules: [to_q, to_k, to_v, to_out.0]
-  text_encoder: false
+  text_encoder: false       # true: LoRA on every text encoder of the family ({text_encoders})
 dreambooth:
   class_prompt: a photo
   num_class_images: 8
@@ -54,7 +55,7 @@ regularization:            # captions without [trigger] (trigger_mode: substitut
   weight: 1.0               # loss weight of their rows
 optimizer:
   name: adamw               # adamw | adamw8bit
-  learning_rate: 0.001
+  learning_rate: {learning_rate}
   warmup_steps: 10
   schedule: cosine          # constant | cosine | linear
 publish:
@@ -86,9 +87,35 @@ class _ProgressBar:
             self.bar.close()
 
 
+def example_config(method: Method, family_name: str | None, base: str | None) -> str:
+    """The commented example config for ``method`` on a family: its real-model defaults, with the
+    resolution scaled down to the example base's own (a built-in tiny base draws 32 px)."""
+    from lorafleet.families import family_named
+
+    family = family_named(family_name or "sd1")
+    if base is not None:
+        from lorafleet.bases import load_base
+
+        loaded = load_base(base)
+        family, resolution = loaded.family, loaded.native_size
+    else:
+        base = family.example_base
+        resolution = 32
+    real = family.native_resolution
+    note = f"{real} on a real {family.title} base" if resolution != real else f"{family.title}'s native size"
+    scaled = (f"\n# Defaults are {family.title}'s ({real} px); the resolution is scaled to {base}'s {resolution} px."
+              if resolution != real else "")
+    return EXAMPLE_CONFIG.format(
+        method=method.value, family_title=family.title, scaled_note=scaled, base=base,
+        base_pad=" " * max(1, 20 - len(base)), resolution=resolution,
+        resolution_pad=" " * max(1, 14 - len(str(resolution))), resolution_note=note,
+        buckets="true" if family.name == "sdxl" else "false", rank=family.example_rank,
+        text_encoders=", ".join(family.text_encoders), learning_rate=family.example_learning_rate)
+
+
 def cmd_train(args) -> int:
     if args.print_config:
-        print(EXAMPLE_CONFIG.format(method=Method(args.print_config).value))
+        print(example_config(Method(args.print_config), args.family, args.base))
         return 0
     config = load_train_config(Path(args.config) if args.config else None, args.set)
     name = args.publish or config.publish.name
@@ -160,6 +187,8 @@ def add_commands(subparsers) -> None:
                        help="submit as a Ray job (a local cluster when no address)")
     train.add_argument("--workers", type=int, default=0, help="data-parallel workers with Ray Train")
     train.add_argument("--print-config", choices=[m.value for m in Method], help="print an example config")
+    train.add_argument("--family", choices=["sd1", "sdxl"], help="with --print-config: the model family's defaults")
+    train.add_argument("--base", help="with --print-config: the base (its family, and its resolution)")
     train.add_argument("--result-json", action="store_true", help="end with one machine-readable result line")
     train.set_defaults(handler=cmd_train)
 

@@ -33,6 +33,9 @@ class ModelFamily:
     tokenizers: tuple[str, ...]
     native_resolution: int  # pixels of the side of the real family's training images
     kohya_prefixes: tuple[tuple[str, str], ...]  # (component, kohya prefix without "lora_"), export order
+    example_base: str  # the built-in base `--print-config` examples use
+    example_rank: int  # LoRA rank and learning rate usual for the real family
+    example_learning_rate: float
     embedding_keys: tuple[tuple[str, str], ...] = ()  # (text encoder, key) of a textual-inversion file; ():
     # one encoder, keyed by token
 

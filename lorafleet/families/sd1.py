@@ -40,5 +40,8 @@ SD1 = StableDiffusion1(
     text_encoders=("text_encoder",),
     tokenizers=("tokenizer",),
     native_resolution=512,
+    example_base="toy",
+    example_rank=4,
+    example_learning_rate=0.001,
     kohya_prefixes=(("unet", "unet"), ("text_encoder", "te")),
 )

@@ -137,6 +137,9 @@ SDXL = StableDiffusionXL(
     text_encoders=("text_encoder", "text_encoder_2"),
     tokenizers=("tokenizer", "tokenizer_2"),
     native_resolution=1024,
+    example_base="tiny-sdxl",
+    example_rank=16,
+    example_learning_rate=0.0001,
     kohya_prefixes=(("unet", "unet"), ("text_encoder", "te1"), ("text_encoder_2", "te2")),
     embedding_keys=(("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")),  # as A1111 and civitai files
 )

@@ -164,3 +164,21 @@ def test_a_symlinked_metadata_file_is_refused(tmp_path):
     os.symlink(tmp_path / "elsewhere.jsonl", folder / "metadata.jsonl")
     with pytest.raises(TrainingInputInvalid, match="not a regular file"):
         scan(DataConfig(path=folder))
+
+
+def test_each_image_records_its_original_size_and_crop_for_sdxl():
+    """SDXL's add_time_ids: (original height, width, crop top, left, target height, width), as
+    diffusers' SDXL training scripts record them; a random crop records the offset it drew."""
+    import random
+
+    from PIL import Image
+
+    from lorafleet.training.data import resize_and_crop_recorded
+
+    wide = Image.new("RGB", (64, 48))
+    image, ids = resize_and_crop_recorded(wide, 32, "center", random.Random(0))
+    assert image.size == (32, 32) and ids == (48, 64, 0, 5, 32, 32)  # resized to 43x32, 11 px spare
+    tall = Image.new("RGB", (40, 80))
+    offsets = {resize_and_crop_recorded(tall, (16, 24), "random", random.Random(seed))[1] for seed in range(20)}
+    assert {ids[:2] for ids in offsets} == {(80, 40)} and {ids[4:] for ids in offsets} == {(24, 16)}
+    assert {ids[3] for ids in offsets} == {0} and len({ids[2] for ids in offsets}) > 1  # 32 px tall: 8 spare rows
