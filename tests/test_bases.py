@@ -68,9 +68,10 @@ def test_spec_lists_targetable_modules():
     assert spec.text_hidden_size == 32
 
 
-@pytest.mark.parametrize("base", ["tiny", "small"])
+@pytest.mark.parametrize("base", ["tiny", "small", "tiny-sdxl"])
 def test_single_file_checkpoint_loads_with_the_same_fingerprint(tmp_path, base):
-    """An original-layout (LDM) checkpoint we write loads through diffusers' from_single_file."""
+    """An original-layout (LDM; SDXL: SGM with an OpenCLIP second encoder) checkpoint we write loads
+    through diffusers' from_single_file, its family detected from its keys."""
     from lorafleet.bases.single_file import export_single_file
 
     exported = export_base(base, tmp_path / "configs")
@@ -82,7 +83,7 @@ def test_single_file_checkpoint_loads_with_the_same_fingerprint(tmp_path, base):
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
     assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
     loaded = load_base(str(checkpoint), base_config=str(tmp_path / "configs"))
-    assert loaded.fingerprint == exported.fingerprint
+    assert loaded.fingerprint == exported.fingerprint and loaded.family.name == exported.family.name
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):

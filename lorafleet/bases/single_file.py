@@ -1,9 +1,11 @@
-"""Writing a base as one original-layout (LDM / A1111) .safetensors checkpoint.
+"""Writing a base as one original-layout (LDM / SGM, A1111) .safetensors checkpoint.
 
-Real Stable Diffusion 1.x checkpoints are distributed this way; lorafleet loads them with
-diffusers' ``from_single_file`` (configs from a diffusers directory, offline). This writer
-exists so that path is tested on weights we build ourselves: it maps diffusers module names
-back to the LDM ones (the inverse of diffusers' conversion) for the UNet, VAE and CLIP.
+Real Stable Diffusion 1.x and SDXL checkpoints are distributed this way; lorafleet loads them
+with diffusers' ``from_single_file`` (configs from a diffusers directory, offline). This writer
+exists so that path is tested on weights we build ourselves: it maps diffusers names back to the
+original ones (the inverse of diffusers' conversion) for the UNet (families/ldm.py), the VAE, and
+the text encoders the family lays out (CLIP as transformers names it; SDXL's second encoder as
+OpenCLIP does, with q, k and v in one ``in_proj``).
 """
 
 from __future__ import annotations
@@ -13,44 +15,14 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.errors import BaseModelError
 from lorafleet.families import family_of_pipeline
+from lorafleet.families.ldm import ldm_unet_namer
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer.text_model."
-
-_UNET_FIXED = {
-    "time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
-    "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
-}
-_UNET_RESNET = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
-                "norm2.": "out_layers.0.", "conv2.": "out_layers.3.", "conv_shortcut.": "skip_connection."}
 _VAE_ATTENTION = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
-
-
-def _unet_block_prefixes(config) -> dict[str, str]:
-    """diffusers block prefix -> LDM block prefix, for this UNet's depth and layers per block."""
-    per_block, levels = config.layers_per_block, len(config.block_out_channels)
-    mapping = {"mid_block.attentions.0.": "middle_block.1."}
-    for j in range(2):
-        mapping[f"mid_block.resnets.{j}."] = f"middle_block.{2 * j}."
-    for i in range(levels):
-        for j in range(per_block):
-            index = (per_block + 1) * i + j + 1
-            mapping[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{index}.0."
-            mapping[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{index}.1."
-        if i < levels - 1:
-            mapping[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(per_block + 1) * (i + 1)}.0.op."
-        has_attention = "CrossAttn" in config.up_block_types[i]
-        for j in range(per_block + 1):
-            index = (per_block + 1) * i + j
-            mapping[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{index}.0."
-            mapping[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{index}.1."
-        if i < levels - 1:
-            slot = 2 if has_attention else 1
-            mapping[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{(per_block + 1) * i + per_block}.{slot}."
-    return mapping
+_OPENCLIP_LAYER = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj.",
+                   "self_attn.out_proj.": "attn.out_proj."}
 
 
 def _rename(key: str, table: dict[str, str], inner: dict[str, str] | None = None) -> str | None:
@@ -63,16 +35,8 @@ def _rename(key: str, table: dict[str, str], inner: dict[str, str] | None = None
 
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    blocks = _unet_block_prefixes(unet.config)
-    resnets = {k: v for k, v in blocks.items() if ".resnets." in k}
-    others = {k: v for k, v in blocks.items() if ".resnets." not in k}
-    out = {}
-    for key, tensor in unet.state_dict().items():
-        renamed = _rename(key, _UNET_FIXED) or _rename(key, resnets, _UNET_RESNET) or _rename(key, others)
-        if renamed is None:
-            raise ValueError(f"no LDM name for UNet parameter {key}")
-        out[UNET_PREFIX + renamed] = tensor
-    return out
+    ldm_name = ldm_unet_namer(unet.config)
+    return {UNET_PREFIX + ldm_name(key): tensor for key, tensor in unet.state_dict().items()}
 
 
 def _vae_block_prefixes(config) -> dict[str, str]:
@@ -103,26 +67,49 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, tensor in text_encoder.state_dict().items():
-        bare = key.removeprefix("text_model.")
-        out[CLIP_PREFIX + bare] = tensor
+def clip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder as transformers 4 named it (``text_model.`` included) under ``prefix``."""
+    return {prefix + key.removeprefix("text_model."): tensor for key, tensor in text_encoder.state_dict().items()
+            if not key.endswith("position_ids")}
+
+
+def openclip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder as OpenCLIP names it (the inverse of diffusers'
+    convert_open_clip_checkpoint): q, k, v stacked into in_proj; the projection transposed."""
+    state = {key.removeprefix("text_model."): tensor for key, tensor in text_encoder.state_dict().items()}
+    out = {prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           prefix + "text_projection": state.pop("text_projection.weight").T.contiguous()}
+    state.pop("embeddings.position_ids", None)
+    for side in ("weight", "bias"):
+        out[prefix + f"ln_final.{side}"] = state.pop(f"final_layer_norm.{side}")
+    for index in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{index}.", f"{prefix}transformer.resblocks.{index}."
+        for side in ("weight", "bias"):
+            out[block + f"attn.in_proj_{side}"] = torch.cat(
+                [state.pop(f"{layer}self_attn.{p}_proj.{side}") for p in ("q", "k", "v")])
+        for key in [k for k in state if k.startswith(layer)]:
+            out[block + _rename(key[len(layer):], _OPENCLIP_LAYER)] = state.pop(key)
+    if state:
+        raise ValueError(f"no OpenCLIP name for {sorted(state)[:3]}")
     return out
 
 
+_TEXT_WRITERS = {"clip": clip_to_ldm, "openclip": openclip_to_ldm}
+
+
 def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    checkpoint = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **clip_to_ldm(pipe.text_encoder)}
+    family = family_of_pipeline(pipe)
+    checkpoint = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae)}
+    for component, prefix, kind in family.checkpoint_text_encoders:
+        checkpoint.update(_TEXT_WRITERS[kind](getattr(pipe, component), prefix))
     return {k: v.detach().to("cpu").contiguous() for k, v in checkpoint.items()}
 
 
 def export_single_file(pipe, destination: Path) -> Path:
     from safetensors.torch import save_file
 
-    family = family_of_pipeline(pipe)
-    if family.name != "sd1":
-        raise BaseModelError(f"single-file export writes the SD 1.x (LDM) layout; {family.title} is not done yet: "
-                             "export it as a diffusers directory", field="format")
+
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     save_file(pipeline_to_ldm(pipe), str(destination), metadata={"format": "pt", "layout": "ldm"})

@@ -148,7 +148,8 @@ def build_small_pipeline():
 
 # `tiny-sdxl`: an SDXL-shaped pipeline with random weights (plumbing tests of the SDXL family).
 # Same component structure as SDXL: a UNet with text-time added conditioning and linear
-# projections, CLIPTextModel + CLIPTextModelWithProjection (hidden states concatenated: 32 + 32),
+# projections, CLIPTextModel + a wider CLIPTextModelWithProjection (hidden states concatenated:
+# 32 + 64; the widths differ, as real SDXL's 768 and 1280 do, which single-file loading relies on),
 # two tokenizers, the Euler scheduler; real SDXL's layout of levels (no attention on the first
 # down and last up level, two layers per block) so that its SGM and kohya names are the real ones.
 TINY_SDXL_SEED = 20261130
@@ -162,13 +163,14 @@ TINY_SDXL_UNET_CONFIG = dict(
     layers_per_block=2,
     transformer_layers_per_block=[1, 2],
     attention_head_dim=[2, 4],
-    cross_attention_dim=64,
+    cross_attention_dim=32 + 64,
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=6 * 8 + 32,  # six size numbers x 8, plus the pooled text (32)
+    projection_class_embeddings_input_dim=6 * 8 + 64,  # six size numbers x 8, plus the pooled text (64)
     norm_num_groups=8,
 )
+TINY_SDXL_TEXT_2_CONFIG = {**TEXT_CONFIG, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64}
 TINY_SDXL_VAE_CONFIG = {**VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True}
 SDXL_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -196,7 +198,7 @@ def build_tiny_sdxl_pipeline():
         text_encoder = build_text_encoder(tokenizer, TEXT_CONFIG)
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=len(tokenizer_2), bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
-            pad_token_id=tokenizer_2.pad_token_id, **TEXT_CONFIG))
+            pad_token_id=tokenizer_2.pad_token_id, **TINY_SDXL_TEXT_2_CONFIG))
     finally:
         torch.random.set_rng_state(generator_state)
     for module in (unet, vae, text_encoder, text_encoder_2):

@@ -56,9 +56,7 @@ def _reference_run(data: str, steps: int, batch: int, rank: int, base: str, queu
                        for p in images]).transpose(0, 3, 1, 2)
     with torch.no_grad():
         latents = pipe.vae.encode(torch.from_numpy(pixels)).latent_dist.sample() * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer(["sks a photo"] * batch, padding="max_length", truncation=True,
-                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-        hidden = pipe.text_encoder(ids)[0]
+        hidden, extra = _reference_conditioning(pipe, batch)
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
@@ -69,7 +67,7 @@ def _reference_run(data: str, steps: int, batch: int, rank: int, base: str, queu
         index = torch.randint(len(latents), (batch,))
         noise = torch.randn_like(latents[index])
         t = torch.randint(0, 1000, (batch,))
-        prediction = pipe.unet(noise_scheduler.add_noise(latents[index], noise, t), t, hidden).sample
+        prediction = pipe.unet(noise_scheduler.add_noise(latents[index], noise, t), t, hidden, **extra).sample
         F.mse_loss(prediction, noise).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -80,6 +78,24 @@ def _reference_run(data: str, steps: int, batch: int, rank: int, base: str, queu
         step()
     elapsed = time.perf_counter() - started
     queue.put({"steps_per_s": steps / elapsed, "peak_rss_mb": _peak_rss_mb()})
+
+
+def _reference_conditioning(pipe, batch: int):
+    """The prompt as the plain scripts encode it: SD 1.x's train_dreambooth_lora.py (one encoder), or
+    train_dreambooth_lora_sdxl.py (both encoders' penultimate states, pooled, add_time_ids)."""
+    import torch
+
+    def ids(tokenizer):
+        return tokenizer(["sks a photo"] * batch, padding="max_length", truncation=True,
+                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return pipe.text_encoder(ids(pipe.tokenizer))[0], {}
+    first = pipe.text_encoder(ids(pipe.tokenizer), output_hidden_states=True)
+    second = pipe.text_encoder_2(ids(pipe.tokenizer_2), output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * batch, dtype=hidden.dtype)  # original, crop, target
+    return hidden, {"added_cond_kwargs": {"text_embeds": second[0], "time_ids": time_ids}}
 
 
 def _in_process(target, *args) -> dict:

@@ -36,6 +36,8 @@ class ModelFamily:
     example_base: str  # the built-in base `--print-config` examples use
     example_rank: int  # LoRA rank and learning rate usual for the real family
     example_learning_rate: float
+    checkpoint_text_encoders: tuple[tuple[str, str, str], ...] = ()  # (text encoder, key prefix, "clip" |
+    # "openclip") in an original-layout single-file checkpoint
     embedding_keys: tuple[tuple[str, str], ...] = ()  # (text encoder, key) of a textual-inversion file; ():
     # one encoder, keyed by token
 

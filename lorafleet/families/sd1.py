@@ -44,4 +44,5 @@ SD1 = StableDiffusion1(
     example_rank=4,
     example_learning_rate=0.001,
     kohya_prefixes=(("unet", "unet"), ("text_encoder", "te")),
+    checkpoint_text_encoders=(("text_encoder", "cond_stage_model.transformer.text_model.", "clip"),),
 )

@@ -1,8 +1,8 @@
 """Stable Diffusion XL: a UNet conditioned on two CLIP text encoders (hidden states concatenated),
 the second one's pooled embedding and six size numbers per image (``add_time_ids``).
 
-kohya/A1111 SDXL LoRAs name UNet modules as Stability's SGM UNet does (``input_blocks.4.1...``);
-``sgm_path`` maps a diffusers module path to that name (diffusers' kohya loader maps it back).
+kohya/A1111 SDXL LoRAs name UNet modules as Stability's SGM UNet does (``input_blocks.4.1...``;
+ldm.py maps diffusers paths to those names, diffusers' kohya loader maps them back).
 """
 
 from __future__ import annotations
@@ -12,44 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Conditioning, ModelFamily
-
-_RESNET_LAYERS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-                  "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
-_TOP_LEVEL = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
-              "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-
-
-def sgm_path(path: str, layers_per_block: int, up_blocks_with_attention: tuple[bool, ...]) -> str:
-    """The SGM (original SDXL) name of a diffusers UNet module path."""
-    for diffusers_name, sgm_name in _TOP_LEVEL.items():
-        if path == diffusers_name or path.startswith(diffusers_name + "."):
-            return sgm_name + path[len(diffusers_name):]
-    parts = path.split(".")
-    if parts[0] in ("down_blocks", "up_blocks"):
-        level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-        head = _level_block(parts[0], level, kind, index, layers_per_block, up_blocks_with_attention)
-    elif parts[0] == "mid_block":
-        kind, index, rest = parts[1], int(parts[2]), parts[3:]
-        head = f"middle_block.{1 if kind == 'attentions' else 2 * index}"
-    else:
-        return path
-    if kind == "resnets" and rest and rest[0] in _RESNET_LAYERS:
-        rest = [_RESNET_LAYERS[rest[0]], *rest[1:]]
-    if kind == "downsamplers" and rest[:1] == ["conv"]:
-        rest = ["op", *rest[1:]]
-    return ".".join([head, *rest])
-
-
-def _level_block(block: str, level: int, kind: str, index: int, per_block: int,
-                 up_attention: tuple[bool, ...]) -> str:
-    if block == "down_blocks":
-        if kind == "downsamplers":
-            return f"input_blocks.{(level + 1) * (per_block + 1)}.0"
-        return f"input_blocks.{1 + level * (per_block + 1) + index}.{1 if kind == 'attentions' else 0}"
-    if kind == "upsamplers":  # after the resnet, and the attention where the level has one
-        return f"output_blocks.{level * (per_block + 1) + per_block}.{2 if up_attention[level] else 1}"
-    return f"output_blocks.{level * (per_block + 1) + index}.{1 if kind == 'attentions' else 0}"
+from .ldm import ldm_unet_namer
 
 
 @dataclass(frozen=True)
@@ -122,10 +85,8 @@ class StableDiffusionXL(ModelFamily):
     def kohya_names(self, pipe, component: str, module_paths) -> dict[str, str]:
         if component != self.denoiser:
             return super().kohya_names(pipe, component, module_paths)
-        config = pipe.unet.config
-        with_attention = tuple("CrossAttn" in kind for kind in config.up_block_types)
-        return {sgm_path(path, config.layers_per_block, with_attention).replace(".", "_"): path
-                for path in module_paths}
+        ldm_name = ldm_unet_namer(pipe.unet.config)
+        return {ldm_name(path).replace(".", "_"): path for path in module_paths}
 
 
 SDXL = StableDiffusionXL(
@@ -141,5 +102,7 @@ SDXL = StableDiffusionXL(
     example_rank=16,
     example_learning_rate=0.0001,
     kohya_prefixes=(("unet", "unet"), ("text_encoder", "te1"), ("text_encoder_2", "te2")),
+    checkpoint_text_encoders=(("text_encoder", "conditioner.embedders.0.transformer.text_model.", "clip"),
+                              ("text_encoder_2", "conditioner.embedders.1.model.", "openclip")),
     embedding_keys=(("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")),  # as A1111 and civitai files
 )

@@ -214,7 +214,7 @@ def test_an_a1111_sdxl_embedding_serves_on_both_encoders_like_diffusers(sdxl_spe
 
     torch.manual_seed(5)
     path = tmp_path / "shinytok.safetensors"
-    save_file({"clip_l": torch.randn(2, 32) * 0.5, "clip_g": torch.randn(2, 32) * 0.5}, str(path))
+    save_file({"clip_l": torch.randn(2, 32) * 0.5, "clip_g": torch.randn(2, 64) * 0.5}, str(path))
     registry = AdapterRegistry(f"file://{tmp_path / 'r'}")
     manifest = registry.publish(path, PublishRequest(name="shiny", base=sdxl_spec))
     assert manifest.trigger_tokens == ["shinytok"]
@@ -239,3 +239,27 @@ def test_an_a1111_sdxl_embedding_serves_on_both_encoders_like_diffusers(sdxl_spe
     save_file({"<tok>": torch.randn(1, 32)}, str(sd1_embedding))
     with pytest.raises(AdapterIncompatible, match="Stable Diffusion 1"):
         registry.publish(sd1_embedding, PublishRequest(name="y", base=sdxl_spec))
+
+
+def test_sdxl_through_the_hot_swap_slot_and_on_peft_layers(sdxl_registry, sdxl_files, sdxl_spec, tmp_path):
+    """The compile-safe slot (LoRA on the UNet and both text encoders), and a convolution LoRA
+    (not routable: its pass runs on peft layers), each equal to plain diffusers."""
+    from lorafleet.serve.slots import SLOT, LoraSlot
+    from lorafleet.synthetic import synthetic_lora
+
+    fetcher = AdapterFetcher(sdxl_registry, host_bytes=64 * 1024**2, disk=None)
+    pipe = load_base("tiny-sdxl").pipeline
+    engine = PipelineEngine(pipe, resolve_placement("cpu"), slot=LoraSlot(pipe, target_rank=8))
+    job = GenerationJob(PROMPT, None, STEPS, GUIDANCE, 32, 32, (0,))
+    for name in ("sdxl0", "kohya0", None, "sdxl1"):
+        result = engine.run_batch([BatchRequest(_uses(fetcher, sdxl_registry, [name]) if name else (), job)])[0]
+        expected = plain_sdxl_image(sdxl_files[name]) if name else plain_sdxl_image()
+        assert result.mode == "slot" and np.abs(result.images[0] - expected).max() <= TOLERANCE, name
+    assert engine.slot.adapter_names() == {SLOT}
+    conv = tmp_path / "conv.safetensors"
+    conv.write_bytes(synthetic_lora(sdxl_spec, seed=7, targets=("conv1", "conv2")).to_bytes())
+    sdxl_registry.publish(conv, PublishRequest(name="conv", base=sdxl_spec))
+    _, pulled = sdxl_registry.pull("conv", tmp_path / "pulled")
+    plain_engine = PipelineEngine(load_base("tiny-sdxl").pipeline, resolve_placement("cpu"))
+    result = plain_engine.run_batch([BatchRequest(_uses(fetcher, sdxl_registry, ["conv"]), job)])[0]
+    assert result.mode == "active" and np.abs(result.images[0] - plain_sdxl_image(pulled)).max() <= TOLERANCE

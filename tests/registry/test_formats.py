@@ -86,10 +86,14 @@ def test_kohya_per_module_alphas_become_patterns(registry, tiny_spec, tmp_path):
     assert unet.alpha_pattern == {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v": 1.0}
 
 
-def test_peft_folder_with_adapter_config_is_accepted(registry, tiny_spec, tmp_path):
+@pytest.mark.parametrize("base", ["tiny", "tiny-sdxl"])
+def test_peft_folder_with_adapter_config_is_accepted(registry, base, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    unet = load_base("tiny").pipeline.unet
+    from lorafleet.bases import base_spec
+
+    tiny_spec = base_spec(base)
+    unet = load_base(base).pipeline.unet
     model = get_peft_model(unet, LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "to_v"]))
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
