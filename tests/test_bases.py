@@ -86,6 +86,12 @@ def test_single_file_checkpoint_loads_with_the_same_fingerprint(tmp_path, base):
     assert loaded.fingerprint == exported.fingerprint and loaded.family.name == exported.family.name
 
 
+def test_a_base_of_an_unsupported_family_is_refused_naming_the_supported_ones(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(BaseModelError, match="FluxPipeline.*Stable Diffusion 1.x/2.x, Stable Diffusion XL"):
+        load_base(str(tmp_path))
+
+
 def test_pickle_checkpoints_are_refused(tmp_path):
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04not really")
     with pytest.raises(BaseModelError, match="only .safetensors"):

@@ -14,7 +14,6 @@ from .sd1 import SD1
 from .sdxl import SDXL
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL)}
-DEFAULT_FAMILY = SD1
 
 ALL_LORA_COMPONENTS: tuple[str, ...] = tuple(dict.fromkeys(
     component for family in FAMILIES.values() for component in family.lora_components))
@@ -56,6 +55,6 @@ def families_with_components(components) -> list[ModelFamily]:
     return [family for family in FAMILIES.values() if set(components) <= set(family.lora_components)]
 
 
-__all__ = ["ALL_LORA_COMPONENTS", "DEFAULT_FAMILY", "FAMILIES", "Conditioning", "ModelFamily", "UnknownFamily",
+__all__ = ["ALL_LORA_COMPONENTS", "FAMILIES", "Conditioning", "ModelFamily", "UnknownFamily",
            "families_with_components", "family_named", "family_of_checkpoint_keys", "family_of_class_name",
            "family_of_pipeline"]

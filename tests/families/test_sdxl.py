@@ -154,6 +154,8 @@ def test_the_engine_serves_sdxl_like_plain_diffusers_across_swaps_fuses_and_evic
     """Diffusers and kohya files; routed (mixed) batches, fusing, eviction and reload."""
     fetcher = AdapterFetcher(sdxl_registry, host_bytes=64 * 1024**2, disk=None)
     engine = PipelineEngine(load_base("tiny-sdxl").pipeline, resolve_placement("cpu"), max_active=2, fuse_after=2)
+    pristine = {name: {k: v.clone() for k, v in getattr(engine.pipe, name).state_dict().items()}
+                for name in ("unet", "text_encoder", "text_encoder_2")}
     references = {name: plain_sdxl_image(path) for name, path in sdxl_files.items()}
     references[None] = plain_sdxl_image()
     job = GenerationJob(PROMPT, None, STEPS, GUIDANCE, 32, 32, (0,))
@@ -166,6 +168,10 @@ def test_the_engine_serves_sdxl_like_plain_diffusers_across_swaps_fuses_and_evic
             events += result.fuse_events
             assert np.abs(result.images[0] - references[name]).max() <= TOLERANCE, (name, result.mode)
     assert {"mixed", "fused", "base"} <= modes and "unfuse" in events
+    for name, weights in pristine.items():  # left the fused state: the base is bit-identical again
+        now = {k.replace(".base_layer", ""): v for k, v in getattr(engine.pipe, name).state_dict().items()
+               if "lora_" not in k}
+        assert set(now) == set(weights) and all(torch.equal(now[k], weights[k]) for k in weights), name
 
 
 def test_every_route_serves_tiny_sdxl_over_http(sdxl_registry, sdxl_files, tmp_path):
@@ -263,3 +269,21 @@ def test_sdxl_through_the_hot_swap_slot_and_on_peft_layers(sdxl_registry, sdxl_f
     plain_engine = PipelineEngine(load_base("tiny-sdxl").pipeline, resolve_placement("cpu"))
     result = plain_engine.run_batch([BatchRequest(_uses(fetcher, sdxl_registry, ["conv"]), job)])[0]
     assert result.mode == "active" and np.abs(result.images[0] - plain_sdxl_image(pulled)).max() <= TOLERANCE
+
+
+def test_a_weighted_composition_of_sdxl_adapters_matches_diffusers_set_adapters(sdxl_registry, sdxl_files):
+    """Two adapters in one request (one with both text encoders), weighted, in a mixed batch."""
+    fetcher = AdapterFetcher(sdxl_registry, host_bytes=64 * 1024**2, disk=None)
+    engine = PipelineEngine(load_base("tiny-sdxl").pipeline, resolve_placement("cpu"))
+    composed = tuple(AdapterUse(fetcher.fetch(sdxl_registry.resolve(ref)).adapter, weight)
+                     for ref, weight in (("sdxl0", 0.7), ("sdxl2", 0.4)))
+    job = GenerationJob(PROMPT, None, STEPS, GUIDANCE, 32, 32, (0,))
+    results = engine.run_batch([BatchRequest(composed, job), BatchRequest(_uses(fetcher, sdxl_registry, ["sdxl1"]), job)])
+    pipe = load_base("tiny-sdxl").pipeline
+    pipe.load_lora_weights(str(sdxl_files["sdxl0"]), adapter_name="a")
+    pipe.load_lora_weights(str(sdxl_files["sdxl2"]), adapter_name="b")
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
+    expected = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert results[0].mode == "mixed" and np.abs(results[0].images[0] - expected).max() <= TOLERANCE
+    assert np.abs(results[1].images[0] - plain_sdxl_image(sdxl_files["sdxl1"])).max() <= TOLERANCE
