@@ -149,12 +149,13 @@ def test_config_rejects_unknown_keys_by_name(tmp_path):
 def test_printed_example_configs_are_valid(tmp_path):
     import yaml
 
-    from lorafleet.training.cli import EXAMPLE_CONFIG
-    from lorafleet.training.config import TrainConfig
+    from lorafleet.training.cli import example_config
+    from lorafleet.training.config import Method, TrainConfig
 
-    for method in METHOD_SETTINGS:
-        tree = yaml.safe_load(EXAMPLE_CONFIG.format(method=method))
-        assert TrainConfig.model_validate(tree).method.value == method
+    for family in ("sd1", "sdxl"):
+        for method in METHOD_SETTINGS:
+            tree = yaml.safe_load(example_config(Method(method), family, None))
+            assert TrainConfig.model_validate(tree).method.value == method
 
 
 def test_training_options_run_together(dataset, tmp_path):
