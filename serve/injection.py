@@ -18,18 +18,18 @@ from .jobs import peft_name
 
 @dataclass(frozen=True)
 class Injected:
-    """An adapter in the pipeline: LoRA layers on some components, or textual-inversion tokens."""
+    """An adapter in the pipeline: LoRA layers (named by its digest), or textual-inversion tokens."""
 
     digest: str
     kind: AdapterFormat
-    components: tuple[str, ...] = ()
     tokens: tuple[str, ...] = ()
 
 
 def inject(pipe, adapter: CachedAdapter) -> Injected:
     kind = adapter.payload.format
     if kind == AdapterFormat.diffusers_lora:
-        return Injected(adapter.digest, kind, components=_inject_lora(pipe, adapter))
+        _inject_lora(pipe, adapter)
+        return Injected(adapter.digest, kind)
     if kind == AdapterFormat.textual_inversion:
         return Injected(adapter.digest, kind, tokens=_load_tokens(pipe, adapter))
     raise AdapterIncompatible(
@@ -47,19 +47,17 @@ def remove(pipe, injected: Injected) -> None:
         pipe.delete_adapters([peft_name(injected.digest)])
 
 
-def _inject_lora(pipe, adapter: CachedAdapter) -> tuple[str, ...]:
+def _inject_lora(pipe, adapter: CachedAdapter) -> None:
     payload = adapter.payload
     state = dict(payload.tensors)  # a new dict; diffusers copies values into fresh parameters
     common = dict(network_alphas=None, adapter_name=peft_name(adapter.digest), metadata=payload.lora_metadata(),
                   _pipeline=pipe, low_cpu_mem_usage=False)
     family = family_of_pipeline(pipe)
-    components = tuple(c for c in family.lora_components if c in payload.components)
-    for component in components:
+    for component in (c for c in family.lora_components if c in payload.components):
         if component == family.denoiser:
             getattr(pipe, f"load_lora_into_{component}")(state, **{component: getattr(pipe, component)}, **common)
         else:
             pipe.load_lora_into_text_encoder(state, text_encoder=getattr(pipe, component), prefix=component, **common)
-    return components
 
 
 def _load_tokens(pipe, adapter: CachedAdapter) -> tuple[str, ...]:

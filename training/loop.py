@@ -161,8 +161,7 @@ class Trainer:
     def _predict(self, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser's prediction, conditioned as the base's family conditions it."""
         hidden, pooled = self.text(batch.captions)
-        extra = self.family.denoiser_kwargs(pooled, batch.time_ids) if pooled is not None else {}
-        return self.pipe.unet(noisy, timesteps, hidden, **extra).sample
+        return self.pipe.unet(noisy, timesteps, hidden, **self.family.denoiser_kwargs(pooled, batch.time_ids)).sample
 
     def _autocast(self):
         dtype = self._autocast_dtype()
