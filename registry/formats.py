@@ -7,9 +7,11 @@ component in the ``lora_adapter_metadata`` header entry, so that plain
 
 - diffusers LoRA safetensors (config from the file's metadata or an adapter_config.json),
 - peft ``save_pretrained`` folders (adapter_model.safetensors + adapter_config.json),
-- kohya / A1111 LoRA (``lora_unet_*`` / ``lora_te_*`` with ``lora_down``/``lora_up``/``alpha``),
+- ai-toolkit's diffusers-layout LoRAs (no peft config: alpha = rank, as diffusers reads them),
+- kohya / A1111 LoRA (``lora_unet_*`` / ``lora_te_*`` with ``lora_down``/``lora_up``/``alpha``; Flux's
+  with Black Forest Labs' names, fused qkv split exactly), and the family's other layouts (XLabs' Flux),
 - textual inversion embeddings (``{token: [vectors, dim]}`` or A1111's ``emb_params``),
-- a full UNet state dict (``unet.<parameter>``) for full fine-tunes.
+- a full denoiser state dict (``unet.<parameter>`` / ``transformer.<parameter>``) for full fine-tunes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 import torch
 
 from lorafleet.bases.spec import BaseSpec
-from lorafleet.families import ALL_LORA_COMPONENTS, families_with_components, family_named
+from lorafleet.families import ALL_LORA_COMPONENTS, FAMILIES, families_with_components, family_named
+from lorafleet.families.flux_layout import swap_halves
 
 from .errors import AdapterIncompatible, InvalidAdapter, UnsafeFormat
 from .manifest import AdapterFormat, ComponentLora
@@ -183,6 +186,9 @@ def _from_diffusers(tensors, metadata: dict[str, str], adapter_config: dict | No
             config = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
         elif adapter_config is not None:
             config = adapter_config
+        elif _written_by_ai_toolkit(metadata):
+            components[component] = _patterned_config(ranks, {module: float(r) for module, r in ranks.items()})
+            continue
         else:
             raise InvalidAdapter(
                 "the LoRA file carries no config (rank, alpha): without alpha its strength would "
@@ -192,6 +198,16 @@ def _from_diffusers(tensors, metadata: dict[str, str], adapter_config: dict | No
             )
         components[component] = _lora_config_from_peft(config, ranks, component)
     return AdapterPayload(AdapterFormat.diffusers_lora, dict(tensors), components)
+
+
+def _written_by_ai_toolkit(metadata: dict[str, str]) -> bool:
+    """ai-toolkit writes diffusers-layout LoRAs without a peft config; diffusers (and ai-toolkit's own
+    inference) read them with alpha = rank, and so do we. Its header names it in ``software``."""
+    try:
+        software = parse_untrusted_json(metadata.get("software") or "{}")
+    except UntrustedJsonError:
+        return False
+    return isinstance(software, dict) and software.get("name") == "ai-toolkit"
 
 
 def _component_for_modules(modules: list[str], spec: BaseSpec) -> str:
@@ -219,12 +235,29 @@ def _from_peft(tensors, adapter_config: dict | None, spec: BaseSpec) -> AdapterP
     return AdapterPayload(AdapterFormat.diffusers_lora, renamed, {component: config}, source_format="peft")
 
 
-def _kohya_module_table(spec: BaseSpec) -> dict[tuple[str, str], tuple[str, str]]:
-    """(kohya prefix, flattened name) -> (component, module path), for every base module, named as
-    the base's family names them (SDXL: SGM UNet names, te1/te2)."""
+@dataclass(frozen=True)
+class _KohyaModule:
+    """What one kohya module name means for a base: the component and the module paths whose outputs
+    it stacks (one path for most; Flux's fused qkv three), and whether its output halves are swapped."""
+
+    component: str
+    paths: tuple[str, ...]
+    swap_halves: bool = False
+
+    @property
+    def one_to_one(self) -> bool:
+        return len(self.paths) == 1 and not self.swap_halves
+
+
+def _kohya_module_table(spec: BaseSpec) -> dict[tuple[str, str], _KohyaModule]:
+    """(kohya prefix, flattened name) -> module, for every base module, named as the base's family
+    names them (SDXL: SGM UNet names, te1/te2; Flux: BFL names, some fused)."""
     family = family_named(spec.family)
-    return {(family.kohya_prefix(component), flat): (component, path)
-            for component, names in spec.kohya_names.items() for flat, path in names.items()}
+    table = {(family.kohya_prefix(component), flat): _KohyaModule(component, (path,))
+             for component, names in spec.kohya_names.items() for flat, path in names.items()}
+    table.update({(family.kohya_prefix(component), flat): _KohyaModule(component, tuple(paths), swap)
+                  for component, groups in spec.kohya_groups.items() for flat, (paths, swap) in groups.items()})
+    return table
 
 
 def check_family(components, spec: BaseSpec) -> None:
@@ -238,15 +271,15 @@ def check_family(components, spec: BaseSpec) -> None:
         f"{family_named(spec.family).title} ({', '.join(spec.lora_components)})", field="base")
 
 
-_KOHYA_PREFIX_COMPONENTS = {"unet": None, "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
-
-
 def _kohya_family_check(prefixes: set[str], spec: BaseSpec) -> None:
-    """A kohya file's text-encoder prefixes say its family (te: one encoder; te1/te2: SDXL)."""
-    components = {_KOHYA_PREFIX_COMPONENTS[p] for p in prefixes} - {None}
-    if "te1" in prefixes or "te2" in prefixes:
-        components.add("text_encoder_2")
-    check_family(components, spec)
+    """A kohya file's prefixes say its family (te: one text encoder; te1/te2: SDXL; te1 alone: SDXL or Flux)."""
+    family = family_named(spec.family)
+    if prefixes <= {prefix for _, prefix in family.kohya_prefixes}:
+        return
+    made_for = " or ".join(f.title for f in FAMILIES.values() if prefixes <= {p for _, p in f.kohya_prefixes})
+    raise AdapterIncompatible(
+        f"the kohya LoRA's prefixes ({', '.join(f'lora_{p}_' for p in sorted(prefixes))}) say it is made for "
+        f"{made_for or 'an unknown model family'}, but base {spec.id!r} is {family.title}", field="base")
 
 
 def _from_kohya(tensors, spec: BaseSpec) -> AdapterPayload:
@@ -269,18 +302,47 @@ def _from_kohya(tensors, spec: BaseSpec) -> AdapterPayload:
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             problems.append(f"lora_{prefix}_{flat}: needs both lora_down and lora_up")
             continue
-        component, path = target
         down = parts["lora_down.weight"]
         rank = int(down.shape[0])
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
-        converted[f"{component}.{path}.lora_A.weight"] = down
-        converted[f"{component}.{path}.lora_B.weight"] = parts["lora_up.weight"]
-        ranks.setdefault(component, {})[path] = rank
-        alphas.setdefault(component, {})[path] = alpha
+        for path, part_down, part_up in _split_kohya_up(target, down, parts["lora_up.weight"], spec):
+            converted[f"{target.component}.{path}.lora_A.weight"] = part_down
+            converted[f"{target.component}.{path}.lora_B.weight"] = part_up
+            ranks.setdefault(target.component, {})[path] = int(part_down.shape[0])
+            alphas.setdefault(target.component, {})[path] = alpha * part_down.shape[0] / rank  # the same alpha/rank
     if problems:
         raise InvalidAdapter("kohya LoRA file does not fit the base", field="path", problems=problems)
     components = {c: _patterned_config(ranks[c], alphas[c]) for c in ranks}
     return AdapterPayload(AdapterFormat.diffusers_lora, converted, components, source_format="kohya")
+
+
+def _split_kohya_up(target: _KohyaModule, down: torch.Tensor, up: torch.Tensor,
+                    spec: BaseSpec) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(module path, down, up) per diffusers module of a kohya module. A fused module's up-projection
+    is split by output rows; each part keeps only the rank columns its rows use (a block-diagonal
+    LoRA, as lorafleet's export writes, gets its parts' own ranks back), else the whole shared
+    down-projection. Exact either way: the columns left out are zero in that part's rows."""
+    if target.one_to_one:
+        return [(target.paths[0], down, up)]
+    up = swap_halves(up) if target.swap_halves else up
+    sizes = [_out_features(spec, target.component, path) for path in target.paths]
+    if sum(sizes) != up.shape[0]:
+        raise InvalidAdapter(f"{target.paths[0]}: a fused kohya up-projection of {up.shape[0]} rows does not fit the "
+                             f"base's {sum(sizes)}", field="path")
+    parts = []
+    for path, rows in zip(target.paths, torch.split(up, sizes, dim=0)):
+        used = rows.abs().sum(dim=0) > 0
+        if not used.any():
+            continue  # this part's update is zero
+        parts.append((path, down[used].clone(), rows[:, used].contiguous()))
+    return parts
+
+
+def _out_features(spec: BaseSpec, component: str, path: str) -> int:
+    shape = spec.module(component, path)
+    if shape is None:
+        raise AdapterIncompatible(f"{component}.{path}: no module of base {spec.id!r} has this name", field="base")
+    return int(shape.weight_shape[0])
 
 
 def _patterned_config(ranks: dict[str, int], alphas: dict[str, float]) -> ComponentLora:
@@ -374,6 +436,12 @@ def _in_current_layout(tensors, spec: BaseSpec) -> dict[str, torch.Tensor]:
 
 def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -> AdapterPayload:
     keys = list(tensors)
+    foreign = family_named(spec.family).foreign_lora_as_kohya(keys)
+    if foreign is not None:
+        renamed, source_format = foreign
+        payload = _from_kohya({renamed[k]: t for k, t in tensors.items()}, spec)
+        payload.source_format = source_format
+        return payload
     if all(DIFFUSERS_LORA_KEY.match(k) or _ATTN_PROCESSOR_KEY.match(k) for k in keys):
         payload = _from_diffusers(_in_current_layout(tensors, spec), metadata, adapter_config)
         payload.trigger_tokens = list(json_metadata(metadata, LORAFLEET_METADATA_KEY).get("trigger_tokens", []))
@@ -384,7 +452,7 @@ def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -
         return _from_kohya(tensors, spec)
     if _is_textual_inversion(tensors):
         return _from_textual_inversion(tensors, weights, spec)
-    if all(k.startswith("unet.") and ".lora" not in k for k in keys):
+    if all(k.startswith(f"{family_named(spec.family).denoiser}.") and ".lora" not in k for k in keys):
         return AdapterPayload(AdapterFormat.full_unet, dict(tensors), source_format="full_unet")
     sample = ", ".join(keys[:3])
     raise InvalidAdapter(
@@ -396,25 +464,55 @@ def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -
 
 def to_kohya(payload: AdapterPayload, spec: BaseSpec) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The kohya/A1111 layout of a LoRA payload for ``spec``'s family, with the true alpha of every
-    module (what kohya's sd-scripts write, and diffusers' kohya loader reads)."""
+    module (what kohya's sd-scripts write, and diffusers' kohya loader reads). A module kohya fuses
+    (Flux's qkv) gets one LoRA: the parts' down-projections stacked, their scaled up-projections on
+    the block diagonal, alpha = rank (exact)."""
     if payload.format != AdapterFormat.diffusers_lora:
         raise InvalidAdapter(f"only LoRA adapters export to kohya, not {payload.format.value}")
     family = family_named(spec.family)
+    by_path: dict[tuple[str, str], tuple[str, _KohyaModule]] = {}
+    for (_, flat), module in _kohya_module_table(spec).items():
+        for path in module.paths:
+            by_path.setdefault((module.component, path), (flat, module))  # the first name of a path is kohya's own
     out: dict[str, torch.Tensor] = {}
+    fused: dict[str, _KohyaModule] = {}
     for component, config in payload.components.items():
-        flat_names = {}
-        for flat, path in spec.kohya_names.get(component, {}).items():
-            flat_names.setdefault(path, flat)  # the first name of a path is kohya's own
-        for module in config.target_modules:
-            if module not in flat_names:
-                raise AdapterIncompatible(f"{component}.{module}: no module of base {spec.id!r} has this name",
+        for path in config.target_modules:
+            if (component, path) not in by_path:
+                raise AdapterIncompatible(f"{component}.{path}: no module of base {spec.id!r} has this name",
                                           field="base")
-            flat = f"lora_{family.kohya_prefix(component)}_{flat_names[module]}"
-            out[f"{flat}.lora_down.weight"] = payload.tensors[f"{component}.{module}.lora_A.weight"]
-            out[f"{flat}.lora_up.weight"] = payload.tensors[f"{component}.{module}.lora_B.weight"]
-            alpha = config.alpha_pattern.get(module, config.alpha)
-            out[f"{flat}.alpha"] = torch.tensor(float(alpha))
+            flat, module = by_path[component, path]
+            name = f"lora_{family.kohya_prefix(component)}_{flat}"
+            if not module.one_to_one:
+                fused[name] = module
+                continue
+            out[f"{name}.lora_down.weight"] = payload.tensors[f"{component}.{path}.lora_A.weight"]
+            out[f"{name}.lora_up.weight"] = payload.tensors[f"{component}.{path}.lora_B.weight"]
+            out[f"{name}.alpha"] = torch.tensor(float(config.alpha_pattern.get(path, config.alpha)))
+    for name, module in fused.items():
+        out.update(_fused_kohya_lora(name, module, payload, spec))
     return out, {"format": "pt", "ss_network_module": "networks.lora", "ss_base_model_version": family.name}
+
+
+def _fused_kohya_lora(name: str, module: _KohyaModule, payload: AdapterPayload, spec: BaseSpec) -> dict:
+    config = payload.components[module.component]
+    downs, ups = [], []
+    for path in module.paths:
+        key = f"{module.component}.{path}.lora_"
+        rows = _out_features(spec, module.component, path)
+        if f"{key}A.weight" in payload.tensors:
+            rank = config.rank_pattern.get(path, config.rank)
+            scale = float(config.alpha_pattern.get(path, config.alpha)) / float(rank)
+            downs.append(payload.tensors[f"{key}A.weight"])
+            ups.append(payload.tensors[f"{key}B.weight"].float() * scale)
+        else:
+            ups.append(torch.zeros(rows, 0))
+    rank = sum(down.shape[0] for down in downs)
+    up = torch.block_diag(*ups)
+    dtype = downs[0].dtype
+    return {f"{name}.lora_down.weight": torch.cat(downs).contiguous(),
+            f"{name}.lora_up.weight": (swap_halves(up) if module.swap_halves else up).to(dtype).contiguous(),
+            f"{name}.alpha": torch.tensor(float(rank))}
 
 
 def payload_from_stored(data: bytes) -> AdapterPayload:

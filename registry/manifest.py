@@ -44,7 +44,8 @@ class AdapterFormat(str, Enum):
 
     diffusers_lora = "diffusers_lora"  # keys "<component>.<module>.lora_A/B.weight"
     textual_inversion = "textual_inversion"  # keys "<token>" -> [vectors, hidden]
-    full_unet = "full_unet"  # keys "unet.<parameter>" -> full weights
+    full_unet = "full_unet"  # keys "<denoiser>.<parameter>" (unet. or transformer.) -> full weights; the value
+    # predates transformer families and stays for stored manifests
 
 
 class ComponentLora(BaseModel):

@@ -120,17 +120,20 @@ def _validate_textual_inversion(payload: AdapterPayload, spec: BaseSpec) -> None
         raise AdapterIncompatible("textual inversion does not fit the base", field="base", problems=problems)
 
 
-def _validate_full_unet(payload: AdapterPayload, spec: BaseSpec) -> None:
-    expected = spec.parameters.get("unet", {})
-    given = {k[len("unet."):]: tuple(v.shape) for k, v in payload.tensors.items()}
-    problems = [f"unet.{k}: not a parameter of the base's UNet" for k in sorted(set(given) - set(expected))]
-    problems += [f"unet.{k}: missing" for k in sorted(set(expected) - set(given))]
+def _validate_full_denoiser(payload: AdapterPayload, spec: BaseSpec) -> None:
+    denoiser = family_named(spec.family).denoiser
+    expected = spec.parameters.get(denoiser, {})
+    given = {k.removeprefix(f"{denoiser}."): tuple(v.shape) for k, v in payload.tensors.items()}
+    problems = [f"{k}: not a parameter of the base's {denoiser}" for k in sorted(payload.tensors)
+                if k.removeprefix(f"{denoiser}.") not in expected or not k.startswith(f"{denoiser}.")]
+    problems += [f"{denoiser}.{k}: missing" for k in sorted(set(expected) - set(given))]
     problems += [
-        f"unet.{k}: shape {s}, base has {expected[k]}" for k, s in sorted(given.items())
+        f"{denoiser}.{k}: shape {s}, base has {expected[k]}" for k, s in sorted(given.items())
         if k in expected and expected[k] != s
     ]
     if problems:
-        raise AdapterIncompatible("full UNet weights do not fit the base", field="base", problems=problems[:50])
+        name = {"unet": "UNet"}.get(denoiser, denoiser)
+        raise AdapterIncompatible(f"full {name} weights do not fit the base", field="base", problems=problems[:50])
 
 
 def check_declared_base(metadata: dict[str, str], spec: BaseSpec) -> None:
@@ -145,7 +148,7 @@ def check_declared_base(metadata: dict[str, str], spec: BaseSpec) -> None:
 VALIDATORS = {
     AdapterFormat.diffusers_lora: lambda payload, spec, limits: _validate_lora(payload, spec, limits),
     AdapterFormat.textual_inversion: lambda payload, spec, limits: _validate_textual_inversion(payload, spec),
-    AdapterFormat.full_unet: lambda payload, spec, limits: _validate_full_unet(payload, spec),
+    AdapterFormat.full_unet: lambda payload, spec, limits: _validate_full_denoiser(payload, spec),
 }
 
 

@@ -16,10 +16,11 @@ import threading
 import time
 
 from lorafleet.accelerator import Placement, row_weights_budget
+from lorafleet.families import family_of_pipeline
 
 from .active_tier import ActiveTier
 from .fuse_policy import FusePolicy
-from .jobs import BatchRequest, EngineResult, GenerationJob, LoraSet, shared_pass_key
+from .jobs import BatchRequest, EngineResult, GenerationJob, LoraSet, guided, shared_pass_key
 from .passes import PassRunner, PreparedPass
 from .passes.fused import FusedRunner
 from .passes.peft_layers import PeftLayersRunner
@@ -27,7 +28,7 @@ from .passes.routed import RoutedCopies, RoutedRunner
 from .passes.slot import SlotRunner
 from .residency import PassMode
 from .routing import LoraRouter, NotRoutable
-from .sampler import BatchShape, ImageSpec, sample_images, uses_guidance
+from .sampler import BatchShape, ImageSpec, sample_images
 from .slots import LoraSlot
 
 
@@ -36,6 +37,7 @@ class PipelineEngine:
                  max_active_bytes: int = 1024**3, slot: LoraSlot | None = None,
                  row_weights_bytes: int | None = None):
         self.pipe = pipeline
+        self.family = family_of_pipeline(pipeline)
         self.slot = slot
         self.tier = ActiveTier(pipeline, max_active, max_active_bytes)
         self.policy = FusePolicy(fuse_after)
@@ -53,7 +55,7 @@ class PipelineEngine:
     def batch_key(self, uses, job: GenerationJob) -> tuple:
         """Requests with equal keys share one pass: ``shared_pass_key``, plus the LoRA set when a
         slot holds one set at a time."""
-        key = shared_pass_key(uses, job)
+        key = shared_pass_key(uses, job, self.family)
         return key + (LoraSet.of(uses),) if self.slot is not None else key
 
     def run_batch(self, requests: list[BatchRequest]) -> list[EngineResult]:
@@ -82,8 +84,8 @@ class PipelineEngine:
         prepared = self._runners[mode].prepare(requests, lora_set)
         activated = time.perf_counter()
         first = requests[0].job
-        shape = BatchShape(first.width, first.height, first.steps, uses_guidance(first.guidance_scale))
-        specs = [ImageSpec(r.job.prompt, r.job.negative_prompt, r.job.guidance_scale, seed)
+        shape = BatchShape(first.width, first.height, first.steps, guided(first, self.family))
+        specs = [ImageSpec(r.job.prompt, r.job.negative_prompt, r.job.guidance_scale, seed, r.job.true_cfg_scale)
                  for r in requests for seed in r.job.seeds]
         with prepared.context:
             images = sample_images(self.pipe, shape, specs)

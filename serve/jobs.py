@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lorafleet.families import ModelFamily
 from lorafleet.registry.manifest import AdapterFormat
 
 from .adapter_cache import CachedAdapter
 from .residency import FuseEvent, PassMode, TierResidency
-from .sampler import uses_guidance
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class GenerationJob:
     width: int
     height: int
     seeds: tuple[int, ...]
+    true_cfg_scale: float = 1.0  # families with a guidance embedding (Flux): classic CFG in a second pass
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,17 @@ def loaded_uses(uses) -> list[AdapterUse]:
     return [use for use in uses if use.adapter.payload.format != AdapterFormat.diffusers_lora]
 
 
-def shared_pass_key(uses, job: GenerationJob) -> tuple:
-    """Requests with equal keys can share one pipeline pass whatever their LoRA sets: same size,
-    steps, guidance on or off, and textual-inversion tokens (a loaded token changes every prompt
-    that spells it). ``PipelineEngine.batch_key`` adds the LoRA set when its mode needs one."""
+def shared_pass_key(uses, job: GenerationJob, family: ModelFamily) -> tuple:
+    """Requests with equal keys can share one pipeline pass whatever their LoRA sets: same size
+    (and so sequence length), steps, negative prompt taking part or not (as the family decides), and
+    textual-inversion tokens (a loaded token changes every prompt that spells it).
+    ``PipelineEngine.batch_key`` adds the LoRA set when its mode needs one."""
     loaded = sorted(use.adapter.digest for use in loaded_uses(uses))
-    return job.width, job.height, job.steps, uses_guidance(job.guidance_scale), tuple(loaded)
+    return job.width, job.height, job.steps, guided(job, family), tuple(loaded)
+
+
+def guided(job: GenerationJob, family: ModelFamily) -> bool:
+    return family.guided(job.guidance_scale, job.true_cfg_scale, job.negative_prompt)
 
 
 @dataclass

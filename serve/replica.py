@@ -63,7 +63,7 @@ def load_replica_base(settings: ServeSettings):
     """The base pipeline on the configured device and dtype."""
     loaded = load_base(settings.base, base_config=settings.base_config)
     placement = resolve_placement(settings.device, settings.dtype)
-    if placement.dtype != loaded.pipeline.unet.dtype:
+    if placement.dtype != getattr(loaded.pipeline, loaded.family.denoiser).dtype:
         loaded.pipeline.to(dtype=placement.dtype)
     if placement.device.type != "cpu":
         loaded.pipeline.to(placement.device)

@@ -50,14 +50,19 @@ class GenerateRequest(BaseModel):
                                                                      "adds its weights).")
     adapter: str | None = Field(None, max_length=200, pattern=REF_REGEX, description="One adapter ref (weight 1).")
     steps: int | None = Field(None, ge=1, description="Denoising steps (default from settings).")
-    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="Guidance scale: classifier-free "
+                                         "guidance (UNet families), the guidance embedding (Flux-dev). Default: the "
+                                         "server's, else the base's family's.")
+    true_cfg_scale: float | None = Field(None, ge=1.0, le=50.0, description="Families with a guidance embedding "
+                                         "(Flux): classic CFG with the negative prompt, as a second pass per step "
+                                         "(on above 1 with a negative prompt). Refused for other families.")
     width: int | None = Field(None, ge=8, description="Image width in pixels.")
     height: int | None = Field(None, ge=8, description="Image height in pixels.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Seed; image i uses seed + i.")
     num_images: int = Field(1, ge=1, description="Images to generate for this prompt.")
     output_format: OutputFormat = Field("png", description="png, jpeg, webp, or npy (float32 array, exact).")
 
-    _numbers = json_numbers("steps", "guidance_scale", "width", "height", "seed", "num_images")
+    _numbers = json_numbers("steps", "guidance_scale", "true_cfg_scale", "width", "height", "seed", "num_images")
 
     @model_validator(mode="after")
     def _one_way_to_name_adapters(self) -> "GenerateRequest":

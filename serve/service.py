@@ -14,6 +14,7 @@ import base64
 import hashlib
 import io
 import logging
+import math
 import re
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from lorafleet.errors import LorafleetError
+from lorafleet.families import ModelFamily, family_named
 from lorafleet.registry import AdapterRef, AdapterRegistry, Manifest
 from lorafleet.registry.errors import (
     AdapterIncompatible,
@@ -122,8 +124,10 @@ def adapter_set_id(adapters: list[tuple[Manifest, float]]) -> str:
     return "set-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def check_limits(request: GenerateRequest, limits: RequestLimits, native_size: int) -> tuple[int, int, int]:
-    """(steps, width, height) for the request, or RequestInvalid naming the field."""
+def check_limits(request: GenerateRequest, limits: RequestLimits, native_size: int,
+                 family: ModelFamily) -> tuple[int, int, int]:
+    """(steps, width, height) for the request, or RequestInvalid naming the field. Sizes are multiples
+    of both the configured multiple and the family's (Flux: 16)."""
     def fail(field: str, message: str):
         raise RequestInvalid(message, field=field)
 
@@ -139,11 +143,14 @@ def check_limits(request: GenerateRequest, limits: RequestLimits, native_size: i
         fail("num_images", f"num_images must be at most {limits.max_num_images}")
     if len(request.adapter_weights()) > limits.max_adapters_per_request:
         fail("adapters", f"at most {limits.max_adapters_per_request} adapters per request")
+    if (request.true_cfg_scale or 1.0) > 1.0 and not family.offers_true_cfg:
+        fail("true_cfg_scale", f"true_cfg_scale is for families with a guidance embedding; {family.title} guides "
+                               "with guidance_scale")
+    multiple = math.lcm(limits.size_multiple, family.size_multiple)
     sizes = {"width": request.width or native_size, "height": request.height or native_size}
     for field, size in sizes.items():
-        if not limits.min_size <= size <= limits.max_size or size % limits.size_multiple:
-            fail(field, f"{field} must be a multiple of {limits.size_multiple} in "
-                        f"[{limits.min_size}, {limits.max_size}]")
+        if not limits.min_size <= size <= limits.max_size or size % multiple:
+            fail(field, f"{field} must be a multiple of {multiple} in [{limits.min_size}, {limits.max_size}]")
     return steps, sizes["width"], sizes["height"]
 
 
@@ -174,6 +181,7 @@ class GenerationService:
         self.resolver = AdapterResolver(registry, settings.resolution_ttl_s)
         self.base_fingerprint: str | None = None  # learnt from a replica (the gateway loads no model)
         self.native_size = 512
+        self.family: ModelFamily = family_named("sd1")  # learnt from a replica too
         self.metrics = metrics or ServiceMetrics()
         self._in_flight = 0
         self.resident_by_replica: dict[str, Residency] = {}
@@ -204,11 +212,17 @@ class GenerationService:
         steps, width, height = size
         seed = request.seed if request.seed is not None else int.from_bytes(np.random.bytes(4), "little")
         seeds = [(seed + i) % 2**32 for i in range(request.num_images)]
-        guidance = request.guidance_scale if request.guidance_scale is not None else \
-            self.settings.limits.default_guidance_scale
-        job = GenerationJob(request.prompt, request.negative_prompt, steps, guidance, width, height, tuple(seeds))
+        job = GenerationJob(request.prompt, request.negative_prompt, steps, self._guidance(request), width, height,
+                            tuple(seeds), true_cfg_scale=request.true_cfg_scale or 1.0)
         adapters = tuple((m, w) for _, m, w in resolved)
         return GenerationTask(adapters=adapters, job=job, set_id=adapter_set_id(list(adapters))), seeds
+
+    def _guidance(self, request: GenerateRequest) -> float:
+        """The request's, else the server's default, else the base's family's own."""
+        for value in (request.guidance_scale, self.settings.limits.default_guidance_scale):
+            if value is not None:
+                return value
+        return self.family.default_guidance_scale
 
     async def ensure_base_info(self) -> None:
         if self.base_fingerprint is None:
@@ -217,12 +231,13 @@ class GenerationService:
             except asyncio.TimeoutError as exc:
                 raise ServiceUnavailable("no generator replica answered yet") from exc
             self.native_size = int(health["native_size"])
+            self.family = family_named(health.get("family") or "sd1")
             self.base_fingerprint = health["base_fingerprint"]
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         started = time.perf_counter()
         await self.ensure_base_info()
-        size = check_limits(request, self.settings.limits, self.native_size)  # before any registry call
+        size = check_limits(request, self.settings.limits, self.native_size, self.family)  # before any registry call
         resolved = await asyncio.to_thread(self._resolve, request)
         task, seeds = self._task(request, resolved, size)
         output = await self._call_backend(task)

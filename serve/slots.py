@@ -36,11 +36,12 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
 
 
 class LoraSlot:
-    def __init__(self, pipe, target_rank: int, compile_unet: bool = False):
+    def __init__(self, pipe, target_rank: int, compile_denoiser: bool = False):
         self.pipe = pipe
         self.target_rank = target_rank
         self.layers: dict[str, torch.nn.Module] = {}
-        for component in family_of_pipeline(pipe).lora_components:
+        family = family_of_pipeline(pipe)
+        for component in family.lora_components:
             model = getattr(pipe, component)
             model.add_adapter(LoraConfig(r=target_rank, lora_alpha=target_rank, target_modules=_linear_names(model),
                                          lora_dropout=0.0, init_lora_weights=True), adapter_name=SLOT)
@@ -48,8 +49,8 @@ class LoraSlot:
         self._written: set[str] = set()
         self.current = LoraSet()  # the set in the slot: the empty set is the base model
         self.swaps = 0
-        if compile_unet:
-            pipe.unet.compile()
+        if compile_denoiser:
+            getattr(pipe, family.denoiser).compile()
 
     @staticmethod
     def _slot_layers(component: str, model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -24,7 +24,7 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 
 @dataclass
 class Batch:
-    latents: torch.Tensor  # [batch, 4, h/f, w/f]
+    latents: torch.Tensor  # [batch, latent channels, h/f, w/f]
     captions: list[str]
     regularization: torch.Tensor  # [batch] bool: rows that keep the base's behaviour (config.RegularizationConfig)
     weights: torch.Tensor  # [batch] loss weight per row
@@ -59,7 +59,7 @@ class BatchSource:
         self.examples = examples
         self.config = config
         self.device = device
-        self.scaling = float(pipe.vae.config.scaling_factor)
+        self.family = family_of_pipeline(pipe)
         self.groups = self._groups()
         if config.data.cache_latents and not random_augmentation(config.data):
             for group in self.groups:
@@ -69,7 +69,8 @@ class BatchSource:
         resolution = self.config.data.resolution
         by_size: dict[tuple[int, int], list[int]] = {}
         for index, example in enumerate(self.examples):
-            size = bucket_for(example.aspect, resolution) if self.config.data.buckets else (resolution, resolution)
+            size = bucket_for(example.aspect, resolution, self.family.size_multiple) if self.config.data.buckets \
+                else (resolution, resolution)
             by_size.setdefault(size, []).append(index)
         return [_Group(size, indices, torch.tensor([self.examples[i].weight for i in indices], dtype=torch.float64))
                 for size, indices in sorted(by_size.items())]
@@ -88,7 +89,7 @@ class BatchSource:
         images = torch.from_numpy(pixels).to(self.device, self.pipe.vae.dtype)  # [n, 3, H, W] in [-1, 1]
         distribution = self.pipe.vae.encode(images).latent_dist
         noise = torch.randn(distribution.mean.shape, generator=generator).to(self.device, distribution.mean.dtype)
-        return (distribution.mean + distribution.std * noise) * self.scaling
+        return self.family.latents_of_images(self.pipe, distribution.mean + distribution.std * noise)
 
     def _encode_group(self, group: _Group) -> torch.Tensor:
         rng = random.Random(self.config.seed)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from lorafleet.errors import LorafleetError
+from lorafleet.families import FAMILIES
 
 from .config import DataConfig, Method, load_train_config
 
@@ -16,7 +17,7 @@ EXAMPLE_CONFIG = """\
 # lorafleet training config ({method}, {family_title}). Every key is documented in training/config.py;
 # unknown keys are refused. Override any key with --set dotted.key=value.{scaled_note}
 method: {method}            # lora | dreambooth | qlora | textual_inversion | full
-base: {base}{base_pad}# built-in base name (toy, tiny, small, tiny-sdxl), a diffusers directory or a .safetensors file
+base: {base}{base_pad}# built-in (toy, tiny, small, tiny-sdxl, tiny-flux), a diffusers directory or a .safetensors file
 seed: 0
 max_steps: 200              # optimizer steps
 batch_size: 4
@@ -40,8 +41,8 @@ data:
 lora:
   rank: {rank}
   alpha: {rank}
-  target_modules: [to_q, to_k, to_v, to_out.0]
-  text_encoder: false       # true: LoRA on every text encoder of the family ({text_encoders})
+  target_modules: [{targets}]
+  text_encoder: false       # true: LoRA on the family's adapted text encoders ({text_encoders})
 dreambooth:
   class_prompt: a photo
   num_class_images: 8
@@ -58,9 +59,17 @@ optimizer:
   learning_rate: {learning_rate}
   warmup_steps: 10
   schedule: cosine          # constant | cosine | linear
-publish:
+{flow_matching}publish:
   name: null                # registry name; or pass --publish NAME
   aliases: []
+"""
+
+
+FLOW_MATCHING_SECTION = """flow_matching:             # how sigmas are drawn as kohya, SimpleTuner, diffusers do
+  timestep_sampling: sigmoid  # sigmoid | logit_normal | uniform
+  sigmoid_scale: 1.0
+  shift: 1.0                # 3.0: kohya's discrete_flow_shift; or dynamic_shift: true (the scheduler's own)
+  guidance_scale: 1.0       # the guidance embedding's value while training
 """
 
 
@@ -100,7 +109,7 @@ def example_config(method: Method, family_name: str | None, base: str | None) ->
         family, resolution = loaded.family, loaded.native_size
     else:
         base = family.example_base
-        resolution = 32
+        resolution = family.example_resolution
     real = family.native_resolution
     note = f"{real} on a real {family.title} base" if resolution != real else f"{family.title}'s native size"
     scaled = (f"\n# Defaults are {family.title}'s ({real} px); the resolution is scaled to {base}'s {resolution} px."
@@ -110,7 +119,9 @@ def example_config(method: Method, family_name: str | None, base: str | None) ->
         base_pad=" " * max(1, 20 - len(base)), resolution=resolution,
         resolution_pad=" " * max(1, 14 - len(str(resolution))), resolution_note=note,
         buckets="true" if family.name == "sdxl" else "false", rank=family.example_rank,
-        text_encoders=", ".join(family.text_encoders), learning_rate=family.example_learning_rate)
+        text_encoders=", ".join(family.lora_text_encoders), learning_rate=family.example_learning_rate,
+        targets=", ".join(family.example_targets or ("to_q", "to_k", "to_v", "to_out.0")),
+        flow_matching=FLOW_MATCHING_SECTION if family.objective == "flow_matching" else "")
 
 
 def cmd_train(args) -> int:
@@ -187,7 +198,7 @@ def add_commands(subparsers) -> None:
                        help="submit as a Ray job (a local cluster when no address)")
     train.add_argument("--workers", type=int, default=0, help="data-parallel workers with Ray Train")
     train.add_argument("--print-config", choices=[m.value for m in Method], help="print an example config")
-    train.add_argument("--family", choices=["sd1", "sdxl"], help="with --print-config: the model family's defaults")
+    train.add_argument("--family", choices=list(FAMILIES), help="with --print-config: the model family's defaults")
     train.add_argument("--base", help="with --print-config: the base (its family, and its resolution)")
     train.add_argument("--result-json", action="store_true", help="end with one machine-readable result line")
     train.set_defaults(handler=cmd_train)

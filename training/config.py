@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lorafleet.families import ObjectiveOptions
+
 from .errors import TrainingInputInvalid
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -113,6 +115,25 @@ class OptimizerConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
 
 
+class FlowMatchingConfig(BaseModel):
+    """Flow-matching families (Flux): how training draws sigmas, as the Flux trainers do."""
+
+    model_config = _STRICT
+
+    timestep_sampling: Literal["sigmoid", "logit_normal", "uniform"] = Field(
+        "sigmoid", description="sigmoid(scale * N(0,1)) (kohya, SimpleTuner), sigmoid(N(mean, std)) (SD3 paper, "
+        "diffusers' logit_normal) or uniform.")
+    sigmoid_scale: float = Field(1.0, gt=0, le=10, description="sigmoid sampling: spread.")
+    logit_mean: float = Field(0.0, ge=-5, le=5, description="logit_normal sampling: mean.")
+    logit_std: float = Field(1.0, gt=0, le=5, description="logit_normal sampling: standard deviation.")
+    shift: float = Field(1.0, gt=0, le=100, description="sigma -> shift*sigma/(1+(shift-1)*sigma); 1: none, "
+                         "3: kohya's discrete_flow_shift default.")
+    dynamic_shift: bool = Field(False, description="Shift as the scheduler does at inference for the image's token "
+                                "count (Flux's resolution-dependent mu); overrides shift.")
+    guidance_scale: float = Field(1.0, ge=0, le=50, description="Guidance-embedding families: the guidance the "
+                                  "transformer is told while training (1: as ai-toolkit trains Flux-dev).")
+
+
 class PublishConfig(BaseModel):
     model_config = _STRICT
 
@@ -150,7 +171,16 @@ class TrainConfig(BaseModel):
     textual_inversion: TextualInversionConfig = Field(default_factory=TextualInversionConfig)
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    flow_matching: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+
+    def objective_options(self) -> ObjectiveOptions:
+        """What the base's family needs to build its training objective."""
+        flow = self.flow_matching
+        return ObjectiveOptions(noise_offset=self.noise_offset, min_snr_gamma=self.min_snr_gamma,
+                                timestep_sampling=flow.timestep_sampling, sigmoid_scale=flow.sigmoid_scale,
+                                logit_mean=flow.logit_mean, logit_std=flow.logit_std, shift=flow.shift,
+                                dynamic_shift=flow.dynamic_shift, guidance_scale=flow.guidance_scale)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

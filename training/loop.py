@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
@@ -67,15 +66,6 @@ def _lr_scheduler(optimizer, config: TrainConfig):
                          num_training_steps=config.max_steps)
 
 
-def _snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon prediction; ones without gamma."""
-    if gamma is None:
-        return torch.ones(timesteps.shape[0])
-    alphas = noise_scheduler.alphas_cumprod[timesteps.cpu()]
-    snr = alphas / (1 - alphas)
-    return torch.minimum(snr, torch.full_like(snr, gamma)) / snr
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, progress=None, rank: int = 0, world_size: int = 1):
         self.config = config
@@ -98,17 +88,25 @@ class Trainer:
         self.base = load_base(config.base)
         self.pipe = self.base.pipeline.to(self.placement.device)
         self.family = self.base.family
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        if config.data.resolution % self.family.size_multiple:
+            raise TrainingInputInvalid(f"data.resolution must be a multiple of {self.family.size_multiple} for "
+                                       f"{self.family.title} bases", field="data.resolution")
+        self.objective = self.family.training_objective(self.pipe, config.objective_options())
         self.class_source = self._class_images() if self.method.class_examples_needed() else None
         self.parameters = self.method.prepare(self.pipe)
         if config.gradient_checkpointing:
-            self.pipe.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
         self.batches = BatchSource(self.pipe, self.examples, config, self.placement.device)
         self.text = TextEncoder(self.pipe, self.method.uses_text_encoder_grad(), self.placement.device)
         self.optimizer = _optimizer(self.parameters, config)
         self.lr_scheduler = _lr_scheduler(self.optimizer, config)
         self.ema = self._ema()
         self.state = TrainingState()
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The pipeline's denoiser now (QLoRA replaces it with its quantized copy)."""
+        return getattr(self.pipe, self.family.denoiser)
 
     def _ema(self):
         if self.config.ema_decay is None:
@@ -118,31 +116,25 @@ class Trainer:
     def _class_images(self) -> ClassBatchSource:
         settings = self.config.dreambooth
         generator = torch.Generator().manual_seed(self.config.seed + 7)
+        size = self.config.data.resolution
         with torch.no_grad():
             latents = self.pipe(settings.class_prompt, num_inference_steps=settings.class_image_steps,
                                 num_images_per_prompt=settings.num_class_images, generator=generator,
-                                height=self.config.data.resolution, width=self.config.data.resolution,
-                                output_type="latent").images
+                                height=size, width=size, output_type="latent",
+                                **self.family.pipeline_call_options(self.pipe)).images
+        latents = self.family.latents_of_pipeline_output(self.pipe, latents, size, size)
         return ClassBatchSource(latents * 1.0, settings.class_prompt, self.config)
 
     # ------------------------------------------------------------------ one step
     def _loss(self, batch: Batch, step: int, stream: int) -> torch.Tensor:
-        latents = batch.latents
         generator = step_generator(self.config.seed, step, 500 + stream)
-        noise = torch.randn(latents.shape, generator=generator)
-        if self.config.noise_offset:
-            noise += self.config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator)
-        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else \
-            self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        target = self._toward_base(batch, noisy, timesteps, target)
+        noised = self.objective.noised(batch.latents, generator)
+        target = self._toward_base(batch, noised.noisy, noised.timesteps, noised.target)
         with self._autocast():
-            prediction = self._predict(batch, noisy, timesteps)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = _snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma) * batch.weights
+            prediction = self._predict(batch, noised.noisy, noised.timesteps)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+        weights = noised.weights * batch.weights
         return (per_sample * weights.to(per_sample.device)).mean()
 
     def _toward_base(self, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor,
@@ -161,7 +153,7 @@ class Trainer:
     def _predict(self, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser's prediction, conditioned as the base's family conditions it."""
         hidden, pooled = self.text(batch.captions)
-        return self.pipe.unet(noisy, timesteps, hidden, **self.family.denoiser_kwargs(pooled, batch.time_ids)).sample
+        return self.objective.predict(noisy, timesteps, hidden, pooled, batch.time_ids)
 
     def _autocast(self):
         dtype = self._autocast_dtype()
@@ -173,7 +165,7 @@ class Trainer:
         return torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
 
     def step(self, step: int) -> float:
-        self.pipe.unet.train()
+        self.denoiser.train()
         total = 0.0
         for index in range(self.config.gradient_accumulation):
             micro = self.rank * 10_000 + index  # each data-parallel worker draws its own batches
@@ -239,7 +231,7 @@ class Trainer:
         prompts = self.config.validation_prompts
         if not prompts:
             return None
-        self.pipe.unet.eval()
+        self.denoiser.eval()
         images = sample_images(self.pipe, prompts, self.config.seed)
         path = Path(self.config.output_dir) / "samples" / f"step-{self.state.step:09d}.png"
         return save_grid([images], path)
@@ -257,7 +249,7 @@ class Trainer:
         reports: a failing report is a warning in metrics.json, never a lost run."""
         if self.ema is not None:
             self.ema.copy_to(self.parameters)
-        self.pipe.unet.eval()
+        self.denoiser.eval()
         output = Path(self.config.output_dir)
         payload = self.method.export(self.pipe)
         artifacts = {"adapter": _write_atomically(output / ADAPTER_FILE, payload.to_bytes())}

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+from diffusers import BitsAndBytesConfig
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -96,8 +96,9 @@ class LoraMethod(TrainingMethod):
 
     def prepare(self, pipe) -> list[torch.nn.Parameter]:
         settings = self.config.lora
+        denoiser = family_of_pipeline(pipe).denoiser
         for name, model in self._components(pipe).items():
-            targets = settings.target_modules if name == "unet" else settings.text_encoder_targets
+            targets = settings.target_modules if name == denoiser else settings.text_encoder_targets
             model.add_adapter(_lora_config(settings.rank, settings.alpha, targets, settings.dropout))
         return [p for model in self._components(pipe).values() for n, p in model.named_parameters()
                 if "lora_" in n and p.requires_grad]
@@ -106,7 +107,7 @@ class LoraMethod(TrainingMethod):
         return self.config.lora.text_encoder
 
     def _components(self, pipe) -> dict:
-        """The UNet, and every text encoder of the family when ``lora.text_encoder`` is set."""
+        """The denoiser, and every adapted text encoder of the family when ``lora.text_encoder`` is set."""
         family = family_of_pipeline(pipe)
         names = family.lora_components if self.config.lora.text_encoder else (family.denoiser,)
         return {name: getattr(pipe, name) for name in names}
@@ -170,28 +171,30 @@ class QLoraMethod(LoraMethod):
     adapter_method = AdapterMethod.qlora
 
     def prepare(self, pipe) -> list[torch.nn.Parameter]:
-        if pipe.unet.device.type == "cuda":
-            self.report.details = quantize_with_diffusers(pipe)
+        denoiser = family_of_pipeline(pipe).denoiser
+        if getattr(pipe, denoiser).device.type == "cuda":
+            self.report.details = quantize_with_diffusers(pipe, denoiser)
         else:
-            self.report.details = quantize_linear_layers(pipe.unet)
+            self.report.details = quantize_linear_layers(getattr(pipe, denoiser))
         return super().prepare(pipe)
 
 
-def quantize_with_diffusers(pipe) -> dict:
-    """On CUDA: diffusers' own bitsandbytes path (it refuses to run without a GPU)."""
+def quantize_with_diffusers(pipe, denoiser: str) -> dict:
+    """On CUDA: diffusers' own bitsandbytes path (it refuses to run without a GPU), for the
+    family's denoiser (UNet or transformer)."""
     import bitsandbytes as bnb
 
-    before = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_compute_dtype=pipe.unet.dtype)
+    model = getattr(pipe, denoiser)
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=model.dtype)
     with tempfile.TemporaryDirectory() as folder:
-        pipe.unet.save_pretrained(folder)
-        unet = UNet2DConditionModel.from_pretrained(folder, quantization_config=config, torch_dtype=pipe.unet.dtype)
-    pipe.register_modules(unet=unet.requires_grad_(False))
-    after = sum(p.numel() * p.element_size() for p in unet.parameters())
-    layers = [name for name, module in unet.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
-    return {"quantized_layers": len(layers), "full_precision_layers": [], "unet_bytes_before": before,
-            "unet_bytes_after": after, "memory_saving_bytes": before - after}
+        model.save_pretrained(folder)
+        quantized = type(model).from_pretrained(folder, quantization_config=config, torch_dtype=model.dtype)
+    pipe.register_modules(**{denoiser: quantized.requires_grad_(False)})
+    after = sum(p.numel() * p.element_size() for p in quantized.parameters())
+    layers = [name for name, module in quantized.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    return {"quantized_layers": len(layers), "full_precision_layers": [], "denoiser_bytes_before": before,
+            "denoiser_bytes_after": after, "memory_saving_bytes": before - after}
 
 
 def _eligible_for_4bit(module: torch.nn.Linear) -> bool:
@@ -282,7 +285,7 @@ class TextualInversionMethod(TrainingMethod):
     def _keys(self) -> dict[str, str]:
         """Text encoder -> tensor name in the published file (the token, or SDXL's clip_l/clip_g)."""
         keyed = dict(self.family.embedding_keys)
-        return {name: keyed.get(name, self.config.textual_inversion.token) for name in self.family.text_encoders}
+        return {name: keyed.get(name, self.config.textual_inversion.token) for name in self.family.lora_text_encoders}
 
     def export(self, pipe) -> AdapterPayload:
         keys, token = self._keys(), self.config.textual_inversion.token
@@ -299,20 +302,23 @@ class TextualInversionMethod(TrainingMethod):
 
 
 class FullMethod(TrainingMethod):
-    """Every UNet weight trains (sensible for small bases); the result is a full UNet."""
+    """Every weight of the denoiser trains (sensible for small bases); the result is a full denoiser."""
 
     adapter_method = AdapterMethod.full
 
     def prepare(self, pipe) -> list[torch.nn.Parameter]:
-        pipe.unet.requires_grad_(True)
-        return list(pipe.unet.parameters())
+        self.denoiser = family_of_pipeline(pipe).denoiser
+        getattr(pipe, self.denoiser).requires_grad_(True)
+        return list(getattr(pipe, self.denoiser).parameters())
 
     def export(self, pipe) -> AdapterPayload:
-        tensors = {f"unet.{k}": v.detach().to("cpu", torch.float32).clone() for k, v in pipe.unet.state_dict().items()}
+        tensors = {f"{self.denoiser}.{k}": v.detach().to("cpu", torch.float32).clone()
+                   for k, v in getattr(pipe, self.denoiser).state_dict().items()}
         return AdapterPayload(AdapterFormat.full_unet, tensors, source_format="lorafleet-train")
 
     def load_trainable_state(self, pipe, state: dict[str, torch.Tensor]) -> None:
-        pipe.unet.load_state_dict({k[len("unet."):]: v for k, v in state.items()})
+        prefix = f"{self.denoiser}."
+        getattr(pipe, self.denoiser).load_state_dict({k.removeprefix(prefix): v for k, v in state.items()})
 
 
 METHODS: dict[Method, type[TrainingMethod]] = {

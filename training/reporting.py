@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lorafleet.accelerator import seeded_generators
+from lorafleet.families import family_of_pipeline
 
 
 @torch.no_grad()
@@ -18,7 +19,7 @@ def sample_images(pipe, prompts: list[str], seed: int, steps: int = 20) -> list[
     images = []
     for index, prompt in enumerate(prompts):
         output = pipe(prompt, num_inference_steps=steps, generator=seeded_generators([seed + index]),
-                      output_type="np")
+                      output_type="np", **family_of_pipeline(pipe).pipeline_call_options(pipe))
         images.append(output.images[0])
     return images
 
@@ -72,11 +73,14 @@ def latent_distance(pipe, prompts: list[str], train_latents: torch.Tensor | None
     if train_latents is None or not prompts:
         return None
     height, width = (side * int(pipe.vae_scale_factor) for side in train_latents.shape[-2:])
+    family = family_of_pipeline(pipe)
     distances = []
     for index, prompt in enumerate(prompts):
         latents = pipe(prompt, num_inference_steps=steps, generator=seeded_generators([seed + index]),
-                       height=height, width=width, output_type="latent").images / float(pipe.vae.config.scaling_factor)
-        flat_train = (train_latents / float(pipe.vae.config.scaling_factor)).flatten(1).cpu()
+                       height=height, width=width, output_type="latent", **family.pipeline_call_options(pipe)).images
+        scaling = float(pipe.vae.config.scaling_factor)
+        latents = family.latents_of_pipeline_output(pipe, latents, height, width) / scaling
+        flat_train = (train_latents / scaling).flatten(1).cpu()
         gaps = torch.cdist(latents.flatten(1).cpu().float(), flat_train.float())  # [1, n_train]
         distances.append(float(gaps.min()))
     return float(np.mean(distances))

@@ -16,7 +16,7 @@ from lorafleet.errors import BaseModelError
 from lorafleet.families import ModelFamily, family_of_checkpoint_keys, family_of_class_name, family_of_pipeline
 
 from .fingerprint import pipeline_fingerprint
-from .tiny import build_small_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
+from .tiny import build_small_pipeline, build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 TOY_DIRECTORY = Path(__file__).parent / "toy"  # trained by `lorafleet base train-toy`, committed
 
@@ -33,6 +33,7 @@ BUILTIN_BASES: dict[str, Callable[[], object]] = {
     "small": build_small_pipeline,  # benchmarks: UNet 64/128/256, random weights
     "toy": _load_toy_pipeline,  # draws the toy world: trained weights (docs/toy-model-card.md)
     "tiny-sdxl": build_tiny_sdxl_pipeline,  # SDXL plumbing tests: SDXL-shaped, random weights
+    "tiny-flux": build_tiny_flux_pipeline,  # Flux plumbing tests: Flux-shaped, random weights
 }
 DEFAULT_BASE = "tiny"
 
@@ -61,6 +62,7 @@ def spec_from_pipeline(base_id: str, pipe, fingerprint: str | None = None) -> Ba
         vocabulary=frozenset(pipe.tokenizer.get_vocab()),
         family=family.name,
         kohya_names={name: family.kohya_names(pipe, name, paths) for name, paths in modules.items()},
+        kohya_groups={name: groups for name in modules if (groups := family.kohya_groups(pipe, name))},
         text_hidden_sizes={name: int(getattr(pipe, name).config.hidden_size) for name in family.text_encoders},
     )
 
@@ -80,9 +82,8 @@ class LoadedBase:
 
     @property
     def native_size(self) -> int:
-        """The image side (pixels) the base was built for: its UNet's latent side times the VAE's scale."""
-        denoiser = getattr(self.pipeline, self.family.denoiser)
-        return int(denoiser.config.sample_size) * int(self.pipeline.vae_scale_factor)
+        """The image side (pixels) the base was built for, as its family reads it off the pipeline."""
+        return self.family.native_size(self.pipeline)
 
 
 def _model_index_family(path: Path) -> ModelFamily:
@@ -122,8 +123,7 @@ def _load_single_file(path: Path, base_config: str | None):
     try:
         with safe_open(str(path), framework="pt") as checkpoint:
             family = family_of_checkpoint_keys(checkpoint.keys())
-        pipe = family.load_pipeline_class().from_single_file(
-            str(path), config=base_config, local_files_only=True, **family.load_options)
+        pipe = family.load_single_file(str(path), base_config)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise BaseModelError(f"cannot load single-file checkpoint {path}: {exc}", field="base") from exc
     return _frozen(pipe, family)

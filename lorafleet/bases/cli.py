@@ -44,7 +44,8 @@ def add_commands(subparsers):
     export.add_argument("base", help="built-in base name (tiny) or a diffusers directory")
     export.add_argument("dest", help="a directory (diffusers) or a .safetensors file (single-file)")
     export.add_argument("--format", default="diffusers", choices=["diffusers", "single-file"],
-                        help="diffusers directory, or one original-layout (LDM/A1111) checkpoint")
+                        help="diffusers directory, or one original-layout checkpoint (LDM/A1111; Flux: the "
+                        "transformer in BFL's layout, loaded with --base-config DIR)")
     export.add_argument("--json", action="store_true")
     export.set_defaults(handler=cmd_export)
     fingerprint = commands.add_parser("fingerprint", help="print a base's fingerprint")

@@ -106,11 +106,25 @@ def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in checkpoint.items()}
 
 
+def transformer_to_bfl(pipe) -> dict[str, torch.Tensor]:
+    """Flux as Black Forest Labs distribute it: the transformer alone, in their layout."""
+    from lorafleet.families.flux_layout import to_bfl
+
+    transformer = pipe.transformer
+    checkpoint = to_bfl(transformer.state_dict(), transformer.config)
+    return {k: v.detach().to("cpu").contiguous() for k, v in checkpoint.items()}
+
+
+_WRITERS = {"ldm": pipeline_to_ldm, "bfl-transformer": transformer_to_bfl}
+
+
 def export_single_file(pipe, destination: Path) -> Path:
+    """The base in its family's original single-file layout (``ModelFamily.single_file_layout``)."""
     from safetensors.torch import save_file
 
+    layout = family_of_pipeline(pipe).single_file_layout
 
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    save_file(pipeline_to_ldm(pipe), str(destination), metadata={"format": "pt", "layout": "ldm"})
+    save_file(_WRITERS[layout](pipe), str(destination), metadata={"format": "pt", "layout": layout})
     return destination

@@ -27,6 +27,8 @@ class BaseSpec:
     family: str = "sd1"  # lorafleet.families name
     kohya_names: dict[str, dict[str, str]] = field(default_factory=dict)  # component -> kohya flat name -> path
     text_hidden_sizes: dict[str, int] = field(default_factory=dict)  # text encoder -> hidden size
+    kohya_groups: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = field(default_factory=dict)
+    # component -> kohya flat name -> (module paths it stacks, output halves swapped): Flux's fused layers
 
     @property
     def lora_components(self) -> tuple[str, ...]:

@@ -210,3 +210,72 @@ def build_tiny_sdxl_pipeline():
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# `tiny-flux`: a Flux-shaped pipeline with random weights (plumbing tests of the Flux family).
+# Same component structure as Flux-dev: a FluxTransformer2DModel with double- and single-stream
+# blocks and a guidance embedding, CLIPTextModel (pooled) + T5EncoderModel (hidden states; gated-GELU
+# as T5 v1.1), a CLIP and a T5 tokenizer built here, a 16-channel AutoencoderKL with shift and scale
+# and Flux's 8x downsampling (so sides are multiples of 16 px, as real Flux's), the flow-matching
+# Euler scheduler with resolution-dependent shift.
+TINY_FLUX_SEED = 20261201
+TINY_FLUX_IMAGE_SIZE = 64  # pixels: 8x8x16 latents, 4x4 = 16 packed tokens
+TINY_FLUX_TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels x 2x2 packing
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=4,  # inner width 64: NF4-eligible on CPU, as real Flux's 3072 is
+    joint_attention_dim=32,  # T5's d_model
+    pooled_projection_dim=32,  # CLIP's hidden size
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),  # sums to the head dimension, as (16, 56, 56) does for 128
+)
+TINY_FLUX_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[16, 16, 32, 32],
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=8,
+    sample_size=TINY_FLUX_IMAGE_SIZE,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    shift_factor=0.1159,
+    scaling_factor=0.3611,
+)
+TINY_FLUX_T5_CONFIG = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                           feed_forward_proj="gated-gelu")
+FLUX_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                             max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def build_tiny_flux_pipeline():
+    """The `tiny-flux` base: Flux-shaped, random weights, identical on every build."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .vocabulary import build_t5_tokenizer
+
+    tokenizer = build_tokenizer(list(TINY_WORDS), model_max_length=TEXT_CONFIG["max_position_embeddings"])
+    tokenizer_2 = build_t5_tokenizer(list(TINY_WORDS), model_max_length=32)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(TINY_FLUX_SEED)
+        transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG)
+        vae = AutoencoderKL(**TINY_FLUX_VAE_CONFIG)
+        text_encoder = build_text_encoder(tokenizer, TEXT_CONFIG)
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), pad_token_id=0, eos_token_id=1,
+                                                 decoder_start_token_id=0, **TINY_FLUX_T5_CONFIG))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG), vae=vae,
+                        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

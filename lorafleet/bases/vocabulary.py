@@ -73,3 +73,28 @@ def build_tokenizer(words: list[str], model_max_length: int):
     )
     tokenizer.model_max_length = model_max_length
     return tokenizer
+
+
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's own vocabulary
+WORD_BOUNDARY = "\u2581"  # SentencePiece's word-start mark
+
+
+def build_t5_tokenizer(words: list[str], model_max_length: int):
+    """A transformers T5 tokenizer (a SentencePiece-style Unigram model built with ``tokenizers``)
+    where every word in ``words`` is one piece and any other text falls back to characters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [(token, 0.0) for token in T5_SPECIAL]
+    pieces += [(WORD_BOUNDARY + word, -1.0) for word in sorted({w.lower() for w in words if w})]
+    pieces += [(WORD_BOUNDARY, -2.0)] + [(chr(c), -5.0) for c in range(32, 127)]
+    model = Tokenizer(models.Unigram(pieces, unk_id=T5_SPECIAL.index("<unk>"), byte_fallback=False))
+    model.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" {2,}", " ")])
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement=WORD_BOUNDARY, prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement=WORD_BOUNDARY, prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                extra_ids=0)
+    tokenizer.model_max_length = model_max_length
+    return tokenizer

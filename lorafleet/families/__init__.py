@@ -1,4 +1,4 @@
-"""Model families: everything that differs between SD 1.x-, SDXL- and (later) Flux-shaped bases,
+"""Model families: everything that differs between SD 1.x-, SDXL- and Flux-shaped bases,
 one module per family, which bases, the registry, serving and training ask.
 
 A family names its diffusers pipeline class, its denoiser and text-encoder components (and so
@@ -9,11 +9,21 @@ kohya/A1111 LoRA naming. ``FAMILIES`` is the table; adding a family is one modul
 
 from __future__ import annotations
 
-from .base import Conditioning, ModelFamily, UnknownFamily
+from .base import (
+    BatchShape,
+    Conditioning,
+    ImageSpec,
+    ModelFamily,
+    Noised,
+    ObjectiveOptions,
+    TrainingObjective,
+    UnknownFamily,
+)
+from .flux import FLUX
 from .sd1 import SD1
 from .sdxl import SDXL
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL, FLUX)}
 
 ALL_LORA_COMPONENTS: tuple[str, ...] = tuple(dict.fromkeys(
     component for family in FAMILIES.values() for component in family.lora_components))
@@ -55,6 +65,7 @@ def families_with_components(components) -> list[ModelFamily]:
     return [family for family in FAMILIES.values() if set(components) <= set(family.lora_components)]
 
 
-__all__ = ["ALL_LORA_COMPONENTS", "FAMILIES", "Conditioning", "ModelFamily", "UnknownFamily",
+__all__ = ["ALL_LORA_COMPONENTS", "FAMILIES", "BatchShape", "Conditioning", "ImageSpec", "ModelFamily", "Noised",
+           "ObjectiveOptions", "TrainingObjective", "UnknownFamily",
            "families_with_components", "family_named", "family_of_checkpoint_keys", "family_of_class_name",
            "family_of_pipeline"]

@@ -6,11 +6,12 @@ from __future__ import annotations
 # start-up).
 from dataclasses import dataclass
 
-from .base import Conditioning, ModelFamily
+from .base import Conditioning
+from .unet import UNetFamily
 
 
 @dataclass(frozen=True)
-class StableDiffusion1(ModelFamily):
+class StableDiffusion1(UNetFamily):
     @property
     def load_options(self) -> dict:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

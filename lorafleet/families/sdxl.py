@@ -11,12 +11,13 @@ from __future__ import annotations
 # asked for names at start-up).
 from dataclasses import dataclass
 
-from .base import Conditioning, ModelFamily
+from .base import Conditioning
 from .ldm import ldm_unet_namer
+from .unet import UNetFamily
 
 
 @dataclass(frozen=True)
-class StableDiffusionXL(ModelFamily):
+class StableDiffusionXL(UNetFamily):
     @property
     def load_options(self) -> dict:
         return {"add_watermarker": False}  # the pipeline's own image must be the image we compare
@@ -58,10 +59,10 @@ class StableDiffusionXL(ModelFamily):
             hidden.append(output.hidden_states[-2])
         return torch.cat(hidden, dim=-1), pooled
 
-    def denoiser_kwargs(self, pooled, time_ids) -> dict:
+    def added_conditioning(self, pooled, time_ids) -> dict:
         return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}}
 
-    def decode(self, pipe, latents):
+    def decode(self, pipe, latents, height: int, width: int):
         import torch
 
         vae = pipe.vae
@@ -101,6 +102,7 @@ SDXL = StableDiffusionXL(
     example_base="tiny-sdxl",
     example_rank=16,
     example_learning_rate=0.0001,
+    default_guidance_scale=5.0,
     kohya_prefixes=(("unet", "unet"), ("text_encoder", "te1"), ("text_encoder_2", "te2")),
     checkpoint_text_encoders=(("text_encoder", "conditioner.embedders.0.transformer.text_model.", "clip"),
                               ("text_encoder_2", "conditioner.embedders.1.model.", "openclip")),

@@ -12,6 +12,7 @@ from serve_setup import GUIDANCE, PROMPT, STEPS, diffusers_set_image, run_one
 
 from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import load_base
+from lorafleet.families import SD1
 from lorafleet.serve.batching import BatchScheduler
 from lorafleet.serve.engine import PipelineEngine
 from lorafleet.serve.jobs import AdapterUse, BatchRequest, GenerationJob, shared_pass_key
@@ -56,7 +57,7 @@ def test_a_mixed_batch_gives_each_request_the_images_it_gets_alone(adapter_regis
                                                                      row_weights_bytes):
     """Alone = plain diffusers with that request's adapters, weights, prompt, guidance and seeds."""
     requests = _mixed_requests(fetcher, adapter_registry)
-    keys = {shared_pass_key(r.uses, r.job) for r in requests}
+    keys = {shared_pass_key(r.uses, r.job, SD1) for r in requests}
     assert len(keys) == 1  # one pass for all of them
     engine = _engine(row_weights_bytes=row_weights_bytes)
     together = engine.run_batch(requests)

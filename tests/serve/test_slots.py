@@ -23,10 +23,10 @@ SEQUENCE = [["style0"], ["style1"], [], ["style1", "style2"], ["style3"], ["styl
 _uses = adapter_uses
 
 
-def _slot_engine(target_rank=8, compile_unet=False, device="cpu", dtype="float32"):
+def _slot_engine(target_rank=8, compile_denoiser=False, device="cpu", dtype="float32"):
     placement = resolve_placement(device, dtype)
     pipe = load_base("tiny").pipeline.to(placement.device, placement.dtype)
-    return PipelineEngine(pipe, placement, slot=LoraSlot(pipe, target_rank, compile_unet))
+    return PipelineEngine(pipe, placement, slot=LoraSlot(pipe, target_rank, compile_denoiser))
 
 
 def _reference(pulled_files, names) -> np.ndarray:
@@ -79,7 +79,7 @@ def test_compiled_unet_swaps_without_recompiling(adapter_registry, fetcher):
     """On CUDA: compile once, then every swap reuses the compiled graph."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    engine = _slot_engine(target_rank=8, compile_unet=True, device="cuda", dtype="float16")
+    engine = _slot_engine(target_rank=8, compile_denoiser=True, device="cuda", dtype="float16")
     run_one(engine, _uses(fetcher, adapter_registry, ["style0"]), JOB)  # compiles
     torch._dynamo.config.error_on_recompile = True
     try:

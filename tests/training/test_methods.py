@@ -37,8 +37,8 @@ def _config(method, dataset, output, *extra, base="tiny"):
                                     *COMMON, *METHOD_SETTINGS[method], *extra])
 
 
-# The family matrix: every method on SD 1.x-shaped `tiny` and on SDXL-shaped `tiny-sdxl`.
-MATRIX = [(base, method) for base in ("tiny", "tiny-sdxl") for method in METHOD_SETTINGS]
+# The family matrix: every method on SD 1.x-shaped `tiny`, SDXL-shaped `tiny-sdxl` and Flux-shaped `tiny-flux`.
+MATRIX = [(base, method) for base in ("tiny", "tiny-sdxl", "tiny-flux") for method in METHOD_SETTINGS]
 
 
 _npy = decode_npy
@@ -77,10 +77,11 @@ def test_method_trains_publishes_and_serves(base, method, dataset, tmp_path):
         from lorafleet.bases import load_base
 
         _, path = registry.pull("trained", tmp_path / "pulled")
-        pipe = load_base(base).pipeline
+        loaded = load_base(base)
+        pipe = loaded.pipeline
         pipe.load_lora_weights(str(path))
         plain = pipe(prompt, num_inference_steps=6, guidance_scale=5.0, generator=[torch.Generator().manual_seed(1)],
-                     output_type="np").images[0]
+                     output_type="np", **loaded.family.pipeline_call_options(pipe)).images[0]
         assert np.abs(served - plain).max() <= 1e-4
 
 
