@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lorafleet.bases.spec import BaseSpec
+from lorafleet.families import family_named
 from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import AdapterFormat, ComponentLora
 from lorafleet.registry.validation import expected_lora_shapes
@@ -27,7 +28,8 @@ def synthetic_lora(spec: BaseSpec, *, seed: int = 0, rank: int = 4, alpha: float
     """A random, non-trivial LoRA fitting ``spec``; ``scale`` sets the size of its change."""
     generator = torch.Generator().manual_seed(seed)
     tensors, components = {}, {}
-    for component, suffixes in (("unet", targets), ("text_encoder", text_encoder_targets)):
+    denoiser = family_named(spec.family).denoiser
+    for component, suffixes in ((denoiser, targets), ("text_encoder", text_encoder_targets)):
         modules = _targets(spec, component, suffixes) if suffixes else []
         for path in modules:
             shape_a, shape_b = expected_lora_shapes(spec.modules[component][path], rank)

@@ -39,10 +39,13 @@ def _direct_ms(base: str, steps: int, repeats: int) -> float:
 
     from lorafleet.bases import load_base
 
-    pipe = load_base(base).pipeline
+    loaded = load_base(base)
+    pipe, size = loaded.pipeline, loaded.native_size
+    options = loaded.family.pipeline_call_options(pipe)
 
-    def one():
-        pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np")
+    def one():  # the server's defaults: the base's native size, the family's guidance
+        pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np",
+             height=size, width=size, guidance_scale=loaded.family.default_guidance_scale, **options)
 
     one()  # warm-up
     return _median_ms(one, repeats)

@@ -72,7 +72,9 @@ class _Setup:
         published = publish_synthetic_adapters(registry, base_spec(base), count, workdir / "src")
         self.manifests = [manifest for manifest, _ in published]
         self.files = [path for _, path in published]
-        self.size = load_base(base).native_size
+        loaded = load_base(base)
+        self.size, self.family = loaded.native_size, loaded.family
+        self.guided = self.family.guided(GUIDANCE, 1.0, None)  # UNet families: CFG on; Flux: the embedding only
 
     def job(self, seed: int):
         return GenerationJob(PROMPT, None, self.steps, GUIDANCE, self.size, self.size, (seed,))
@@ -115,7 +117,7 @@ def _lorafleet_rate(setup: _Setup, replica, order: list[int], concurrency: int) 
 def _limit_rate(setup: _Setup, requests: int, batch: int) -> float:
     """The base alone: the same denoising loop, batches of ``batch``, no adapter machinery at all."""
     pipe = load_base(setup.base).pipeline
-    shape = BatchShape(setup.size, setup.size, setup.steps, True)
+    shape = BatchShape(setup.size, setup.size, setup.steps, setup.guided)
     specs = [ImageSpec(PROMPT, None, GUIDANCE, seed) for seed in range(requests)]
     sample_images(pipe, shape, specs[:batch])  # warm-up
     started = time.perf_counter()
@@ -126,7 +128,7 @@ def _limit_rate(setup: _Setup, requests: int, batch: int) -> float:
 
 def _pipe_call(pipe, setup: _Setup, seed: int) -> None:
     pipe(PROMPT, num_inference_steps=setup.steps, guidance_scale=GUIDANCE, width=setup.size, height=setup.size,
-         generator=seeded_generators([seed]), output_type="np")
+         generator=seeded_generators([seed]), output_type="np", **setup.family.pipeline_call_options(pipe))
 
 
 def _naive_rate(setup: _Setup, order: list[int]) -> float:
@@ -210,7 +212,7 @@ def _peft_layers_pass(setup: _Setup, batch: int):
     """The same pass on peft's injected layers (diffusers ``load_lora_weights``): the unfused alternative."""
     pipe = load_base(setup.base).pipeline
     pipe.load_lora_weights(str(setup.files[0]))
-    shape = BatchShape(setup.size, setup.size, setup.steps, True)
+    shape = BatchShape(setup.size, setup.size, setup.steps, setup.guided)
     specs = [ImageSpec(PROMPT, None, GUIDANCE, seed) for seed in range(batch)]
     return lambda repeat, warm_up=False: sample_images(pipe, shape, specs)
 

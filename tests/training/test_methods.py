@@ -81,7 +81,8 @@ def test_method_trains_publishes_and_serves(base, method, dataset, tmp_path):
         pipe = loaded.pipeline
         pipe.load_lora_weights(str(path))
         plain = pipe(prompt, num_inference_steps=6, guidance_scale=5.0, generator=[torch.Generator().manual_seed(1)],
-                     output_type="np", **loaded.family.pipeline_call_options(pipe)).images[0]
+                     output_type="np", height=loaded.native_size, width=loaded.native_size,
+                     **loaded.family.pipeline_call_options(pipe)).images[0]
         assert np.abs(served - plain).max() <= 1e-4
 
 
