@@ -253,6 +253,8 @@ def _kohya_module_table(spec: BaseSpec) -> dict[tuple[str, str], _KohyaModule]:
     """(kohya prefix, flattened name) -> module, for every base module, named as the base's family
     names them (SDXL: SGM UNet names, te1/te2; Flux: BFL names, some fused)."""
     family = family_named(spec.family)
+    if not family.kohya_prefixes:
+        return {}
     table = {(family.kohya_prefix(component), flat): _KohyaModule(component, (path,))
              for component, names in spec.kohya_names.items() for flat, path in names.items()}
     table.update({(family.kohya_prefix(component), flat): _KohyaModule(component, tuple(paths), swap)
@@ -470,6 +472,8 @@ def to_kohya(payload: AdapterPayload, spec: BaseSpec) -> tuple[dict[str, torch.T
     if payload.format != AdapterFormat.diffusers_lora:
         raise InvalidAdapter(f"only LoRA adapters export to kohya, not {payload.format.value}")
     family = family_named(spec.family)
+    if not family.kohya_prefixes:
+        raise InvalidAdapter(f"lorafleet has no kohya layout for {family.title}", field="format")
     by_path: dict[tuple[str, str], tuple[str, _KohyaModule]] = {}
     for (_, flat), module in _kohya_module_table(spec).items():
         for path in module.paths:

@@ -103,6 +103,8 @@ def _validate_lora(payload: AdapterPayload, spec: BaseSpec, limits: AdapterLimit
 def _validate_textual_inversion(payload: AdapterPayload, spec: BaseSpec) -> None:
     problems = []
     family = family_named(spec.family)
+    if not family.textual_inversion:
+        raise AdapterIncompatible(f"{family.title} pipelines load no textual-inversion embeddings", field="base")
     for token in dict.fromkeys(payload.trigger_tokens or payload.tensors):
         if not token or len(token) > 64 or any(ch.isspace() for ch in token):
             problems.append(f"{token!r}: a token must be 1-64 characters without spaces")

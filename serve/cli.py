@@ -33,7 +33,8 @@ def serve_config(settings) -> dict:
 
 
 def _settings(args):
-    return load_settings(Path(args.config) if args.config else None, base=args.base, registry=args.registry,
+    return load_settings(Path(args.config) if args.config else None, base=args.base, base_config=args.base_config,
+                         registry=args.registry,
                          host=args.host, port=args.port, replicas=args.replicas,
                          insecure_no_auth=True if args.insecure_no_auth else None)
 
@@ -64,8 +65,10 @@ def cmd_serve(args) -> int:
 
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="serve adapters over HTTP with Ray Serve")
-    parser.add_argument("--base", help="built-in base (toy, tiny, small), a diffusers directory or a "
-                                       ".safetensors checkpoint")
+    parser.add_argument("--base", help="built-in base (toy, tiny, small, tiny-sdxl, tiny-flux, tiny-sd3), a diffusers "
+                                       "directory or a .safetensors checkpoint")
+    parser.add_argument("--base-config", help="diffusers directory with the configs (Flux: the other components) of a "
+                        "single-file --base")
     parser.add_argument("--registry", help="registry URI")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 8000)")

@@ -3,6 +3,7 @@ loaders), for the active tier (serve/active_tier.py). Routed and slot passes nev
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from peft.tuners.lora import LoraLayer
@@ -50,14 +51,22 @@ def remove(pipe, injected: Injected) -> None:
 def _inject_lora(pipe, adapter: CachedAdapter) -> None:
     payload = adapter.payload
     state = dict(payload.tensors)  # a new dict; diffusers copies values into fresh parameters
-    common = dict(network_alphas=None, adapter_name=peft_name(adapter.digest), metadata=payload.lora_metadata(),
-                  _pipeline=pipe, low_cpu_mem_usage=False)
+    common = dict(adapter_name=peft_name(adapter.digest), metadata=payload.lora_metadata(), _pipeline=pipe,
+                  low_cpu_mem_usage=False)
     family = family_of_pipeline(pipe)
     for component in (c for c in family.lora_components if c in payload.components):
         if component == family.denoiser:
-            getattr(pipe, f"load_lora_into_{component}")(state, **{component: getattr(pipe, component)}, **common)
+            load = getattr(pipe, f"load_lora_into_{component}")
+            load(state, **{component: getattr(pipe, component)}, **common, **_no_alphas(load))
         else:
-            pipe.load_lora_into_text_encoder(state, text_encoder=getattr(pipe, component), prefix=component, **common)
+            load = pipe.load_lora_into_text_encoder
+            load(state, text_encoder=getattr(pipe, component), prefix=component, **common, **_no_alphas(load))
+
+
+def _no_alphas(load) -> dict:
+    """The stored layout carries alpha in the metadata; loaders that also take kohya-style
+    ``network_alphas`` (not SD3's transformer loader) are told there are none."""
+    return {"network_alphas": None} if "network_alphas" in inspect.signature(load).parameters else {}
 
 
 def _load_tokens(pipe, adapter: CachedAdapter) -> tuple[str, ...]:

@@ -148,7 +148,10 @@ class TrainConfig(BaseModel):
     model_config = _STRICT
 
     method: Method = Field(Method.lora, description="lora, dreambooth, qlora, textual_inversion or full.")
-    base: str = Field("toy", description="Built-in base name (toy, tiny, small) or a diffusers directory.")
+    base: str = Field("toy", description="Built-in base name (toy, tiny, small, tiny-sdxl, tiny-flux, tiny-sd3), a "
+                      "diffusers directory or a single-file checkpoint.")
+    base_config: str | None = Field(None, description="Diffusers directory with a single-file base's configs (Flux: "
+                                    "its text encoders, VAE and scheduler too).")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     max_steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps (see epochs).")
     epochs: float | None = Field(None, gt=0, le=100_000,

@@ -85,9 +85,10 @@ class Trainer:
         self.method: TrainingMethod = method_for(config)
         self.method.prepare_examples(self.examples)
         torch.manual_seed(config.seed)
-        self.base = load_base(config.base)
+        self.base = load_base(config.base, base_config=config.base_config)
         self.pipe = self.base.pipeline.to(self.placement.device)
         self.family = self.base.family
+        self.method.check_family(self.family)
         if config.data.resolution % self.family.size_multiple:
             raise TrainingInputInvalid(f"data.resolution must be a multiple of {self.family.size_multiple} for "
                                        f"{self.family.title} bases", field="data.resolution")

@@ -26,6 +26,7 @@ from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import AdapterFormat, AdapterMethod, ComponentLora
 
 from .config import Method, TrainConfig
+from .errors import TrainingInputInvalid
 
 
 @dataclass
@@ -44,6 +45,9 @@ class TrainingMethod:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.report = MethodReport()
+
+    def check_family(self, family) -> None:
+        """Refuse (TrainingInputInvalid) a base whose family this method cannot train."""
 
     def prepare_examples(self, examples: list) -> None:
         """Adjust the scanned examples before training (DreamBooth: one instance prompt)."""
@@ -235,6 +239,11 @@ class TextualInversionMethod(TrainingMethod):
     family (SDXL: both, published as clip_l and clip_g)."""
 
     adapter_method = AdapterMethod.textual_inversion
+
+    def check_family(self, family) -> None:
+        if not family.textual_inversion:
+            raise TrainingInputInvalid(f"{family.title} pipelines load no textual-inversion embeddings",
+                                       field="method")
 
     def _tokens(self) -> list[str]:
         settings = self.config.textual_inversion

@@ -17,6 +17,7 @@ from lorafleet.families import ModelFamily, family_of_checkpoint_keys, family_of
 
 from .fingerprint import pipeline_fingerprint
 from .tiny import build_small_pipeline, build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
+from .tiny_sd3 import build_tiny_sd3_pipeline
 
 TOY_DIRECTORY = Path(__file__).parent / "toy"  # trained by `lorafleet base train-toy`, committed
 
@@ -34,6 +35,7 @@ BUILTIN_BASES: dict[str, Callable[[], object]] = {
     "toy": _load_toy_pipeline,  # draws the toy world: trained weights (docs/toy-model-card.md)
     "tiny-sdxl": build_tiny_sdxl_pipeline,  # SDXL plumbing tests: SDXL-shaped, random weights
     "tiny-flux": build_tiny_flux_pipeline,  # Flux plumbing tests: Flux-shaped, random weights
+    "tiny-sd3": build_tiny_sd3_pipeline,  # SD 3.5 plumbing tests: SD 3.5-shaped, random weights
 }
 DEFAULT_BASE = "tiny"
 

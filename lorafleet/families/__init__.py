@@ -1,4 +1,4 @@
-"""Model families: everything that differs between SD 1.x-, SDXL- and Flux-shaped bases,
+"""Model families: everything that differs between SD 1.x-, SDXL-, Flux- and SD 3.5-shaped bases,
 one module per family, which bases, the registry, serving and training ask.
 
 A family names its diffusers pipeline class, its denoiser and text-encoder components (and so
@@ -21,9 +21,10 @@ from .base import (
 )
 from .flux import FLUX
 from .sd1 import SD1
+from .sd3 import SD3
 from .sdxl import SDXL
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL, FLUX)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SDXL, FLUX, SD3)}
 
 ALL_LORA_COMPONENTS: tuple[str, ...] = tuple(dict.fromkeys(
     component for family in FAMILIES.values() for component in family.lora_components))

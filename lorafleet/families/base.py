@@ -120,6 +120,7 @@ class ModelFamily:
     example_resolution: int = 32  # the example base's native size (a built-in tiny base)
     single_file_layout: str = "ldm"  # the original single-file checkpoint: "ldm" (the whole pipeline, LDM/SGM
     # names) or "bfl-transformer" (Flux: the transformer alone, Black Forest Labs' names)
+    textual_inversion: bool = True  # the pipeline loads embeddings (SD 3 loads none)
     objective: str = "noise_prediction"  # or "flow_matching": how the family trains (training_objective)
 
     @property
