@@ -199,6 +199,49 @@ def test_a_bfl_single_file_transformer_loads_with_its_directory_and_draws_the_sa
         load_base(str(single))
 
 
+def test_the_cli_exports_the_bfl_file_and_fingerprints_it_with_its_directory(tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", "lorafleet.cli", *args, "--json"], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)
+
+    directory = cli("base", "export", "tiny-flux", str(tmp_path / "flux"))
+    exported = cli("base", "export", "tiny-flux", str(tmp_path / "flux1.safetensors"), "--format", "single-file")
+    assert exported["family"] == "flux"
+    assert set(load_file(str(tmp_path / "flux1.safetensors"))) >= {"double_blocks.0.img_attn.qkv.weight",
+                                                                   "final_layer.adaLN_modulation.1.weight"}
+    printed = cli("base", "fingerprint", str(tmp_path / "flux1.safetensors"), "--base-config", str(tmp_path / "flux"))
+    assert printed["family"] == "flux" and printed["fingerprint"] == directory["fingerprint"]
+
+
+def test_flow_matching_draws_sigmas_as_the_trainers_do():
+    from lorafleet.families import FLUX, ObjectiveOptions
+    from lorafleet.families.flow_matching import inference_shift, sample_sigmas, shifted
+
+    generator = torch.Generator().manual_seed(0)
+    for sampling in ("sigmoid", "logit_normal", "uniform"):
+        sigmas = sample_sigmas(20_000, ObjectiveOptions(timestep_sampling=sampling), generator)
+        assert 0 < float(sigmas.min()) and float(sigmas.max()) < 1 and abs(float(sigmas.mean()) - 0.5) < 0.01
+    narrow = sample_sigmas(20_000, ObjectiveOptions(timestep_sampling="logit_normal", logit_std=0.3), generator)
+    assert float(narrow.std()) < 0.1
+    assert torch.allclose(shifted(torch.tensor([0.0, 0.5, 1.0]), 3.0), torch.tensor([0.0, 0.75, 1.0]))
+    pipe = load_base("tiny-flux").pipeline
+    assert inference_shift(pipe.scheduler.config, 256) == pytest.approx(np.exp(0.5))  # base_shift at 256 tokens
+    objective = FLUX.training_objective(pipe, ObjectiveOptions(shift=3.0))
+    latents = torch.randn(4, 16, 8, 8)
+    noised = objective.noised(latents, torch.Generator().manual_seed(1))
+    sigma = (noised.timesteps / 1000).view(-1, 1, 1, 1)
+    noise = noised.target + latents  # the target is the velocity noise - x0
+    assert torch.allclose(noised.noisy, (1 - sigma) * latents + sigma * noise, atol=1e-5)
+    hidden, pooled = FLUX.encode_for_training(pipe, ["a red circle"] * 4, torch.device("cpu"))
+    velocity = objective.predict(noised.noisy, noised.timesteps, hidden, pooled, None)
+    assert velocity.shape == latents.shape
+
+
 def test_the_spec_knows_clip_only_and_bfl_names(flux_spec):
     assert flux_spec.family == "flux"
     assert flux_spec.lora_components == ("transformer", "text_encoder")  # T5 is never adapted
