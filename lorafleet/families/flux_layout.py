@@ -12,6 +12,7 @@ all read this one table; diffusers' own converters are the reference it was chec
 
 from __future__ import annotations
 
+# Imports inside functions: torch only when tensors are converted (families are asked for names at start-up).
 from dataclasses import dataclass
 
 
