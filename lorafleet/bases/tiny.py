@@ -81,6 +81,29 @@ def build_text_encoder(tokenizer, text_config: dict):
     return CLIPTextModel(config)
 
 
+def build_text_encoder_with_projection(tokenizer, text_config: dict):
+    """CLIPTextModelWithProjection (SDXL's second encoder, SD 3's both): hidden states and a projected pooled one."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **text_config))
+
+
+def frozen_from_seed(seed: int, builders: dict) -> dict[str, torch.nn.Module]:
+    """Modules built in the given order from a fixed seed (identical on every build; the global
+    random state is restored after), in eval mode with no gradients: a base's frozen weights."""
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        modules = {name: build() for name, build in builders.items()}
+    finally:
+        torch.random.set_rng_state(generator_state)
+    for module in modules.values():
+        module.eval().requires_grad_(False)
+    return modules
+
+
 def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config: dict):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -103,17 +126,10 @@ def build_from_configs(seed: int, unet_config: dict, vae_config: dict, text_conf
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     tokenizer = build_tokenizer(list(TINY_WORDS), model_max_length=text_config["max_position_embeddings"])
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_config)
-        vae = AutoencoderKL(**vae_config)
-        text_encoder = build_text_encoder(tokenizer, text_config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return assemble_pipeline(vae, text_encoder, tokenizer, unet, SCHEDULER_CONFIG)
+    models = frozen_from_seed(seed, {"unet": lambda: UNet2DConditionModel(**unet_config),
+                                     "vae": lambda: AutoencoderKL(**vae_config),
+                                     "text_encoder": lambda: build_text_encoder(tokenizer, text_config)})
+    return assemble_pipeline(models["vae"], models["text_encoder"], tokenizer, models["unet"], SCHEDULER_CONFIG)
 
 
 def build_tiny_pipeline():
@@ -186,27 +202,17 @@ SDXL_SCHEDULER_CONFIG = dict(
 def build_tiny_sdxl_pipeline():
     """The `tiny-sdxl` base: SDXL-shaped, random weights, identical on every build."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     tokenizer = build_tokenizer(list(TINY_WORDS), model_max_length=TEXT_CONFIG["max_position_embeddings"])
     tokenizer_2 = build_tokenizer(list(TINY_WORDS), model_max_length=TEXT_CONFIG["max_position_embeddings"])
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(TINY_SDXL_SEED)
-        unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
-        vae = AutoencoderKL(**TINY_SDXL_VAE_CONFIG)
-        text_encoder = build_text_encoder(tokenizer, TEXT_CONFIG)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tokenizer_2), bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
-            pad_token_id=tokenizer_2.pad_token_id, **TINY_SDXL_TEXT_2_CONFIG))
-    finally:
-        torch.random.set_rng_state(generator_state)
-    for module in (unet, vae, text_encoder, text_encoder_2):
-        module.eval().requires_grad_(False)
+    models = frozen_from_seed(TINY_SDXL_SEED, {
+        "unet": lambda: UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG),
+        "vae": lambda: AutoencoderKL(**TINY_SDXL_VAE_CONFIG),
+        "text_encoder": lambda: build_text_encoder(tokenizer, TEXT_CONFIG),
+        "text_encoder_2": lambda: build_text_encoder_with_projection(tokenizer_2, TINY_SDXL_TEXT_2_CONFIG)})
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
-        force_zeros_for_empty_prompt=True, add_watermarker=False,
+        **models, tokenizer=tokenizer, tokenizer_2=tokenizer_2, force_zeros_for_empty_prompt=True,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG), add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -253,29 +259,28 @@ FLUX_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_sh
                              max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 
 
+def build_t5_encoder(tokenizer, t5_config: dict):
+    """A T5 encoder (ids 0 pad, 1 end, as T5's own vocabulary)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                   **t5_config))
+
+
 def build_tiny_flux_pipeline():
     """The `tiny-flux` base: Flux-shaped, random weights, identical on every build."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     from .vocabulary import build_t5_tokenizer
 
     tokenizer = build_tokenizer(list(TINY_WORDS), model_max_length=TEXT_CONFIG["max_position_embeddings"])
     tokenizer_2 = build_t5_tokenizer(list(TINY_WORDS), model_max_length=32)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(TINY_FLUX_SEED)
-        transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG)
-        vae = AutoencoderKL(**TINY_FLUX_VAE_CONFIG)
-        text_encoder = build_text_encoder(tokenizer, TEXT_CONFIG)
-        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), pad_token_id=0, eos_token_id=1,
-                                                 decoder_start_token_id=0, **TINY_FLUX_T5_CONFIG))
-    finally:
-        torch.random.set_rng_state(generator_state)
-    for module in (transformer, vae, text_encoder, text_encoder_2):
-        module.eval().requires_grad_(False)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG), vae=vae,
-                        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-                        tokenizer_2=tokenizer_2, transformer=transformer)
+    models = frozen_from_seed(TINY_FLUX_SEED, {
+        "transformer": lambda: FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG),
+        "vae": lambda: AutoencoderKL(**TINY_FLUX_VAE_CONFIG),
+        "text_encoder": lambda: build_text_encoder(tokenizer, TEXT_CONFIG),
+        "text_encoder_2": lambda: build_t5_encoder(tokenizer_2, TINY_FLUX_T5_CONFIG)})
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG), tokenizer=tokenizer,
+                        tokenizer_2=tokenizer_2, **models)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -8,10 +8,15 @@ and 8x downsampling, and the flow-matching Euler scheduler with SD3's fixed shif
 
 from __future__ import annotations
 
-# Imports inside functions: diffusers and transformers only when the base is built.
-import torch
-
-from .tiny import TEXT_CONFIG, TINY_FLUX_VAE_CONFIG, TINY_WORDS
+# Imports inside functions: diffusers only when the base is built.
+from .tiny import (
+    TEXT_CONFIG,
+    TINY_FLUX_VAE_CONFIG,
+    TINY_WORDS,
+    build_t5_encoder,
+    build_text_encoder_with_projection,
+    frozen_from_seed,
+)
 from .vocabulary import build_t5_tokenizer, build_tokenizer
 
 TINY_SD3_SEED = 20261202
@@ -36,14 +41,6 @@ TINY_SD3_T5_CONFIG = dict(d_model=128, d_kv=16, d_ff=128, num_layers=2, num_head
                           feed_forward_proj="gated-gelu")
 
 
-def _clip_with_projection(tokenizer, config: dict):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    return CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **config))
-
-
 def build_tiny_sd3_pipeline():
     """The `tiny-sd3` base: SD 3.5-shaped, random weights, identical on every build."""
     from diffusers import (
@@ -52,27 +49,18 @@ def build_tiny_sd3_pipeline():
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import T5Config, T5EncoderModel
 
     tokenizers = [build_tokenizer(list(TINY_WORDS), model_max_length=TEXT_CONFIG["max_position_embeddings"])
                   for _ in range(2)]
     tokenizer_3 = build_t5_tokenizer(list(TINY_WORDS), model_max_length=32)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(TINY_SD3_SEED)
-        transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER_CONFIG)
-        vae = AutoencoderKL(**TINY_SD3_VAE_CONFIG)
-        text_encoder = _clip_with_projection(tokenizers[0], TEXT_CONFIG)
-        text_encoder_2 = _clip_with_projection(tokenizers[1], TINY_SD3_CLIP_2_CONFIG)
-        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), pad_token_id=0, eos_token_id=1,
-                                                 decoder_start_token_id=0, **TINY_SD3_T5_CONFIG))
-    finally:
-        torch.random.set_rng_state(generator_state)
-    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
-        module.eval().requires_grad_(False)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizers[0], text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizers[1], text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    models = frozen_from_seed(TINY_SD3_SEED, {
+        "transformer": lambda: SD3Transformer2DModel(**TINY_SD3_TRANSFORMER_CONFIG),
+        "vae": lambda: AutoencoderKL(**TINY_SD3_VAE_CONFIG),
+        "text_encoder": lambda: build_text_encoder_with_projection(tokenizers[0], TEXT_CONFIG),
+        "text_encoder_2": lambda: build_text_encoder_with_projection(tokenizers[1], TINY_SD3_CLIP_2_CONFIG),
+        "text_encoder_3": lambda: build_t5_encoder(tokenizer_3, TINY_SD3_T5_CONFIG)})
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+                                    tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], tokenizer_3=tokenizer_3,
+                                    **models)
     pipe.set_progress_bar_config(disable=True)
     return pipe

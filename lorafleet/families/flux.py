@@ -14,28 +14,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .base import (
-    BatchShape,
-    Conditioning,
-    ImageSpec,
-    ModelFamily,
-    ObjectiveOptions,
-    TrainingObjective,
-    UnknownFamily,
-    per_image,
-)
-from .flow_matching import FlowMatching
+from .base import BatchShape, Conditioning, ImageSpec, ObjectiveOptions, UnknownFamily, per_image
 from .flux_layout import bfl_groups
+from .transformer import TransformerFamily
 
 _XLABS_KEY = re.compile(
     r"^(?:diffusion_model\.)?double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])\.(down|up)\.weight$")
 _XLABS_STREAMS = {"1": "img", "2": "txt"}
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI / original checkpoints may carry one
-MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length (schnell: 256), capped by the tokenizer's
 
 
 @dataclass(frozen=True)
-class Flux(ModelFamily):
+class Flux(TransformerFamily):
     def recognises_checkpoint(self, keys: set[str]) -> bool:
         return any(_bfl_name(k).startswith("double_blocks.") for k in keys)
 
@@ -44,12 +34,6 @@ class Flux(ModelFamily):
 
     def native_size(self, pipe) -> int:
         return int(pipe.vae.config.sample_size)  # the transformer has no size of its own
-
-    def max_sequence_length(self, pipe) -> int:
-        return min(MAX_SEQUENCE_LENGTH, int(pipe.tokenizer_2.model_max_length))
-
-    def pipeline_call_options(self, pipe) -> dict:
-        return {"max_sequence_length": self.max_sequence_length(pipe)}
 
     # ------------------------------------------------------------------ sampling
     def encode(self, pipe, prompts, negatives, device, height: int, width: int) -> Conditioning:
@@ -105,9 +89,7 @@ class Flux(ModelFamily):
         return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
     def decode(self, pipe, latents, height: int, width: int):
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        return pipe.vae.decode(latents, return_dict=False)[0]
+        return super().decode(pipe, pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor), height, width)
 
     # ------------------------------------------------------------------ training
     def encode_for_training(self, pipe, captions: list[str], device):
@@ -117,13 +99,6 @@ class Flux(ModelFamily):
         hidden = pipe._get_t5_prompt_embeds(prompt=captions, num_images_per_prompt=1,
                                             max_sequence_length=self.max_sequence_length(pipe), device=device)
         return hidden, pooled
-
-    def training_objective(self, pipe, options: ObjectiveOptions) -> TrainingObjective:
-        return FlowMatching(self, pipe, options)
-
-    @staticmethod
-    def image_sequence_length(latents) -> int:
-        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
     def flow_prediction(self, pipe, noisy, timesteps, hidden, pooled, options: ObjectiveOptions):
         """The transformer's velocity for unpacked latents ``[batch, 16, h, w]``, unpacked again."""
@@ -219,4 +194,5 @@ FLUX = Flux(
     size_multiple=16,  # the VAE's 8, times 2 for the packed 2x2 patches
     default_guidance_scale=3.5,
     offers_true_cfg=True,
+    t5_max_length=512,  # FluxPipeline's default (schnell is used with 256)
 )

@@ -10,22 +10,14 @@ from __future__ import annotations
 # Imports inside functions: torch and diffusers only when a pipeline samples or trains.
 from dataclasses import dataclass
 
-from .base import BatchShape, Conditioning, ImageSpec, ModelFamily, ObjectiveOptions, TrainingObjective, per_image
-from .flow_matching import FlowMatching
-
-MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length, capped by the tokenizer's
+from .base import BatchShape, Conditioning, ImageSpec, ObjectiveOptions, per_image
+from .transformer import TransformerFamily
 
 
 @dataclass(frozen=True)
-class StableDiffusion3(ModelFamily):
+class StableDiffusion3(TransformerFamily):
     def recognises_checkpoint(self, keys: set[str]) -> bool:
         return False  # original-layout SD3 checkpoints are not read (diffusers directories are)
-
-    def max_sequence_length(self, pipe) -> int:
-        return min(MAX_SEQUENCE_LENGTH, int(pipe.tokenizer_3.model_max_length))
-
-    def pipeline_call_options(self, pipe) -> dict:
-        return {"max_sequence_length": self.max_sequence_length(pipe)}
 
     def native_size(self, pipe) -> int:
         return int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
@@ -69,23 +61,12 @@ class StableDiffusion3(ModelFamily):
             latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
         return latents
 
-    def decode(self, pipe, latents, height: int, width: int):
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        return pipe.vae.decode(latents, return_dict=False)[0]
-
     def encode_for_training(self, pipe, captions: list[str], device):
         """(CLIP+T5 hidden states, both CLIPs' pooled embeddings), as ``encode_prompt`` makes them."""
         embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device,
                                                   do_classifier_free_guidance=False,
                                                   max_sequence_length=self.max_sequence_length(pipe))
         return embeds, pooled
-
-    def training_objective(self, pipe, options: ObjectiveOptions) -> TrainingObjective:
-        return FlowMatching(self, pipe, options)
-
-    @staticmethod
-    def image_sequence_length(latents) -> int:
-        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
     def flow_prediction(self, pipe, noisy, timesteps, hidden, pooled, options: ObjectiveOptions):
         """The transformer's velocity; SD3's transformer takes timesteps in [0, 1000]."""
@@ -113,4 +94,6 @@ SD3 = StableDiffusion3(
     default_guidance_scale=7.0,
     objective="flow_matching",
     textual_inversion=False,  # StableDiffusion3Pipeline loads no embeddings
+    t5_tokenizer="tokenizer_3",
+    t5_max_length=256,  # StableDiffusion3Pipeline's default
 )
