@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from peft_files import add_random_lora
 from safetensors.torch import load_file, save_file
 
 from lorafleet.accelerator import resolve_placement
@@ -34,18 +35,6 @@ DOUBLE_BLOCKS_ONLY = r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0
 # it reads a tiny base's kohya file only without single blocks; the real-width test below covers them)
 
 
-def _random_lora(model, targets, seed: int, rank: int = 4, alpha: float = 8.0):
-    from peft import LoraConfig
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
-    model.add_adapter(config)
-    for name, parameter in model.named_parameters():
-        if "lora_" in name:
-            parameter.data.mul_(0.3)
-    return config
-
-
 def diffusers_flux_lora(directory, seed: int, targets=ATTENTION, text_encoder: bool = False):
     """A Flux LoRA as diffusers' Flux training script writes it: peft layers on the transformer (and
     CLIP), `FluxPipeline.save_lora_weights` with the adapter metadata."""
@@ -57,7 +46,7 @@ def diffusers_flux_lora(directory, seed: int, targets=ATTENTION, text_encoder: b
     parts = [("transformer", targets)] + ([("text_encoder", TEXT_TARGETS)] if text_encoder else [])
     for index, (component, component_targets) in enumerate(parts):
         model = getattr(pipe, component)
-        config = _random_lora(model, component_targets, seed + index)
+        config = add_random_lora(model, component_targets, seed + index)
         layers[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
         metadata[f"{component}_lora_adapter_metadata"] = config.to_dict()
     FluxPipeline.save_lora_weights(str(directory), **layers, **metadata)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from peft_files import add_random_lora
 from safetensors.torch import save_file
 
 from lorafleet.accelerator import resolve_placement
@@ -24,7 +25,6 @@ def diffusers_sd3_lora(directory, seed: int, targets, text_encoders: bool = Fals
     """An SD3 LoRA as diffusers' SD3 training script writes it (peft layers, `save_lora_weights`
     with the adapter metadata), on the transformer and, optionally, both CLIP encoders."""
     from diffusers import StableDiffusion3Pipeline
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     pipe = load_base("tiny-sd3").pipeline
@@ -32,13 +32,8 @@ def diffusers_sd3_lora(directory, seed: int, targets, text_encoders: bool = Fals
     parts = [("transformer", targets)] + [(name, ["q_proj", "v_proj"]) for name in ("text_encoder", "text_encoder_2")
                                           if text_encoders]
     for index, (component, component_targets) in enumerate(parts):
-        torch.manual_seed(seed + index)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=component_targets, init_lora_weights=False)
         model = getattr(pipe, component)
-        model.add_adapter(config)
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.data.mul_(0.3)
+        config = add_random_lora(model, component_targets, seed + index)
         layers[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
         metadata[f"{component}_lora_adapter_metadata"] = config.to_dict()
     StableDiffusion3Pipeline.save_lora_weights(str(directory), **layers, **metadata)

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from peft_files import add_random_lora
 from safetensors.torch import save_file
 
 from lorafleet.accelerator import resolve_placement
@@ -33,7 +34,6 @@ def diffusers_sdxl_lora(directory, seed: int, text_encoders: bool = False):
     text encoders), ``save_lora_weights`` with the adapter metadata. Random, non-zero B."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     pipe = load_base("tiny-sdxl").pipeline
@@ -42,12 +42,8 @@ def diffusers_sdxl_lora(directory, seed: int, text_encoders: bool = False):
     parts = [("unet", UNET_TARGETS)] + ([("text_encoder", TEXT_TARGETS), ("text_encoder_2", TEXT_TARGETS)]
                                         if text_encoders else [])
     for component, targets in parts:
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
         model = getattr(pipe, component)
-        model.add_adapter(config)
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.data.mul_(0.3)
+        config = add_random_lora(model, targets, seed=None)
         layers[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
         metadata[f"{component}_lora_adapter_metadata"] = config.to_dict()
     StableDiffusionXLPipeline.save_lora_weights(str(directory), **layers, **metadata)
