@@ -148,7 +148,7 @@ def create_api(service: GenerationService, tokens: TokenTable) -> FastAPI:
 
 def _install_generation_routes(app: FastAPI, service: GenerationService, scope: list) -> None:
     """/v1/generate and the OpenAI-compatible route, with the configured limits in their schemas."""
-    models = request_models(service.settings.limits)
+    models = request_models(service.settings.limits, service.family)
     GenerateBody, OpenAIBody = models.generate, models.openai_images  # noqa: N806 (classes)
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, dependencies=scope)

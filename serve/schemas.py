@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from lorafleet.families import ModelFamily
 from lorafleet.registry.identity import REF_REGEX
 
 from .settings import RequestLimits
@@ -133,9 +135,15 @@ class OpenAIImageRequest(BaseModel):
     _numbers = json_numbers("n")
 
 
-def allowed_square_sizes(limits: RequestLimits) -> list[str]:
-    first = -(-limits.min_size // limits.size_multiple) * limits.size_multiple
-    return [f"{n}x{n}" for n in range(first, limits.max_size + 1, limits.size_multiple)]
+def size_multiple(limits: RequestLimits, family: ModelFamily) -> int:
+    """Sides are multiples of both the configured multiple and the family's (Flux, SD 3: 16)."""
+    return math.lcm(limits.size_multiple, family.size_multiple)
+
+
+def allowed_square_sizes(limits: RequestLimits, family: ModelFamily) -> list[str]:
+    multiple = size_multiple(limits, family)
+    first = -(-limits.min_size // multiple) * multiple
+    return [f"{n}x{n}" for n in range(first, limits.max_size + 1, multiple)]
 
 
 @dataclass(frozen=True)
@@ -144,14 +152,16 @@ class RequestModels:
     openai_images: type[OpenAIImageRequest]
 
 
-def request_models(limits: RequestLimits) -> RequestModels:
-    """The request bodies with the configured limits in their schema (what /openapi.json shows)."""
-    size = {"ge": limits.min_size, "le": limits.max_size, "multiple_of": limits.size_multiple}
+def request_models(limits: RequestLimits, family: ModelFamily) -> RequestModels:
+    """The request bodies with the configured limits and the base's family's in their schema (what
+    /openapi.json shows): sizes, and true_cfg_scale only where the family offers it."""
+    size = {"ge": limits.min_size, "le": limits.max_size, "multiple_of": size_multiple(limits, family)}
     prompt = {"max_length": limits.max_prompt_chars}
+    only_without_true_cfg = {} if family.offers_true_cfg else {"true_cfg_scale": {"le": 1.0}}
     generate = _narrowed(GenerateRequest, prompt=prompt, negative_prompt=prompt, width=size, height=size,
                          steps={"le": limits.max_steps}, num_images={"le": limits.max_num_images},
-                         adapters={"max_length": limits.max_adapters_per_request})
-    square_size = Literal[tuple(allowed_square_sizes(limits))]  # type: ignore[valid-type]
+                         adapters={"max_length": limits.max_adapters_per_request}, **only_without_true_cfg)
+    square_size = Literal[tuple(allowed_square_sizes(limits, family))]  # type: ignore[valid-type]
     openai = _narrowed(OpenAIImageRequest, prompt=prompt, n={"le": limits.max_num_images},
                        retyped={"size": square_size | None})
     return RequestModels(generate, openai)

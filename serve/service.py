@@ -8,13 +8,12 @@ images encoded.
 
 from __future__ import annotations
 
-# Imports inside functions: PIL only to encode PNG output.
+# Imports inside functions: PIL only to encode PNG output; the bases catalog (torch) only to read a base's family.
 import asyncio
 import base64
 import hashlib
 import io
 import logging
-import math
 import re
 import threading
 import time
@@ -40,7 +39,7 @@ from .jobs import GenerationJob
 from .metrics import ServiceMetrics
 from .replica import GenerationOutput, GenerationTask
 from .residency import Residency
-from .schemas import NOT_BLANK, GenerateRequest, GenerateResponse, ResolvedAdapter, Timings
+from .schemas import NOT_BLANK, GenerateRequest, GenerateResponse, ResolvedAdapter, Timings, size_multiple
 from .settings import RequestLimits, ServeSettings
 
 BASE_MODEL_NAME = "base"
@@ -124,6 +123,18 @@ def adapter_set_id(adapters: list[tuple[Manifest, float]]) -> str:
     return "set-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _family_of_base(settings: ServeSettings) -> ModelFamily:
+    """The base's family as its name or files say it (for the request schema), before any replica
+    has loaded it; SD 1.x if the gateway cannot read the base (a replica's health then says)."""
+    from lorafleet.bases import family_of_base
+
+    try:
+        return family_of_base(settings.base)
+    except LorafleetError as exc:
+        logger.warning("the gateway cannot tell the family of base %r (%s); a replica will", settings.base, exc)
+        return family_named("sd1")
+
+
 def check_limits(request: GenerateRequest, limits: RequestLimits, native_size: int,
                  family: ModelFamily) -> tuple[int, int, int]:
     """(steps, width, height) for the request, or RequestInvalid naming the field. Sizes are multiples
@@ -146,7 +157,7 @@ def check_limits(request: GenerateRequest, limits: RequestLimits, native_size: i
     if (request.true_cfg_scale or 1.0) > 1.0 and not family.offers_true_cfg:
         fail("true_cfg_scale", f"true_cfg_scale is for families with a guidance embedding; {family.title} guides "
                                "with guidance_scale")
-    multiple = math.lcm(limits.size_multiple, family.size_multiple)
+    multiple = size_multiple(limits, family)
     sizes = {"width": request.width or native_size, "height": request.height or native_size}
     for field, size in sizes.items():
         if not limits.min_size <= size <= limits.max_size or size % multiple:
@@ -181,7 +192,7 @@ class GenerationService:
         self.resolver = AdapterResolver(registry, settings.resolution_ttl_s)
         self.base_fingerprint: str | None = None  # learnt from a replica (the gateway loads no model)
         self.native_size = 512
-        self.family: ModelFamily = family_named("sd1")  # learnt from a replica too
+        self.family: ModelFamily = _family_of_base(settings)  # a replica's health confirms it
         self.metrics = metrics or ServiceMetrics()
         self._in_flight = 0
         self.resident_by_replica: dict[str, Residency] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 # import torch.
 
 _EXPORTS = {
-    "BUILTIN_BASES", "DEFAULT_BASE", "LoadedBase", "base_id", "base_spec", "export_base",
+    "BUILTIN_BASES", "DEFAULT_BASE", "LoadedBase", "base_id", "base_spec", "export_base", "family_of_base",
     "load_base", "spec_from_pipeline",
 }
 

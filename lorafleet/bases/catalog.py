@@ -13,7 +13,13 @@ import torch
 
 from lorafleet.bases.spec import BaseSpec, ModuleShape
 from lorafleet.errors import BaseModelError
-from lorafleet.families import ModelFamily, family_of_checkpoint_keys, family_of_class_name, family_of_pipeline
+from lorafleet.families import (
+    ModelFamily,
+    family_named,
+    family_of_checkpoint_keys,
+    family_of_class_name,
+    family_of_pipeline,
+)
 
 from .fingerprint import pipeline_fingerprint
 from .tiny import build_small_pipeline, build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
@@ -29,13 +35,19 @@ def _load_toy_pipeline():
     return _load_diffusers_directory(TOY_DIRECTORY)
 
 
-BUILTIN_BASES: dict[str, Callable[[], object]] = {
-    "tiny": build_tiny_pipeline,  # plumbing tests: a few MB, random weights
-    "small": build_small_pipeline,  # benchmarks: UNet 64/128/256, random weights
-    "toy": _load_toy_pipeline,  # draws the toy world: trained weights (docs/toy-model-card.md)
-    "tiny-sdxl": build_tiny_sdxl_pipeline,  # SDXL plumbing tests: SDXL-shaped, random weights
-    "tiny-flux": build_tiny_flux_pipeline,  # Flux plumbing tests: Flux-shaped, random weights
-    "tiny-sd3": build_tiny_sd3_pipeline,  # SD 3.5 plumbing tests: SD 3.5-shaped, random weights
+@dataclass(frozen=True)
+class BuiltinBase:
+    build: Callable[[], object]
+    family: str  # its family's name, known without building it
+
+
+BUILTIN_BASES: dict[str, BuiltinBase] = {
+    "tiny": BuiltinBase(build_tiny_pipeline, "sd1"),  # plumbing tests: a few MB, random weights
+    "small": BuiltinBase(build_small_pipeline, "sd1"),  # benchmarks: UNet 64/128/256, random weights
+    "toy": BuiltinBase(_load_toy_pipeline, "sd1"),  # draws the toy world: trained weights (docs/toy-model-card.md)
+    "tiny-sdxl": BuiltinBase(build_tiny_sdxl_pipeline, "sdxl"),  # SDXL plumbing tests: SDXL-shaped, random weights
+    "tiny-flux": BuiltinBase(build_tiny_flux_pipeline, "flux"),  # Flux plumbing tests: Flux-shaped, random weights
+    "tiny-sd3": BuiltinBase(build_tiny_sd3_pipeline, "sd3"),  # SD 3.5 plumbing tests: SD 3.5-shaped, random weights
 }
 DEFAULT_BASE = "tiny"
 
@@ -115,6 +127,23 @@ def _frozen(pipe, family: ModelFamily):
     return pipe
 
 
+def family_of_base(base: str) -> ModelFamily:
+    """A base's family without loading its weights: the built-in's, its model_index.json's, or its
+    single-file checkpoint's keys."""
+    if base in BUILTIN_BASES:
+        return family_named(BUILTIN_BASES[base].family)
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return _model_index_family(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as checkpoint:
+            return family_of_checkpoint_keys(checkpoint.keys())
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BaseModelError(f"cannot read the base {base!r}: {exc}", field="base") from exc
+
+
 def _load_single_file(path: Path, base_config: str | None):
     """An original-layout (LDM/SGM) .safetensors checkpoint, with configs from ``base_config``."""
     from safetensors import safe_open
@@ -133,7 +162,7 @@ def _load_single_file(path: Path, base_config: str | None):
 
 def _build_pipeline(base: str, base_config: str | None = None):
     if base in BUILTIN_BASES:
-        return BUILTIN_BASES[base]()
+        return BUILTIN_BASES[base].build()
     path = Path(base).expanduser()
     if path.is_dir():
         return _load_diffusers_directory(path)

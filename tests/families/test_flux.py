@@ -426,6 +426,8 @@ def test_every_route_serves_tiny_flux_over_http(flux_registry, references, tmp_p
                              limits={"max_steps": 8, "default_steps": 4}, cache={"disk_dir": str(tmp_path / "cache")})
     with serving_in_thread(settings, flux_registry) as url, httpx.Client(base_url=url, timeout=300) as client:
         assert client.get("/readyz").json()["family"] == "flux"
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+        assert schema["width"]["anyOf"][0]["multipleOf"] == 16 and schema["true_cfg_scale"]["anyOf"][0]["maximum"] == 50
         body = {"prompt": PROMPT, "adapter": "kohya0", "seed": 0, "steps": STEPS, "output_format": "npy"}
         answer = client.post("/v1/generate", json=body)
         assert answer.status_code == 200, answer.text
@@ -452,4 +454,6 @@ def test_true_cfg_is_refused_for_a_unet_family(tmp_path):
     with TestClient(app) as client:
         answer = client.post("/v1/generate", json={"prompt": "a circle", "steps": 2, "true_cfg_scale": 3.0,
                                                    "negative_prompt": "red"})
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
     assert answer.status_code == 422 and "true_cfg_scale" in answer.text
+    assert schema["true_cfg_scale"]["anyOf"][0]["maximum"] == 1.0  # the schema says what the server accepts
