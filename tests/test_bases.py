@@ -87,8 +87,9 @@ def test_single_file_checkpoint_loads_with_the_same_fingerprint(tmp_path, base):
 
 
 def test_a_base_of_an_unsupported_family_is_refused_naming_the_supported_ones(tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    with pytest.raises(BaseModelError, match="FluxPipeline.*Stable Diffusion 1.x/2.x, Stable Diffusion XL"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+    with pytest.raises(BaseModelError, match="QwenImagePipeline.*Stable Diffusion 1.x/2.x, Stable Diffusion XL, Flux, "
+                                             "Stable Diffusion 3.5"):
         load_base(str(tmp_path))
 
 
