@@ -107,20 +107,26 @@ def test_bench_counts_are_checked_before_anything_runs(args, message):
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux", "sd3"])
 def test_print_config_gives_a_valid_config_per_family(family, tmp_path):
     """`train --print-config METHOD --family F` prints a config that loads, on that family's example base,
     with the resolution scaled to it; `--base` takes the family and the size from the base itself."""
     import yaml
 
+    from lorafleet.families import family_named
     from lorafleet.training.config import load_train_config
 
+    expected = family_named(family)
     for method in ("lora", "dreambooth", "qlora", "textual_inversion", "full"):
-        text = run("train", "--print-config", method, "--family", family).stdout
-        (tmp_path / "c.yaml").write_text(text)
+        result = run("train", "--print-config", method, "--family", family, check=False)
+        if method == "textual_inversion" and not expected.textual_inversion:
+            assert result.returncode != 0 and "load no textual-inversion" in result.stderr, result.stderr
+            continue
+        (tmp_path / "c.yaml").write_text(result.stdout)
         config = load_train_config(tmp_path / "c.yaml")
-        assert config.method.value == method and config.data.resolution == 32
-    assert config.base == ("tiny-sdxl" if family == "sdxl" else "toy")
-    assert ("1024 on a real Stable Diffusion XL base" in text) == (family == "sdxl")
+        assert config.method.value == method and config.data.resolution == expected.example_resolution
+        assert ("flow_matching:" in result.stdout) == (expected.objective == "flow_matching")
+    assert config.base == expected.example_base
+    assert (f"1024 on a real {expected.title} base" in result.stdout) == (family != "sd1")
     by_base = yaml.safe_load(run("train", "--print-config", "lora", "--base", "tiny-sdxl").stdout)
     assert by_base["base"] == "tiny-sdxl" and by_base["data"]["resolution"] == 32 and by_base["lora"]["rank"] == 16

@@ -12,6 +12,7 @@ from lorafleet.errors import LorafleetError
 from lorafleet.families import FAMILIES
 
 from .config import DataConfig, Method, load_train_config
+from .errors import TrainingInputInvalid
 
 EXAMPLE_CONFIG = """\
 # lorafleet training config ({method}, {family_title}). Every key is documented in training/config.py;
@@ -110,6 +111,8 @@ def example_config(method: Method, family_name: str | None, base: str | None) ->
     else:
         base = family.example_base
         resolution = family.example_resolution
+    if method == Method.textual_inversion and not family.textual_inversion:
+        raise TrainingInputInvalid(f"{family.title} pipelines load no textual-inversion embeddings", field="method")
     real = family.native_resolution
     note = f"{real} on a real {family.title} base" if resolution != real else f"{family.title}'s native size"
     scaled = (f"\n# Defaults are {family.title}'s ({real} px); the resolution is scaled to {base}'s {resolution} px."
