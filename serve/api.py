@@ -152,10 +152,13 @@ def _install_generation_routes(app: FastAPI, service: GenerationService, scope: 
     GenerateBody, OpenAIBody = models.generate, models.openai_images  # noqa: N806 (classes)
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, dependencies=scope)
-    async def generate(body: GenerateBody, request: Request) -> GenerateResponse:
+    async def generate(body: GenerateBody, request: Request, http_response: Response) -> GenerateResponse:
         response = await service.generate(body)
         if "admin" not in _scopes(request):
             response.replica = None  # host:pid only for admins
+        http_response.headers["X-Cache"] = response.cache
+        if response.etag:
+            http_response.headers["ETag"] = response.etag
         return response
 
     @app.post("/v1/images/generations", response_model=OpenAIImageResponse, responses=ERROR_RESPONSES,

@@ -40,6 +40,14 @@ class ServiceMetrics:
         self.resident_bytes = Gauge("lorafleet_resident_bytes", "Bytes resident per tier and replica.",
                                     ["tier", "replica"], registry=r)
         self.evictions = Counter("lorafleet_cache_evictions", "Adapters evicted, by tier.", ["tier"], registry=r)
+        self.output_cache_hits = Counter("lorafleet_output_cache_hits", "Seeded repeats answered from the output "
+                                         "cache, by tier.", ["tier"], registry=r)
+        self.output_cache_misses = Counter("lorafleet_output_cache_misses", "Cacheable requests not in the output "
+                                           "cache (the last tier asked).", ["tier"], registry=r)
+        self.output_cache_evictions = Counter("lorafleet_output_cache_evictions", "Output cache entries evicted or "
+                                              "expired, by tier.", ["tier"], registry=r)
+        self.output_cache_bytes = Gauge("lorafleet_output_cache_bytes", "Bytes in the gateway's output cache.",
+                                        registry=r)
         self.fuse_events = Counter("lorafleet_fuse_events", "Fuse and unfuse events.", ["event"], registry=r)
         self.adapter_load_failures = Counter("lorafleet_adapter_load_failures",
                                              "Adapter resolutions or fetches that failed, by error code.", ["code"],

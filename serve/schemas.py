@@ -63,6 +63,8 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Seed; image i uses seed + i.")
     num_images: int = Field(1, ge=1, description="Images to generate for this prompt.")
     output_format: OutputFormat = Field("png", description="png, jpeg, webp, or npy (float32 array, exact).")
+    cache: bool = Field(True, description="A seeded request may be answered from the output cache (false: always "
+                        "generate, and do not store).")
 
     _numbers = json_numbers("steps", "guidance_scale", "true_cfg_scale", "width", "height", "seed", "num_images")
 
@@ -105,6 +107,10 @@ class GenerateResponse(BaseModel):
     seeds: list[int]
     timings: Timings
     replica: str | None = Field(None, description="The replica that generated the images (admin scope only).")
+    cache: Literal["hit", "miss"] = Field("miss", description="hit: answered from the output cache (also in the "
+                                          "X-Cache header); miss: generated.")
+    etag: str | None = Field(None, description="The output's key (also the ETag header): equal for requests that "
+                             "give the same bytes; seeded requests only.")
 
 
 class ErrorBody(BaseModel):

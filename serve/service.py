@@ -37,6 +37,7 @@ from lorafleet.registry.errors import (
 from .errors import Overloaded, RequestInvalid, RequestTimeout, ServiceUnavailable
 from .jobs import GenerationJob
 from .metrics import ServiceMetrics
+from .output_cache import AdapterVersion, CachedOutput, OutputCache, output_key
 from .replica import GenerationOutput, GenerationTask
 from .residency import Residency
 from .schemas import NOT_BLANK, GenerateRequest, GenerateResponse, ResolvedAdapter, Timings, size_multiple
@@ -194,6 +195,10 @@ class GenerationService:
         self.native_size = 512
         self.family: ModelFamily = _family_of_base(settings)  # a replica's health confirms it
         self.metrics = metrics or ServiceMetrics()
+        cache = settings.output_cache
+        self.output_cache = OutputCache(cache.memory_bytes, cache.shared_uri, cache.shared_ttl_s, cache.shared_bytes,
+                                        metrics=self.metrics)
+        self._yank_checks: dict[str, tuple[bool, float]] = {}  # digest -> (still served, when checked)
         self._in_flight = 0
         self.resident_by_replica: dict[str, Residency] = {}
         self._max_pending = settings.max_queued_requests + settings.max_ongoing_requests * max(
@@ -251,22 +256,73 @@ class GenerationService:
         size = check_limits(request, self.settings.limits, self.native_size, self.family)  # before any registry call
         resolved = await asyncio.to_thread(self._resolve, request)
         task, seeds = self._task(request, resolved, size)
+        key = self._output_key(request, task)
+        cached = await asyncio.to_thread(self._cached_output, key) if key else None
+        if cached is not None:
+            total_ms = 1000 * (time.perf_counter() - started)
+            return self._response(request, task, resolved, seeds, list(cached.images), key, hit=True,
+                                  timings=Timings(queue_ms=0.0, adapter_load_ms=0.0, generation_ms=0.0,
+                                                  total_ms=total_ms, batch_images=0, adapter_mode="cache"))
         output = await self._call_backend(task)
         self.metrics.record_output(output)
         self.resident_by_replica[output.replica] = output.resident
+        images = [encode_image(image, request.output_format) for image in output.images]
+        if key:
+            versions = tuple(AdapterVersion(m.name, m.version, m.digest) for _, m, _ in resolved)
+            await asyncio.to_thread(self._store_output, key, CachedOutput(tuple(images), versions, time.time()))
         total_ms = 1000 * (time.perf_counter() - started)
         load_ms = output.fetch_ms + output.activate_ms
+        timings = Timings(queue_ms=max(0.0, total_ms - load_ms - output.generation_ms), adapter_load_ms=load_ms,
+                          generation_ms=output.generation_ms, total_ms=total_ms, batch_images=output.batch_images,
+                          adapter_mode=output.mode)
+        response = self._response(request, task, resolved, seeds, images, key, hit=False, timings=timings)
+        response.replica = output.replica
+        return response
+
+    @staticmethod
+    def _response(request: GenerateRequest, task: GenerationTask, resolved, seeds: list[int], images: list[str],
+                  key: str | None, hit: bool, timings: Timings) -> GenerateResponse:
         return GenerateResponse(
-            images=[encode_image(image, request.output_format) for image in output.images],
-            output_format=request.output_format, width=task.job.width, height=task.job.height,
+            images=images, output_format=request.output_format, width=task.job.width, height=task.job.height,
             adapters=[ResolvedAdapter(ref=ref, name=m.name, version=m.version, digest=m.digest, weight=w)
                       for ref, m, w in resolved],
-            seed=seeds[0], seeds=seeds,
-            timings=Timings(queue_ms=max(0.0, total_ms - load_ms - output.generation_ms), adapter_load_ms=load_ms,
-                            generation_ms=output.generation_ms, total_ms=total_ms,
-                            batch_images=output.batch_images, adapter_mode=output.mode),
-            replica=output.replica,
-        )
+            seed=seeds[0], seeds=seeds, timings=timings, cache="hit" if hit else "miss",
+            etag=f'"{key}"' if key else None)
+
+    def _output_key(self, request: GenerateRequest, task: GenerationTask) -> str | None:
+        """The output cache's key, for a seeded request that allows caching while the cache is on."""
+        if request.seed is None or not request.cache or not self.settings.output_cache.enabled:
+            return None
+        adapters = [(manifest.digest, weight) for manifest, weight in task.adapters]
+        return output_key(self.base_fingerprint, adapters, task.job, request.output_format)
+
+    def _cached_output(self, key: str) -> CachedOutput | None:
+        """The cached output for ``key``, unless an adapter version it used has been yanked since."""
+        found = self.output_cache.get(key)
+        if found is None or all(self._still_served(version) for version in found.adapters):
+            return found
+        self.output_cache.forget(key)
+        return None
+
+    def _store_output(self, key: str, output: CachedOutput) -> None:
+        """Store an output unless a version it used is yanked (an exact pin still generates, fresh each time)."""
+        if all(self._still_served(version) for version in output.adapters):
+            self.output_cache.put(key, output)
+
+    def _still_served(self, version: AdapterVersion) -> bool:
+        """Not yanked (nor deleted), as the registry said at most ``output_cache.recheck_s`` ago; when the
+        registry cannot be reached, the last answer (or yes: the adapter is cached, as generation would use it)."""
+        checked = self._yank_checks.get(version.digest)
+        if checked is not None and time.monotonic() - checked[1] < self.settings.output_cache.recheck_s:
+            return checked[0]
+        try:
+            served = not self.registry.resolve(f"{version.name}@{version.version}").yanked  # exact pins resolve yanked
+        except (AdapterNotFound, YankedVersion):
+            served = False
+        except RegistryUnavailable:
+            return checked[0] if checked is not None else True
+        self._yank_checks[version.digest] = (served, time.monotonic())
+        return served
 
     async def _call_backend(self, task: GenerationTask) -> GenerationOutput:
         if self._in_flight >= self._max_pending:

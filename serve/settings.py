@@ -59,6 +59,19 @@ class CacheBudgets(BaseModel):
     disk_dir: Path = Field(Path("~/.cache/lorafleet/adapters"), description="Local disk tier directory.")
 
 
+class OutputCacheSettings(BaseModel):
+    """Finished outputs of seeded requests (serve/output_cache.py): repeats answered without generating."""
+
+    enabled: bool = Field(True, description="Answer a seeded repeat from the cache (a request may say cache: false).")
+    memory_bytes: int = Field(256 * 1024**2, ge=0, description="Gateway memory tier budget (encoded images).")
+    shared_uri: str | None = Field(None, description="Shared tier in object storage (file://, s3://), e.g. the "
+                                   "registry's bucket; off when unset.")
+    shared_ttl_s: float = Field(86_400.0, gt=0, description="Shared entries older than this are ignored and removed.")
+    shared_bytes: int = Field(10 * 1024**3, ge=0, description="Shared tier byte budget (oldest removed beyond it).")
+    recheck_s: float = Field(5.0, ge=0, description="How old a 'not yanked' check of a cached output's adapter "
+                             "versions may be.")
+
+
 class Batching(BaseModel):
     """How a replica groups concurrent requests into pipeline passes (serve/batching.py)."""
 
@@ -119,6 +132,7 @@ class ServeSettings(BaseSettings):
     resolution_ttl_s: float = Field(5.0, ge=0, description="How long an alias resolution is reused.")
     fuse_after: int = Field(0, ge=0, description="Fuse an adapter set served this many times in a row (0: never).")
     cache: CacheBudgets = Field(default_factory=CacheBudgets)
+    output_cache: OutputCacheSettings = Field(default_factory=OutputCacheSettings)
     batching: Batching = Field(default_factory=Batching)
     hotswap: Hotswap | None = Field(None, description="Serve through one compile-safe slot (off: batch mixed sets).")
     limits: RequestLimits = Field(default_factory=RequestLimits)

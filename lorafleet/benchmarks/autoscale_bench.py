@@ -62,7 +62,7 @@ def _burst_and_watch(url: str, burst_requests: int, concurrency: int, steps: int
     client = httpx.Client(base_url=url, timeout=300)
     statuses: list[int] = []
     with ThreadPoolExecutor(concurrency) as pool:
-        body = {"prompt": "a red circle", "steps": steps, "seed": 0}
+        body = {"prompt": "a red circle", "steps": steps, "seed": 0, "cache": False}  # load on replicas, not the cache
         statuses = list(pool.map(lambda _: client.post("/v1/generate", json=body).status_code,
                                  range(burst_requests)))
     burst_end = time.monotonic() - started

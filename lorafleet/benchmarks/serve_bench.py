@@ -57,7 +57,8 @@ class _Client:
         self.steps = steps
 
     def generate(self, adapter: str | None = None) -> dict:
-        body = {"prompt": PROMPT, "steps": self.steps, "seed": 0, **({"adapter": adapter} if adapter else {})}
+        body = {"prompt": PROMPT, "steps": self.steps, "seed": 0, "cache": False,  # generation, not the output cache
+                **({"adapter": adapter} if adapter else {})}
         response = self.http.post("/v1/generate", json=body)
         response.raise_for_status()
         return response.json()

@@ -159,10 +159,9 @@ def test_config_rejects_unknown_keys_by_name(tmp_path):
 def test_printed_example_configs_are_valid(tmp_path):
     import yaml
 
+    from lorafleet.families import FAMILIES
     from lorafleet.training.cli import example_config
     from lorafleet.training.config import Method, TrainConfig
-
-    from lorafleet.families import FAMILIES
 
     for family in FAMILIES.values():
         for method in METHOD_SETTINGS:
