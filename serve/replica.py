@@ -57,6 +57,7 @@ class GenerationOutput:
     resident: Residency = field(default_factory=dict)
     mode: PassMode = PassMode.base  # how the pass applied adapters
     batch_images: int = 1  # images in the pass this request shared
+    replica_ms: float = 0.0  # from the replica's receiving the task to its result (fetch, wait, pass)
 
 
 def load_replica_base(settings: ServeSettings):
@@ -114,7 +115,7 @@ class GeneratorReplica:
         started = time.perf_counter()
         uses, fetches = self._fetch(task)
         fetch_ms = 1000 * (time.perf_counter() - started)
-        return self._output(self._submit(uses, task.job).result(), fetches, fetch_ms)
+        return self._output(self._submit(uses, task.job).result(), fetches, fetch_ms, started)
 
     async def generate_async(self, task: GenerationTask) -> GenerationOutput:
         """The same without holding a thread while the request waits for its pass."""
@@ -122,15 +123,16 @@ class GeneratorReplica:
         uses, fetches = await asyncio.to_thread(self._fetch, task)
         fetch_ms = 1000 * (time.perf_counter() - started)
         result = await asyncio.wrap_future(self._submit(uses, task.job))
-        return self._output(result, fetches, fetch_ms)
+        return self._output(result, fetches, fetch_ms, started)
 
-    def _output(self, result: EngineResult, fetches: list[AdapterFetch], fetch_ms: float) -> GenerationOutput:
+    def _output(self, result: EngineResult, fetches: list[AdapterFetch], fetch_ms: float,
+                started: float) -> GenerationOutput:
         self._active = result.active or self._active
         return GenerationOutput(
             images=result.images, fetches=fetches, fetch_ms=fetch_ms, activate_ms=result.activate_ms,
             generation_ms=result.generation_ms, replica=self.replica_id, evicted_active=result.evicted,
             fuse_events=result.fuse_events, resident=self.resident(), mode=result.mode,
-            batch_images=result.batch_images,
+            batch_images=result.batch_images, replica_ms=1000 * (time.perf_counter() - started),
         )
 
     def resident(self) -> Residency:

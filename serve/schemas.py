@@ -94,7 +94,12 @@ class Timings(BaseModel):
     generation_ms: float = Field(description="Running the pipeline (the whole pass this request shared).")
     total_ms: float
     batch_images: int = Field(1, description="Images in the pipeline pass this request shared.")
-    adapter_mode: str = Field("base", description="How the pass applied adapters: base, active, fused or mixed.")
+    adapter_mode: str = Field("base", description="How the pass applied adapters: base, active, fused or mixed "
+                              "(cache: answered from the output cache).")
+    breakdown: dict[str, float] = Field(default_factory=dict, description="Milliseconds per hand-off inside the "
+                                        "server: checks, resolve, output_cache, backend (the call to a replica, Ray "
+                                        "included), replica (inside it: fetch, wait for a pass, the pass), "
+                                        "replica_wait, encode. The client's own total minus total_ms is HTTP.")
 
 
 class GenerateResponse(BaseModel):

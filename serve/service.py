@@ -171,6 +171,27 @@ def decode_npy(image_b64: str) -> np.ndarray:
     return np.load(io.BytesIO(base64.b64decode(image_b64)), allow_pickle=False)
 
 
+def encode_images(images: np.ndarray, output_format: str) -> list[str]:
+    return [encode_image(image, output_format) for image in images]
+
+
+class _Stopwatch:
+    """Milliseconds per named stage of one request, and in all."""
+
+    def __init__(self):
+        self.started = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(1000 * (now - self.last), 3)
+        self.last = now
+
+    @property
+    def total_ms(self) -> float:
+        return 1000 * (time.perf_counter() - self.started)
+
+
 def encode_image(image: np.ndarray, output_format: str) -> str:
     """One [height, width, 3] float image in [0, 1] as base64 in ``output_format``."""
     from PIL import Image
@@ -251,30 +272,36 @@ class GenerationService:
             self.base_fingerprint = health["base_fingerprint"]
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        started = time.perf_counter()
+        clock = _Stopwatch()
         await self.ensure_base_info()
         size = check_limits(request, self.settings.limits, self.native_size, self.family)  # before any registry call
+        clock.lap("checks")
         resolved = await asyncio.to_thread(self._resolve, request)
         task, seeds = self._task(request, resolved, size)
+        clock.lap("resolve")
         key = self._output_key(request, task)
         cached = await asyncio.to_thread(self._cached_output, key) if key else None
+        clock.lap("output_cache")
         if cached is not None:
-            total_ms = 1000 * (time.perf_counter() - started)
             return self._response(request, task, resolved, seeds, list(cached.images), key, hit=True,
                                   timings=Timings(queue_ms=0.0, adapter_load_ms=0.0, generation_ms=0.0,
-                                                  total_ms=total_ms, batch_images=0, adapter_mode="cache"))
+                                                  total_ms=clock.total_ms, batch_images=0, adapter_mode="cache",
+                                                  breakdown=clock.laps))
         output = await self._call_backend(task)
+        clock.lap("backend")
         self.metrics.record_output(output)
         self.resident_by_replica[output.replica] = output.resident
-        images = [encode_image(image, request.output_format) for image in output.images]
+        images = await asyncio.to_thread(encode_images, output.images, request.output_format)  # off the event loop
+        clock.lap("encode")
         if key:
             versions = tuple(AdapterVersion(m.name, m.version, m.digest) for _, m, _ in resolved)
             await asyncio.to_thread(self._store_output, key, CachedOutput(tuple(images), versions, time.time()))
-        total_ms = 1000 * (time.perf_counter() - started)
         load_ms = output.fetch_ms + output.activate_ms
-        timings = Timings(queue_ms=max(0.0, total_ms - load_ms - output.generation_ms), adapter_load_ms=load_ms,
-                          generation_ms=output.generation_ms, total_ms=total_ms, batch_images=output.batch_images,
-                          adapter_mode=output.mode)
+        breakdown = {**clock.laps, "replica": round(output.replica_ms, 3),
+                     "replica_wait": round(max(0.0, output.replica_ms - load_ms - output.generation_ms), 3)}
+        timings = Timings(queue_ms=max(0.0, clock.total_ms - load_ms - output.generation_ms), adapter_load_ms=load_ms,
+                          generation_ms=output.generation_ms, total_ms=clock.total_ms,
+                          batch_images=output.batch_images, adapter_mode=output.mode, breakdown=breakdown)
         response = self._response(request, task, resolved, seeds, images, key, hit=False, timings=timings)
         response.replica = output.replica
         return response

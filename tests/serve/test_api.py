@@ -56,7 +56,11 @@ def test_generate_returns_png_images_resolved_adapters_and_timings(client, adapt
     image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
     assert image.format == "PNG" and image.size == (32, 32)
     assert set(body["timings"]) == {"queue_ms", "adapter_load_ms", "generation_ms", "total_ms", "batch_images",
-                                    "adapter_mode"}
+                                    "adapter_mode", "breakdown"}
+    stages = body["timings"]["breakdown"]
+    assert set(stages) == {"checks", "resolve", "output_cache", "backend", "encode", "replica", "replica_wait"}
+    assert stages["replica"] <= stages["backend"] and sum(v for k, v in stages.items()
+                                                         if not k.startswith("replica")) <= body["timings"]["total_ms"]
     assert body["timings"]["batch_images"] == 2 and body["timings"]["adapter_mode"] in ("mixed", "active")
 
 
