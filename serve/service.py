@@ -220,6 +220,7 @@ class GenerationService:
         self.output_cache = OutputCache(cache.memory_bytes, cache.shared_uri, cache.shared_ttl_s, cache.shared_bytes,
                                         metrics=self.metrics)
         self._yank_checks: dict[str, tuple[bool, float]] = {}  # digest -> (still served, when checked)
+        self._generating: dict[str, asyncio.Future] = {}  # output key -> the output of the request generating it
         self._in_flight = 0
         self.resident_by_replica: dict[str, Residency] = {}
         self._max_pending = settings.max_queued_requests + settings.max_ongoing_requests * max(
@@ -281,12 +282,30 @@ class GenerationService:
         clock.lap("resolve")
         key = self._output_key(request, task)
         cached = await asyncio.to_thread(self._cached_output, key) if key else None
+        if cached is None and key in self._generating:  # an identical request is generating: share its output
+            cached = await asyncio.shield(self._generating[key])
         clock.lap("output_cache")
         if cached is not None:
             return self._response(request, task, resolved, seeds, list(cached.images), key, hit=True,
                                   timings=Timings(queue_ms=0.0, adapter_load_ms=0.0, generation_ms=0.0,
                                                   total_ms=clock.total_ms, batch_images=0, adapter_mode="cache",
                                                   breakdown=clock.laps))
+        if not key:
+            return await self._generate_fresh(request, task, resolved, seeds, None, clock)
+        shared = self._generating[key] = asyncio.get_running_loop().create_future()
+        try:
+            response = await self._generate_fresh(request, task, resolved, seeds, key, clock)
+        except BaseException as exc:
+            shared.set_exception(exc)
+            shared.exception()  # retrieved here: nobody may be waiting
+            raise
+        finally:
+            self._generating.pop(key, None)
+        shared.set_result(CachedOutput(tuple(response.images), (), time.time()))
+        return response
+
+    async def _generate_fresh(self, request: GenerateRequest, task: GenerationTask, resolved, seeds: list[int],
+                              key: str | None, clock: _Stopwatch) -> GenerateResponse:
         output = await self._call_backend(task)
         clock.lap("backend")
         self.metrics.record_output(output)

@@ -139,6 +139,10 @@ def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, s
             if "throughput" in sections:
                 row.update(bench_throughput(base, steps, requests, repeats, Path(tmp) / "throughput" / base,
                                               rounds=rounds))
+            if "http" in sections:
+                from .http_bench import bench_http
+
+                row.update(bench_http(base, steps, requests, rounds, Path(tmp) / "http" / base))
             results.append(row)
             print(json.dumps(row), flush=True)  # each base as soon as it is done
     return results
@@ -147,8 +151,8 @@ def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, s
 def cmd_bench_serve(args) -> int:
     from .registry_bench import emit
 
-    results = run_serve_bench(args.bases.split(","), args.steps, args.requests, args.repeats,
-                              args.sections.split(","), args.rounds)
+    sections = ["http"] if args.http and args.sections is None else (args.sections or "overhead,throughput").split(",")
+    results = run_serve_bench(args.bases.split(","), args.steps, args.requests, args.repeats, sections, args.rounds)
     return emit(results, transpose=True)
 
 
@@ -159,5 +163,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--rounds", type=positive_int, default=3,
                         help="throughput: interleaved rounds of the limit and every scenario (medians reported)")
-    parser.add_argument("--sections", default="overhead,throughput", help="overhead, throughput or both")
+    parser.add_argument("--sections", default=None, help="overhead, throughput, http (default overhead,throughput)")
+    parser.add_argument("--http", action="store_true", help="through the public HTTP API of a started server: "
+                        "throughput scenarios, where the time goes, the output cache (benchmarks/http_bench.py)")
     parser.set_defaults(handler=cmd_bench_serve)

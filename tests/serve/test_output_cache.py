@@ -91,3 +91,20 @@ def test_two_gateways_share_the_object_storage_tier(registry, tmp_path):
 def test_the_cache_can_be_switched_off(registry, tmp_path):
     with _client(registry, tmp_path, enabled=False) as client:
         assert [_post(client).headers["X-Cache"] for _ in range(2)] == ["miss", "miss"]
+
+
+def test_identical_requests_at_once_share_one_generation(registry, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _client(registry, tmp_path) as client:
+        def generations() -> float:
+            lines = [line for line in client.get("/metrics").text.splitlines()
+                     if line.startswith("lorafleet_generations_by_mode_total")]
+            return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+        before = generations()
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(pool.map(lambda _: _post(client, adapter="style:prod", steps=6), range(6)))
+        assert sorted(answer.headers["X-Cache"] for answer in answers) == ["hit"] * 5 + ["miss"]
+        assert len({tuple(answer.json()["images"]) for answer in answers}) == 1
+        assert generations() - before == 1

@@ -1,0 +1,168 @@
+"""`lorafleet bench serve --http`: what a user meets, measured through the public HTTP API of a
+started server (Ray Serve: proxy, gateway, replica).
+
+- Throughput: concurrent clients, no adapter / one / 10 / 100 adapters, interleaved in rounds
+  (medians and ranges), beside the in-process naive diffusers loop over 100 adapters.
+- Where the time goes: each response's own ``timings.breakdown`` (checks, resolve, output cache,
+  backend call, inside the replica, waiting for a pass, the pass, encoding) and the client's own
+  total (its excess over the server's total is HTTP and the proxy), at idle and under load; the
+  idle latency over a direct pipeline call.
+- The output cache: prompts drawn from a Zipf distribution so that about 30 % of requests repeat
+  an earlier one, with the cache and without (``"cache": false``), interleaved.
+"""
+
+from __future__ import annotations
+
+# Imports inside functions: each benchmark's heavy imports wait for its run.
+import random
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SCENARIOS = (0, 1, 10, 100)
+PROMPT = "a red circle on the left"
+
+
+def _start(base: str, registry_uri: str, workdir: Path, max_batch_images: int):
+    from lorafleet.local_cluster import free_port
+    from lorafleet.serve.server import start_server
+    from lorafleet.serve.settings import ServeSettings
+
+    for attempt in range(3):  # a port free when chosen can be taken by Ray's own processes meanwhile
+        settings = ServeSettings(base=base, registry=registry_uri, port=free_port(), replicas=1, replica_num_cpus=2,
+                                 max_ongoing_requests=max_batch_images, max_queued_requests=256,
+                                 batching={"max_batch_images": max_batch_images},
+                                 cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), "host_bytes": 4 * 1024**3})
+        try:
+            return start_server(settings, num_cpus=2)
+        except Exception as exc:
+            if "bind" not in str(exc).lower() or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _Traffic:
+    def __init__(self, url: str, steps: int, names: list[str]):
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64))
+        self.steps, self.names = steps, names
+        self.seed = 0
+
+    def one(self, adapter: int | None, prompt: str = PROMPT, seed: int | None = None, cache: bool = False) -> dict:
+        if seed is None:
+            self.seed += 1
+            seed = self.seed
+        body = {"prompt": prompt, "steps": self.steps, "seed": seed, "cache": cache}
+        if adapter is not None:
+            body["adapter"] = self.names[adapter]
+        started = time.perf_counter()
+        response = self.http.post("/v1/generate", json=body)
+        client_ms = 1000 * (time.perf_counter() - started)
+        response.raise_for_status()
+        return {"client_ms": client_ms, "cache": response.headers.get("X-Cache"), **response.json()["timings"]}
+
+    def burst(self, calls: list[tuple], concurrency: int) -> tuple[float, list[dict]]:
+        """(images/s, per-request timings) of ``calls`` sent by ``concurrency`` clients."""
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            started = time.perf_counter()
+            rows = list(pool.map(lambda call: self.one(*call), calls))
+            return len(calls) / (time.perf_counter() - started), rows
+
+
+def _scenario_calls(adapters: int, requests: int, seed: int) -> list[tuple]:
+    rng = random.Random(seed)
+    if adapters == 0:
+        return [(None,)] * requests
+    return [(0 if adapters == 1 else rng.randrange(adapters),) for _ in range(requests)]
+
+
+def _breakdown(rows: list[dict]) -> dict:
+    """Median ms per stage, and what HTTP (client minus server total) and Ray (the backend call minus
+    the replica's own time) add."""
+    stages = sorted({stage for row in rows for stage in row["breakdown"]})
+    out = {stage: round(statistics.median(row["breakdown"].get(stage, 0.0) for row in rows), 2) for stage in stages}
+    out["pass"] = round(statistics.median(row["generation_ms"] for row in rows), 2)
+    out["http_and_proxy"] = round(statistics.median(row["client_ms"] - row["total_ms"] for row in rows), 2)
+    out["ray_handle"] = round(statistics.median(row["breakdown"]["backend"] - row["breakdown"]["replica"]
+                                                for row in rows), 2)
+    out["client_total"] = round(statistics.median(row["client_ms"] for row in rows), 2)
+    return out
+
+
+def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tuple], float]:
+    """Prompts from a Zipf(1.1) law over a pool sized so that about ``repeat_share`` of requests
+    repeat an earlier (prompt, seed); each prompt has one seed, so a repeat is the same request."""
+    rng = random.Random(seed)
+    best = None
+    for pool in range(requests // 4, 20 * requests, max(1, requests // 8)):
+        weights = [1 / (rank ** 1.1) for rank in range(1, pool + 1)]
+        drawn = rng.choices(range(pool), weights=weights, k=requests)
+        share = 1 - len(set(drawn)) / requests
+        if best is None or abs(share - repeat_share) < abs(best[1] - repeat_share):
+            best = (drawn, share)
+    drawn, share = best
+    return [(None, f"{PROMPT} {seed} {index}", 1000 + index) for index in drawn], share  # new prompts each round
+
+
+def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path, concurrency: int = 8) -> dict:
+    from .serve_bench import _direct_ms
+    from .throughput_bench import _naive_rate, _Setup, _traffic
+
+    setup = _Setup(base, max(SCENARIOS), steps, workdir)
+    names = [f"{manifest.name}@{manifest.version}" for manifest in setup.manifests]
+    direct_ms = _direct_ms(base, steps, 5)
+    naive = _naive_rate(setup, _traffic(100, min(requests, 16)))
+    server = _start(base, setup.registry_uri, workdir, max_batch_images=concurrency)
+    try:
+        traffic = _Traffic(server.url, steps, names)
+        for index in range(8):  # warm-up: the base, and adapters into the host tier
+            traffic.one(None), traffic.one(index)
+        idle = [traffic.one(None) for _ in range(10)]
+        rates: dict[int, list[float]] = {n: [] for n in SCENARIOS}
+        loaded: dict[int, list[dict]] = {n: [] for n in SCENARIOS}
+        cache_rates: dict[bool, list[float]] = {True: [], False: []}
+        cache_rows: dict[bool, list[dict]] = {True: [], False: []}
+        for round_index in range(rounds):
+            for adapters in SCENARIOS:
+                rate, rows = traffic.burst(_scenario_calls(adapters, requests, round_index), concurrency)
+                rates[adapters].append(rate)
+                loaded[adapters] += rows
+            calls, repeat_share = _zipf_calls(requests, 0.3, seed=round_index)
+            for cached in (True, False):
+                rate, rows = traffic.burst([(*call, cached) for call in calls], concurrency)
+                cache_rates[cached].append(rate)
+                cache_rows[cached] += rows
+    finally:
+        server.stop()
+    return _report(base, steps, requests, rounds, concurrency, direct_ms, naive, idle, rates, loaded,
+                   cache_rates, cache_rows, repeat_share)
+
+
+def _report(base, steps, requests, rounds, concurrency, direct_ms, naive, idle, rates, loaded, cache_rates,
+            cache_rows, repeat_share) -> dict:
+    median = {n: statistics.median(values) for n, values in rates.items()}
+    idle_p50 = statistics.median(row["client_ms"] for row in idle)
+    result = {
+        "base": base, "steps": steps, "http_requests_per_scenario": requests, "http_rounds": rounds,
+        "http_concurrency": concurrency,
+        "direct_generation_ms": round(direct_ms, 1), "http_idle_p50_ms": round(idle_p50, 1),
+        "http_idle_overhead_ms": round(idle_p50 - direct_ms, 1),
+        "http_idle_overhead_pct": round(100 * (idle_p50 - direct_ms) / direct_ms, 1),
+        **{f"http_{n}_images_per_s": round(median[n], 3) for n in SCENARIOS},
+        **{f"http_{n}_range": [round(min(rates[n]), 3), round(max(rates[n]), 3)] for n in SCENARIOS},
+        "http_1_to_0": round(median[1] / median[0], 3), "http_100_to_0": round(median[100] / median[0], 3),
+        "naive_100_images_per_s_in_process": round(naive, 3),
+        "http_100_over_naive": round(median[100] / naive, 2),
+        "breakdown_idle_ms": _breakdown(idle),
+        "breakdown_loaded_100_ms": _breakdown(loaded[100]),
+        "cache_repeat_share": round(repeat_share, 3),
+    }
+    for cached in (True, False):
+        label = "with_cache" if cached else "without_cache"
+        result[f"cache_{label}_images_per_s"] = round(statistics.median(cache_rates[cached]), 3)
+        result[f"cache_{label}_p50_ms"] = round(statistics.median(row["client_ms"] for row in cache_rows[cached]), 1)
+    hits = sum(row["cache"] == "hit" for row in cache_rows[True])
+    result["cache_hits_share"] = round(hits / len(cache_rows[True]), 3)
+    return result
