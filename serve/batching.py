@@ -5,7 +5,9 @@ thread team per calling thread, and idle teams spinning on a small CPU starve th
 It takes the oldest waiting request, adds the waiting requests that share its batch key, in
 arrival order, up to ``max_batch_images`` images, and runs them as one pass. Requests that
 arrive during a pass form the next one; nothing waits for a batch to fill unless
-``wait_ms`` asks for it.
+``wait_ms`` asks for it, and then only while the replica is busy (a pass ended within the
+window): a request reaching an idle replica starts at once (measured: the window was 5.5 ms of
+a 200 ms idle request on `tiny` through HTTP).
 
 Fairness: the oldest request is always in the next pass, whatever its adapter, so a request
 waits for at most as many passes as there are requests ahead of it: a hot adapter cannot
@@ -43,6 +45,7 @@ class BatchScheduler(Generic[R, T]):
         self._queue: list[_Waiting[R, T]] = []
         self._ready = threading.Condition()
         self._closed = False
+        self._last_pass_end = float("-inf")  # monotonic seconds
         self.passes = 0
         self._worker = threading.Thread(target=self._serve, name=name, daemon=True)
         self._worker.start()
@@ -77,7 +80,8 @@ class BatchScheduler(Generic[R, T]):
                 self._ready.wait()
             if not self._queue:
                 return None
-            if self.wait_s and not isinstance(self._queue[0].request, _Call):
+            busy = time.monotonic() - self._last_pass_end < self.wait_s
+            if busy and not isinstance(self._queue[0].request, _Call):
                 deadline = time.monotonic() + self.wait_s
                 while self._fill(self._queue[0].key) < self.max_batch_images and time.monotonic() < deadline:
                     self._ready.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -118,6 +122,8 @@ class BatchScheduler(Generic[R, T]):
                 for item in live:
                     item.future.set_exception(exc)
                 continue
+            finally:
+                self._last_pass_end = time.monotonic()
             for item, result in zip(live, results):
                 item.future.set_result(result)
 

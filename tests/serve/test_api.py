@@ -230,12 +230,12 @@ def test_overload_answers_503_with_retry_after_quickly(adapter_registry, tmp_pat
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
             await ac.get("/readyz")
 
-            async def one():
+            async def one(seed: int):  # distinct requests: identical ones would share one generation
                 started = time.perf_counter()
-                response = await ac.post("/v1/generate", json=_body(steps=30))
+                response = await ac.post("/v1/generate", json=_body(steps=30, seed=seed))
                 return response, time.perf_counter() - started
 
-            return await asyncio.gather(*[one() for _ in range(8)])
+            return await asyncio.gather(*[one(seed) for seed in range(8)])
 
     results = asyncio.run(burst())
     statuses = [r.status_code for r, _ in results]

@@ -179,6 +179,31 @@ def test_the_oldest_request_is_always_in_the_next_pass():
         gate.release()
 
 
+def test_the_batching_window_applies_only_while_the_replica_is_busy():
+    """A request reaching an idle replica starts at once; right after a pass, a request waits up to
+    ``wait_ms`` for others to share its pass."""
+    import time
+
+    def run(requests):
+        time.sleep(0.05)
+        return [len(requests)] * len(requests)
+
+    scheduler = BatchScheduler(run, max_batch_images=8, wait_ms=400)
+    try:
+        started = time.perf_counter()
+        assert scheduler.submit("k", 1).result() == 1
+        assert time.perf_counter() - started < 0.3  # no 400 ms window at idle
+        first = scheduler.submit("k", 1)  # a pass ended just now: the replica counts as busy
+        time.sleep(0.1)
+        second = scheduler.submit("k", 1)
+        assert first.result() == 2 and second.result() == 2  # the window let them share a pass
+        time.sleep(0.5)  # idle again
+        started = time.perf_counter()
+        assert scheduler.submit("k", 1).result() == 1 and time.perf_counter() - started < 0.3
+    finally:
+        scheduler.close()
+
+
 def test_a_failing_pass_fails_only_its_own_requests():
     def run_batch(requests):
         if "bad" in requests:
