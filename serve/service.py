@@ -283,7 +283,7 @@ class GenerationService:
         key = self._output_key(request, task)
         cached = await asyncio.to_thread(self._cached_output, key) if key else None
         if cached is None and key in self._generating:  # an identical request is generating: share its output
-            cached = await asyncio.shield(self._generating[key])
+            cached = await self._shared_output(self._generating[key])
         clock.lap("output_cache")
         if cached is not None:
             return self._response(request, task, resolved, seeds, list(cached.images), key, hit=True,
@@ -295,7 +295,10 @@ class GenerationService:
         shared = self._generating[key] = asyncio.get_running_loop().create_future()
         try:
             response = await self._generate_fresh(request, task, resolved, seeds, key, clock)
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            shared.cancel()  # its caller left: those waiting on it generate for themselves
+            raise
+        except Exception as exc:
             shared.set_exception(exc)
             shared.exception()  # retrieved here: nobody may be waiting
             raise
@@ -303,6 +306,16 @@ class GenerationService:
             self._generating.pop(key, None)
         shared.set_result(CachedOutput(tuple(response.images), (), time.time()))
         return response
+
+    @staticmethod
+    async def _shared_output(shared: asyncio.Future) -> CachedOutput | None:
+        """The output of the identical request in flight; None if that request was cancelled."""
+        try:
+            return await asyncio.shield(shared)
+        except asyncio.CancelledError:
+            if shared.cancelled():
+                return None
+            raise
 
     async def _generate_fresh(self, request: GenerateRequest, task: GenerationTask, resolved, seeds: list[int],
                               key: str | None, clock: _Stopwatch) -> GenerateResponse:
