@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model, field_validator, model_validator
 
 from lorafleet.families import ModelFamily
 from lorafleet.registry.identity import REF_REGEX
@@ -63,7 +63,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Seed; image i uses seed + i.")
     num_images: int = Field(1, ge=1, description="Images to generate for this prompt.")
     output_format: OutputFormat = Field("png", description="png, jpeg, webp, or npy (float32 array, exact).")
-    cache: bool = Field(True, description="A seeded request may be answered from the output cache (false: always "
+    cache: StrictBool = Field(True, description="A seeded request may be answered from the output cache (false: always "
                         "generate, and do not store).")
 
     _numbers = json_numbers("steps", "guidance_scale", "true_cfg_scale", "width", "height", "seed", "num_images")

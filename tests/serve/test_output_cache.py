@@ -88,6 +88,13 @@ def test_two_gateways_share_the_object_storage_tier(registry, tmp_path):
         assert _post(expired, adapter="style:prod").headers["X-Cache"] == "miss"
 
 
+def test_cache_takes_only_a_json_boolean(registry, tmp_path):
+    with _client(registry, tmp_path) as client:
+        for value in (0, 1, "false", None):
+            answer = client.post("/v1/generate", json={**BODY, "cache": value})
+            assert answer.status_code == 422 and answer.json()["error"]["field"] == "cache", (value, answer.text)
+
+
 def test_the_cache_can_be_switched_off(registry, tmp_path):
     with _client(registry, tmp_path, enabled=False) as client:
         assert [_post(client).headers["X-Cache"] for _ in range(2)] == ["miss", "miss"]
