@@ -114,3 +114,34 @@ def test_embeddings_and_kohya_export_are_refused_naming_why(sd3_registry, tmp_pa
         registry.publish(path, PublishRequest(name="tok", base=base_spec("tiny-sd3")))
     with pytest.raises(InvalidAdapter, match="no kohya layout"):
         to_kohya(payload_from_stored(registry.read_blob(registry.resolve("a"))), base_spec("tiny-sd3"))
+
+
+def test_sd3_through_the_hot_swap_slot_and_from_a_peft_folder(sd3_registry, tmp_path):
+    """The compile-safe slot (transformer and both CLIPs), and a peft `save_pretrained` folder of the
+    transformer, served as peft itself loads it."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from lorafleet.serve.slots import LoraSlot
+
+    registry, files = sd3_registry
+    fetcher = AdapterFetcher(registry, host_bytes=64 * 1024**2, disk=None)
+    pipe = load_base("tiny-sd3").pipeline
+    engine = PipelineEngine(pipe, resolve_placement("cpu"), slot=LoraSlot(pipe, target_rank=8))
+    job = GenerationJob(PROMPT, None, STEPS, GUIDANCE, SIZE, SIZE, (0,))
+    for name in ("a", None, "b"):
+        uses = (AdapterUse(fetcher.fetch(registry.resolve(name)).adapter, 1.0),) if name else ()
+        result = engine.run_batch([BatchRequest(uses, job)])[0]
+        expected = plain_sd3_image(files[name] if name else None)
+        assert result.mode == "slot" and np.abs(result.images[0] - expected).max() <= TOLERANCE, name
+    torch.manual_seed(9)
+    peft_model = get_peft_model(load_base("tiny-sd3").pipeline.transformer,
+                                LoraConfig(r=2, lora_alpha=6, target_modules=["to_k", "ff.net.2"],
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    registry.publish(tmp_path / "peft", PublishRequest(name="peft", base=base_spec("tiny-sd3")))
+    served = PipelineEngine(load_base("tiny-sd3").pipeline, resolve_placement("cpu")).run_batch(
+        [BatchRequest((AdapterUse(fetcher.fetch(registry.resolve("peft")).adapter, 1.0),), job)])[0]
+    reference = load_base("tiny-sd3").pipeline
+    PeftModel.from_pretrained(reference.transformer, str(tmp_path / "peft"))
+    assert np.abs(served.images[0] - plain_sd3_image(pipe=reference)).max() <= TOLERANCE
+    assert np.abs(served.images[0] - plain_sd3_image()).max() > 1e-3
