@@ -492,7 +492,7 @@ def to_kohya(payload: AdapterPayload, spec: BaseSpec) -> tuple[dict[str, torch.T
                 continue
             out[f"{name}.lora_down.weight"] = payload.tensors[f"{component}.{path}.lora_A.weight"]
             out[f"{name}.lora_up.weight"] = payload.tensors[f"{component}.{path}.lora_B.weight"]
-            out[f"{name}.alpha"] = torch.tensor(float(config.alpha_pattern.get(path, config.alpha)))
+            out[f"{name}.alpha"] = torch.tensor(config.alpha_of(path))
     for name, module in fused.items():
         out.update(_fused_kohya_lora(name, module, payload, spec))
     return out, {"format": "pt", "ss_network_module": "networks.lora", "ss_base_model_version": family.name}
@@ -505,10 +505,8 @@ def _fused_kohya_lora(name: str, module: _KohyaModule, payload: AdapterPayload, 
         key = f"{module.component}.{path}.lora_"
         rows = _out_features(spec, module.component, path)
         if f"{key}A.weight" in payload.tensors:
-            rank = config.rank_pattern.get(path, config.rank)
-            scale = float(config.alpha_pattern.get(path, config.alpha)) / float(rank)
             downs.append(payload.tensors[f"{key}A.weight"])
-            ups.append(payload.tensors[f"{key}B.weight"].float() * scale)
+            ups.append(payload.tensors[f"{key}B.weight"].float() * config.scale_of(path))
         else:
             ups.append(torch.zeros(rows, 0))
     rank = sum(down.shape[0] for down in downs)

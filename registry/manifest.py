@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# Imports inside functions: peft only to match a rank/alpha pattern (listing the registry must not import torch).
 import math
 from datetime import datetime, timezone
 from enum import Enum
@@ -60,6 +61,16 @@ class ComponentLora(BaseModel):
     alpha_pattern: dict[str, float] = Field(default_factory=dict, description="Per-module alphas.")
     use_dora: bool = False
 
+    def rank_of(self, module: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module, self.rank))
+
+    def alpha_of(self, module: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module, self.alpha))
+
+    def scale_of(self, module: str) -> float:
+        """alpha / rank for ``module``: what its update is multiplied by."""
+        return self.alpha_of(module) / self.rank_of(module)
+
     def peft_config_dict(self) -> dict[str, Any]:
         """The dict that peft's LoraConfig / diffusers' adapter metadata accept."""
         return {
@@ -72,6 +83,15 @@ class ComponentLora(BaseModel):
             "lora_dropout": 0.0,
             "init_lora_weights": True,
         }
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """A rank/alpha pattern's value for ``module``, matched as peft matches it when loading."""
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    return pattern.get(get_pattern_key(pattern.keys(), module), default)
 
 
 class BaseRef(BaseModel):

@@ -39,11 +39,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft.utils.other import get_pattern_key
 
 from lorafleet.registry.errors import AdapterIncompatible
 from lorafleet.registry.formats import AdapterPayload
-from lorafleet.registry.manifest import ComponentLora
 from lorafleet.registry.validation import lora_pairs
 
 
@@ -70,17 +68,6 @@ class RoutedAdapter:
                    for layer in self.layers.values())
 
 
-def _pattern_value(pattern: dict, module: str, default):
-    """A rank/alpha pattern's value for ``module``, matched as peft matches it when loading."""
-    return pattern.get(get_pattern_key(pattern.keys(), module), default)
-
-
-def _scale(config: ComponentLora, module: str) -> float:
-    rank = _pattern_value(config.rank_pattern, module, config.rank)
-    alpha = _pattern_value(config.alpha_pattern, module, config.alpha)
-    return float(alpha) / float(rank)
-
-
 def prepare_routed(digest: str, payload: AdapterPayload, device: torch.device, dtype: torch.dtype) -> RoutedAdapter:
     """The adapter's layers in routing form; raises NotRoutable for what the router cannot apply."""
     if any(config.use_dora for config in payload.components.values()):
@@ -92,7 +79,7 @@ def prepare_routed(digest: str, payload: AdapterPayload, device: torch.device, d
         raise NotRoutable("convolution LoRA layers are not routed per row", field="adapters")
     layers = {}
     for (component, module), parts in pairs.items():
-        scale = _scale(payload.components[component], module)
+        scale = payload.components[component].scale_of(module)
         layers[f"{component}.{module}"] = RoutedLayer(
             down=parts["A"].to(device=device, dtype=dtype).contiguous(),
             up=(parts["B"].to(device=device, dtype=torch.float32) * scale).to(dtype).contiguous(),
