@@ -34,14 +34,19 @@ def sample_sigmas(count: int, options: ObjectiveOptions, generator):
     raise ValueError(f"unknown timestep sampling {options.timestep_sampling!r}")
 
 
-def inference_shift(scheduler_config, image_sequence_length: int) -> float:
-    """exp(mu): the shift a dynamically shifting FlowMatchEuler scheduler uses for this length."""
+def inference_mu(scheduler_config, image_sequence_length: int, max_shift: float = 1.15) -> float:
+    """mu, the log of the shift a dynamically shifting FlowMatchEuler scheduler uses for this many
+    image tokens (``max_shift`` when the config names none: Flux's pipeline says 1.15, SD 3's 1.16)."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    mu = calculate_shift(image_sequence_length, scheduler_config.get("base_image_seq_len", 256),
-                         scheduler_config.get("max_image_seq_len", 4096), scheduler_config.get("base_shift", 0.5),
-                         scheduler_config.get("max_shift", 1.15))
-    return math.exp(mu)
+    return calculate_shift(image_sequence_length, scheduler_config.get("base_image_seq_len", 256),
+                           scheduler_config.get("max_image_seq_len", 4096), scheduler_config.get("base_shift", 0.5),
+                           scheduler_config.get("max_shift", max_shift))
+
+
+def inference_shift(scheduler_config, image_sequence_length: int) -> float:
+    """exp(mu): the shift itself."""
+    return math.exp(inference_mu(scheduler_config, image_sequence_length))
 
 
 class FlowMatching(TrainingObjective):

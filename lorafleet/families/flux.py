@@ -54,7 +54,7 @@ class Flux(TransformerFamily):
         import torch
         from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
-        from .flow_matching import inference_shift
+        from .flow_matching import inference_mu
 
         device = pipe._execution_device
         transformer = pipe.transformer
@@ -62,7 +62,7 @@ class Flux(TransformerFamily):
                                                   shape.width, conditioning.prompt_embeds.dtype, device, generators)
         sigmas = None if pipe.scheduler.config.get("use_flow_sigmas") else \
             np.linspace(1.0, 1 / shape.steps, shape.steps)
-        mu = float(np.log(inference_shift(pipe.scheduler.config, latents.shape[1])))
+        mu = inference_mu(pipe.scheduler.config, latents.shape[1])
         timesteps, _ = retrieve_timesteps(pipe.scheduler, shape.steps, device, sigmas=sigmas, mu=mu)
         guidance = None
         if transformer.config.guidance_embeds:

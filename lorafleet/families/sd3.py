@@ -39,15 +39,14 @@ class StableDiffusion3(TransformerFamily):
         import torch
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
-        from .flow_matching import inference_shift
+        from .flow_matching import inference_mu
 
         device = pipe._execution_device
         latents = pipe.prepare_latents(len(images), pipe.transformer.config.in_channels, shape.height, shape.width,
                                        conditioning.prompt_embeds.dtype, device, generators)
         options = {}
         if pipe.scheduler.config.get("use_dynamic_shifting"):
-            config = {"max_shift": 1.16, **pipe.scheduler.config}  # the SD3 pipeline's default
-            options["mu"] = float(torch.tensor(inference_shift(config, self.image_sequence_length(latents))).log())
+            options["mu"] = inference_mu(pipe.scheduler.config, self.image_sequence_length(latents), max_shift=1.16)
         timesteps, _ = retrieve_timesteps(pipe.scheduler, shape.steps, device, **options)
         guidance = per_image([image.guidance_scale for image in images], latents)
         for t in timesteps:
