@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from lorafleet.errors import LorafleetError
-from lorafleet.registry.storage import open_store
+from lorafleet.registry.storage import ObjectExists, open_store
 
 from .adapter_cache import ByteBudgetLRU
 from .jobs import GenerationJob
@@ -100,8 +100,10 @@ class OutputCache:
         self._memory_put(key, output)
         if self.shared is not None:
             try:
-                self.shared.compare_and_swap(SHARED_PREFIX + key, output.to_bytes(), self._token(key))
+                self.shared.create(SHARED_PREFIX + key, output.to_bytes())
                 self._maybe_sweep()
+            except ObjectExists:
+                pass  # content-addressed: another gateway stored these bytes already
             except LorafleetError as exc:  # the shared tier is an optimisation: never fail a request on it
                 logger.warning("output cache: shared write of %s failed: %s", key[:16], exc)
 
@@ -120,20 +122,21 @@ class OutputCache:
             if evicted:
                 self.metrics.output_cache_evictions.labels(tier="memory").inc(len(evicted))
 
-    def _token(self, key: str) -> str | None:
-        stored = self.shared.read(SHARED_PREFIX + key)
-        return None if stored is None else stored.token
-
     def _shared_get(self, key: str) -> CachedOutput | None:
         if self.shared is None:
             return None
         try:
             stored = self.shared.read(SHARED_PREFIX + key)
-            if stored is None:
-                return None
+        except LorafleetError as exc:  # the store is down: a miss, the entry stays
+            logger.warning("output cache: shared read of %s failed: %s", key[:16], exc)
+            return None
+        if stored is None:
+            return None
+        try:
             output = CachedOutput.from_bytes(stored.data)
-        except (LorafleetError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("output cache: shared entry %s unreadable (%s); ignored", key[:16], exc)
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("output cache: shared entry %s unreadable (%s); removed", key[:16], exc)
+            self.forget(key)  # so that the fresh output is stored in its place
             return None
         if time.time() - output.created > self.shared_ttl_s:
             self.forget(key)

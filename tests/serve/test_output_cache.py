@@ -115,3 +115,20 @@ def test_identical_requests_at_once_share_one_generation(registry, tmp_path):
         assert sorted(answer.headers["X-Cache"] for answer in answers) == ["hit"] * 5 + ["miss"]
         assert len({tuple(answer.json()["images"]) for answer in answers}) == 1
         assert generations() - before == 1
+
+
+def test_an_unreadable_shared_entry_is_replaced_by_the_fresh_output(registry, tmp_path):
+    from lorafleet.registry.storage import open_store
+    from lorafleet.serve.output_cache import SHARED_PREFIX
+
+    shared = f"file://{tmp_path / 'outputs'}"
+    with _client(registry, tmp_path, shared_uri=shared) as first:
+        stored = _post(first, adapter="style:prod")
+    store = open_store(shared)
+    key = stored.headers["ETag"].strip('"')
+    store.compare_and_swap(SHARED_PREFIX + key, b"{not json", store.read(SHARED_PREFIX + key).token)
+    with _client(registry, tmp_path, shared_uri=shared) as second:
+        assert _post(second, adapter="style:prod").headers["X-Cache"] == "miss"
+    with _client(registry, tmp_path, shared_uri=shared) as third:
+        again = _post(third, adapter="style:prod")
+    assert again.headers["X-Cache"] == "hit" and again.json()["images"] == stored.json()["images"]
