@@ -358,15 +358,18 @@ class GenerationService:
     def _cached_output(self, key: str) -> CachedOutput | None:
         """The cached output for ``key``, unless an adapter version it used has been yanked since."""
         found = self.output_cache.get(key)
-        if found is None or all(self._still_served(version) for version in found.adapters):
+        if found is None or self._all_still_served(found):
             return found
         self.output_cache.forget(key)
         return None
 
     def _store_output(self, key: str, output: CachedOutput) -> None:
         """Store an output unless a version it used is yanked (an exact pin still generates, fresh each time)."""
-        if all(self._still_served(version) for version in output.adapters):
+        if self._all_still_served(output):
             self.output_cache.put(key, output)
+
+    def _all_still_served(self, output: CachedOutput) -> bool:
+        return all(self._still_served(version) for version in output.adapters)
 
     def _still_served(self, version: AdapterVersion) -> bool:
         """Not yanked (nor deleted), as the registry said at most ``output_cache.recheck_s`` ago; when the

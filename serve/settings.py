@@ -26,11 +26,11 @@ class RequestLimits(BaseModel):
     default_steps: int = Field(20, ge=1, description="Steps when the request names none.")
     default_guidance_scale: float | None = Field(None, ge=0, le=50, description="Guidance when the request names "
                                                  "none (the request schema allows 0-50); unset: the base's family's "
-                                                 "own default (SD 1.x 7.5, SDXL 5, Flux 3.5).")
+                                                 "own default (SD 1.x 7.5, SDXL 5, Flux 3.5, SD 3.5 7).")
     min_size: int = Field(8, ge=8, description="Smallest width/height in pixels.")
     max_size: int = Field(1024, ge=8, description="Largest width/height in pixels.")
-    size_multiple: int = Field(8, ge=1, description="Width and height must be multiples of this (and of the base's "
-                               "family's own: 8, Flux 16; set 16 for a Flux base so the published schema says so).")
+    size_multiple: int = Field(8, ge=1, description="Width and height must be multiples of this and of the base's "
+                               "family's own (8; Flux and SD 3: 16); the published schema says the combined one.")
     max_num_images: int = Field(4, ge=1, description="Most images per request.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt (and negative prompt), in characters.")
     max_adapters_per_request: int = Field(4, ge=0, description="Most adapters in one request.")

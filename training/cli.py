@@ -18,7 +18,7 @@ EXAMPLE_CONFIG = """\
 # lorafleet training config ({method}, {family_title}). Every key is documented in training/config.py;
 # unknown keys are refused. Override any key with --set dotted.key=value.{scaled_note}
 method: {method}            # lora | dreambooth | qlora | textual_inversion | full
-base: {base}{base_pad}# built-in (toy, tiny, small, tiny-sdxl, tiny-flux), a diffusers directory or a .safetensors file
+base: {base}{base_pad}# built-in (toy, tiny, tiny-sdxl, tiny-flux, tiny-sd3...), a diffusers dir or a .safetensors
 seed: 0
 max_steps: 200              # optimizer steps
 batch_size: 4

@@ -96,7 +96,7 @@ def per_image(values: list[float], like):
 class ModelFamily:
     """One model family. Subclasses override the behaviour that differs; fields are data."""
 
-    name: str  # "sd1", "sdxl", "flux"
+    name: str  # "sd1", "sdxl", "flux", "sd3"
     title: str  # for people: "Stable Diffusion 1.x/2.x"
     pipeline_classes: tuple[str, ...]  # diffusers pipeline classes; the first is text-to-image
     denoiser: str  # "unet" or "transformer"
