@@ -20,6 +20,7 @@ class ErrorKind(str, Enum):
     conflict = "conflict"  # lost a race, or the target's state forbids it
     unauthenticated = "unauthenticated"
     forbidden = "forbidden"
+    too_large = "too_large"  # an upload over its limit
     integrity = "integrity"  # stored bytes do not match what was recorded
     unavailable = "unavailable"  # a dependency (registry, replica) cannot serve now, or is misconfigured
     overloaded = "overloaded"  # full: try again shortly

@@ -80,6 +80,7 @@ class PublishRequest:
     training_config: dict | None = None
     dataset_digest: str | None = None
     metrics: dict = field(default_factory=dict)
+    lineage: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,7 +163,7 @@ class AdapterRegistry:
             rank=first.rank if first else None, alpha=first.alpha if first else None,
             target_modules=targets, components=payload.components, trigger_tokens=payload.trigger_tokens,
             training_config=request.training_config, dataset_digest=request.dataset_digest,
-            metrics=request.metrics, source_format=payload.source_format,
+            metrics=request.metrics, lineage=request.lineage, source_format=payload.source_format,
             num_parameters=payload.num_parameters, description=request.description,
         )
 

@@ -124,6 +124,8 @@ class Manifest(BaseModel):
     training_config: dict[str, Any] | None = None
     dataset_digest: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    lineage: dict[str, str] = Field(default_factory=dict, description="Where the adapter came from beyond its "
+                                    "config: the stored dataset, the training job, the tracking run ids.")
     source_format: str = Field(default="diffusers", description="Layout the file was published in.")
     num_parameters: int = 0
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

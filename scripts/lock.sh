@@ -12,6 +12,9 @@ tools=$(mktemp -d)
 trap 'rm -rf "$tools"' EXIT
 "$PYTHON" -m venv "$tools/venv"
 "$tools/venv/bin/pip" install --quiet "pip==26.3" "pip-tools==7.6.2"
+# The current pins are kept unless UPGRADE=1: a refresh adds what pyproject.toml now asks for and
+# moves only what it must (pip-compile keeps the versions of an existing output file).
+[ "${UPGRADE:-0}" = "1" ] || cp requirements.lock "$tools/requirements.lock"
 "$tools/venv/bin/pip-compile" pyproject.toml --extra test --generate-hashes --allow-unsafe \
     --strip-extras --no-emit-index-url --no-emit-find-links --quiet \
     --constraint requirements/constraints-lock.txt --output-file "$tools/requirements.lock"

@@ -15,6 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorafleet.errors import LorafleetError
 from lorafleet.registry.identity import ALIAS_REGEX, NAME_REGEX
 
+from lorafleet.training.service.scheduler import TrainingService
+
 from .auth import TokenTable
 from .errors_http import RETRYABLE_STATUSES, status_for
 from .http_guard import RequestGuard
@@ -30,14 +32,17 @@ from .schemas import (
     request_models,
 )
 from .service import BASE_MODEL_NAME, GenerationService
+from .trainings_api import install_training_routes
 
 ERROR_DESCRIPTIONS = {
     400: "The body could not be read as JSON.",
     401: "No or an unknown bearer token.",
     403: "The token lacks this route's scope.",
     404: "No such adapter, version or alias (or the version is yanked).",
-    409: "The alias moved meanwhile (expected_version), is reserved, or the registry is read-only.",
-    413: "The request body is over the configured limit (max_body_bytes).",
+    409: "The alias moved meanwhile (expected_version), is reserved, or the registry is read-only; or the "
+         "training already ended.",
+    413: "The request body is over the configured limit (max_body_bytes; dataset uploads: "
+         "trainings.max_upload_bytes).",
     422: "The request breaks the schema or a limit; `error.field` names the field.",
     502: "An adapter's stored bytes do not match their digest (never served).",
     503: "Overloaded, no replica ready, or the registry unreachable; retry after `Retry-After` seconds.",
@@ -46,7 +51,7 @@ ERROR_DESCRIPTIONS = {
 ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in ERROR_DESCRIPTIONS.items()}
 NOT_READY_RESPONSES = {503: ERROR_RESPONSES[503]}
 logger = logging.getLogger(__name__)
-_BEARER = HTTPBearer(auto_error=False, description="A token with the route's scope (generate or admin).")
+_BEARER = HTTPBearer(auto_error=False, description="A token with the route's scope (generate, train or admin).")
 
 
 class AliasMoveRequest(BaseModel):
@@ -132,17 +137,23 @@ def _scope_guards(tokens: TokenTable, scope: str) -> list:
     return [Depends(guard)]
 
 
-def create_api(service: GenerationService, tokens: TokenTable) -> FastAPI:
+def create_api(service: GenerationService, tokens: TokenTable, trainings: TrainingService | None = None) -> FastAPI:
     # No /docs or /redoc: they load scripts from a CDN. The schema is at /openapi.json (a token).
     app = FastAPI(title="lorafleet", version="0.1.0", docs_url=None, redoc_url=None,
                   description="Generate images with a frozen diffusion base and registry adapters.")
     _install_error_handlers(app, service.settings.retry_after_s)
-    app.add_middleware(RequestGuard, tokens=tokens, max_body_bytes=service.settings.max_body_bytes)
+    upload_limit = service.settings.trainings.max_upload_bytes if service.settings.trainings else None
+    app.add_middleware(RequestGuard, tokens=tokens, max_body_bytes=service.settings.max_body_bytes,
+                       max_upload_bytes=upload_limit)
     _install_metrics_middleware(app, service)  # outermost: counts the guard's refusals too
     generate_scope, admin_scope = _scope_guards(tokens, "generate"), _scope_guards(tokens, "admin")
     _install_generation_routes(app, service, generate_scope)
     _install_adapter_routes(app, service, generate_scope, admin_scope)
+    install_training_routes(app, trainings, _scope_guards(tokens, "train"), ERROR_RESPONSES)
     _install_health_routes(app, service)
+    if trainings is not None:
+        trainings.start()
+        app.router.on_shutdown.append(trainings.stop)
     return app
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from ray import serve
 
 from lorafleet.registry import AdapterRegistry
+from lorafleet.training.service.scheduler import TrainingService
 
 from .api import create_api
 from .auth import TokenTable
@@ -28,13 +29,20 @@ APP_NAME = "lorafleet"
 MULTIPLEX_SLOTS = 64  # adapter-set ids remembered per replica for routing (cheap markers)
 
 
+def training_service(settings: ServeSettings, registry: AdapterRegistry) -> TrainingService | None:
+    """The training service the settings ask for, on the registry's storage (None: trainings off)."""
+    if settings.trainings is None:
+        return None
+    return TrainingService(settings.trainings, registry.store, registry.uri)
+
+
 def create_local_app(settings: ServeSettings, registry: AdapterRegistry | None = None):
     """The whole service in this process (no Ray): for tests and a single-process server."""
     registry = registry or AdapterRegistry(settings.registry)
     replica = GeneratorReplica(settings, registry)
     backend = LocalGeneratorBackend(replica, settings.max_ongoing_requests, settings.max_queued_requests)
     service = GenerationService(settings, backend, registry)
-    return create_api(service, TokenTable.from_settings(settings)), service
+    return create_api(service, TokenTable.from_settings(settings), training_service(settings, registry)), service
 
 
 @serve.deployment(name=GENERATOR_NAME)
@@ -63,11 +71,12 @@ class GeneratorDeployment:
 class GatewayDeployment:
     def __init__(self, settings: dict, generator):
         self.settings = ServeSettings(**settings)
-        registry = AdapterRegistry(self.settings.registry)
-        self.service = GenerationService(self.settings, RayGeneratorBackend(generator), registry)
+        self.registry = AdapterRegistry(self.settings.registry)
+        self.service = GenerationService(self.settings, RayGeneratorBackend(generator), self.registry)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.service, TokenTable.from_settings(self.settings))
+        return create_api(self.service, TokenTable.from_settings(self.settings),
+                          training_service(self.settings, self.registry))
 
 
 def generator_options(settings: ServeSettings) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Bearer tokens with scopes, compared in constant time.
 
 Scopes: ``generate`` (product backends: generation routes, adapter listing, the API schema),
-``metrics`` (the Prometheus scraper) and ``admin`` (alias moves, replica identity; implies the
-others). Tokens come from settings (``api_tokens``) or a secret file; auth is on whenever tokens
+``train`` (datasets and trainings), ``metrics`` (the Prometheus scraper) and ``admin`` (alias
+moves, replica identity; implies the others). Tokens come from settings (``api_tokens``) or a secret file; auth is on whenever tokens
 exist, and a token shorter than 32 characters or still holding a ``REPLACE_ME`` placeholder is
 refused at start-up.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .errors import Forbidden, ServiceUnavailable, Unauthenticated
 
-SCOPES = frozenset({"generate", "metrics", "admin"})
-IMPLIED = {"admin": {"generate", "metrics"}}
+SCOPES = frozenset({"generate", "train", "metrics", "admin"})
+IMPLIED = {"admin": {"generate", "train", "metrics"}}
 MIN_TOKEN_CHARS = 32
 PLACEHOLDER = "REPLACE_ME"
 

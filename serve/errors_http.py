@@ -10,6 +10,7 @@ STATUS_BY_KIND: dict[ErrorKind, int] = {
     ErrorKind.conflict: 409,  # alias moved meanwhile, reserved alias, read-only registry, version race
     ErrorKind.unauthenticated: 401,
     ErrorKind.forbidden: 403,
+    ErrorKind.too_large: 413,  # a dataset upload over trainings.max_upload_bytes
     ErrorKind.integrity: 502,  # stored bytes do not match their digest (never served)
     ErrorKind.unavailable: 503,  # no replica ready, registry down or misconfigured (not the caller's fault)
     ErrorKind.overloaded: 503,

@@ -6,7 +6,9 @@ A pure ASGI middleware (so it runs before FastAPI reads or parses a byte of the 
    put on ``request.state.scopes`` for routes that show more to some callers;
 2. a route that needs a scope the caller lacks is answered 401/403 without reading the body;
 3. a body over ``max_body_bytes`` is answered 413: by its Content-Length at once, or by counting
-   the streamed bytes when there is none. The body is then replayed to the app.
+   the streamed bytes when there is none. The body is then replayed to the app. Dataset uploads
+   are the one exception: they stream through to their route, which counts them against
+   ``trainings.max_upload_bytes`` as it writes them to disk.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from .auth import TokenTable
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # anonymous callers get their status only
 _ADMIN_ROUTES = [("PUT", re.compile(r"^/v1/adapters/[^/]+/aliases/[^/]+$"))]
+_TRAIN_PATHS = re.compile(r"^/v1/(datasets|trainings)(/.*)?$")
+UPLOAD_ROUTE = ("POST", "/v1/datasets")
 _METRICS_PATHS = frozenset({"/metrics"})
 
 
@@ -29,6 +33,8 @@ def required_scope(method: str, path: str) -> str | None:
         return "metrics"
     if any(method == m and pattern.match(path) for m, pattern in _ADMIN_ROUTES):
         return "admin"
+    if _TRAIN_PATHS.match(path):
+        return "train"
     return "generate"
 
 
@@ -37,10 +43,11 @@ class _BodyTooLarge(Exception):
 
 
 class RequestGuard:
-    def __init__(self, app, tokens: TokenTable, max_body_bytes: int):
+    def __init__(self, app, tokens: TokenTable, max_body_bytes: int, max_upload_bytes: int | None = None):
         self.app = app
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -53,12 +60,15 @@ class RequestGuard:
         if needed is not None and needed not in granted:
             return await _refuse_scope(send, needed, bool(authorization), bool(granted))
         declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            return await self._too_large(send)
+        limit = self._limit_for(scope["method"], scope["path"])
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await self._too_large(send, limit)
+        if limit != self.max_body_bytes:  # an upload: streamed to its route, which counts it
+            return await self.app(scope, receive, send)
         try:
             body = await self._read_body(receive)
         except _BodyTooLarge:
-            return await self._too_large(send)
+            return await self._too_large(send, self.max_body_bytes)
         await self.app(scope, _replay(body, receive), send)
 
     async def _read_body(self, receive) -> bytes:
@@ -74,8 +84,13 @@ class RequestGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _too_large(self, send) -> None:
-        await _send_error(send, 413, "body_too_large", f"request body is over {self.max_body_bytes} bytes", "body",
+    def _limit_for(self, method: str, path: str) -> int:
+        if self.max_upload_bytes is not None and (method, path.rstrip("/")) == UPLOAD_ROUTE:
+            return self.max_upload_bytes
+        return self.max_body_bytes
+
+    async def _too_large(self, send, limit: int) -> None:
+        await _send_error(send, 413, "body_too_large", f"request body is over {limit} bytes", "body",
                           {b"connection": b"close"})
 
 

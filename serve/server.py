@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from lorafleet.local_cluster import secure_local_ray
+from lorafleet.local_cluster import free_port, secure_local_ray
 
 from .app import APP_NAME, build_app
 from .errors import ServiceUnavailable
@@ -60,13 +60,21 @@ def start_server(settings: ServeSettings, ray_address: str | None = None, num_cp
     from ray import serve
 
     owns_ray = not ray.is_initialized()
+    job_server = settings.trainings is not None and not settings.trainings.ray_address
     if owns_ray:
         address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
         local = address == "local"
         if local:
             secure_local_ray()
-        ray.init(address=address, num_cpus=(num_cpus or os.cpu_count()) if local else None,
-                 include_dashboard=False, log_to_driver=False)
+        context = ray.init(address=address, num_cpus=(num_cpus or os.cpu_count()) if local else None,
+                           include_dashboard=job_server and local, dashboard_host="127.0.0.1",
+                           dashboard_port=free_port(), log_to_driver=False)
+        if job_server and local:  # trainings run as Ray jobs on this cluster
+            settings = settings.model_copy(update={"trainings": settings.trainings.model_copy(
+                update={"ray_address": f"http://{context.dashboard_url}"})})
+    if settings.trainings is not None and not settings.trainings.ray_address:
+        raise ServiceUnavailable("trainings need the training cluster's job server: set trainings.ray_address "
+                                 "(http://HEAD:8265)", field="trainings.ray_address")
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)

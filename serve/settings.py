@@ -10,6 +10,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from lorafleet.training.service.scheduler import TrainingServiceSettings
+
 from .auth import configured_tokens
 from .errors import RequestInvalid
 
@@ -136,6 +138,8 @@ class ServeSettings(BaseSettings):
     batching: Batching = Field(default_factory=Batching)
     hotswap: Hotswap | None = Field(None, description="Serve through one compile-safe slot (off: batch mixed sets).")
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    trainings: TrainingServiceSettings | None = Field(None, description="REST trainings run as Ray jobs (scope "
+                                                      "`train`); off when unset.")
     auth_enabled: bool = Field(False, description="Require bearer tokens (on whenever tokens are configured).")
     insecure_no_auth: bool = Field(False, description="Allow listening on a non-loopback address with auth off "
                                    "(--insecure-no-auth): anyone who reaches the port is admin.")

@@ -11,6 +11,7 @@ from pathlib import Path
 from lorafleet.errors import LorafleetError
 from lorafleet.families import FAMILIES
 
+from .client import add_commands as add_remote_commands
 from .config import DataConfig, Method, load_train_config
 from .errors import TrainingInputInvalid
 
@@ -131,6 +132,8 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(example_config(Method(args.print_config), args.family, args.base))
         return 0
+    if args.job:
+        return _run_stored_job(args)
     config = load_train_config(Path(args.config) if args.config else None, args.set)
     name = args.publish or config.publish.name
     if args.ray is not None or args.workers:
@@ -171,6 +174,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _run_stored_job(args) -> int:
+    """Inside a Ray job the training service submitted: the stored training, then its result line."""
+    from .ray_job import RESULT_MARKER
+    from .service.job import run_training_job
+
+    manifest = run_training_job(args.job, args.registry)
+    print(f"published {manifest['name']}@{manifest['version']} ({manifest['digest']})")
+    print(RESULT_MARKER + json.dumps({"manifest": manifest}, default=str), flush=True)
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from .data import prepare_folder
 
@@ -191,7 +205,10 @@ def cmd_caption(args) -> int:
 
 
 def add_commands(subparsers) -> None:
-    train = subparsers.add_parser("train", help="train an adapter (in-process, or as a Ray job)")
+    train = subparsers.add_parser("train", help="train an adapter (in-process, or as a Ray job); `train submit|status|"
+                                  "list|cancel --server URL`: on a lorafleet server",
+                                  epilog="On a server: lorafleet train submit CONFIG --data DIR --server URL [--follow];"
+                                  " lorafleet train status|cancel ID --server URL; lorafleet train list --server URL")
     train.add_argument("config", nargs="?", help="YAML training config")
     train.add_argument("--publish", help="registry name to publish the adapter under")
     train.add_argument("--registry", help="registry URI")
@@ -204,7 +221,10 @@ def add_commands(subparsers) -> None:
     train.add_argument("--family", choices=list(FAMILIES), help="with --print-config: the model family's defaults")
     train.add_argument("--base", help="with --print-config: the base (its family, and its resolution)")
     train.add_argument("--result-json", action="store_true", help="end with one machine-readable result line")
+    train.add_argument("--job", metavar="TRAINING_ID", help="run a training stored by the training service (the "
+                       "entry point of its Ray jobs)")
     train.set_defaults(handler=cmd_train)
+    add_remote_commands(subparsers)
 
     data = subparsers.add_parser("data", help="prepare training data")
     commands = data.add_subparsers(dest="data_command", required=True)

@@ -134,6 +134,21 @@ class FlowMatchingConfig(BaseModel):
                                   "transformer is told while training (1: as ai-toolkit trains Flux-dev).")
 
 
+class TrackingConfig(BaseModel):
+    """Where a run's curves and images go besides its output folder (training/tracking.py)."""
+
+    model_config = _STRICT
+
+    tensorboard: bool = Field(True, description="TensorBoard event files in output_dir/tensorboard: loss, learning "
+                              "rate, gradient norm (before clipping), validation images.")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (http://..., file:///..., sqlite:///...); "
+                                   "the run id goes into the adapter's lineage. Needs the mlflow client "
+                                   "(pip install 'lorafleet[tracking]'); MLflow 3 opens a file:// store only with "
+                                   "MLFLOW_ALLOW_FILE_STORE=true.")
+    mlflow_experiment: str = Field("lorafleet", min_length=1, max_length=256, description="MLflow experiment name.")
+    log_every: int = Field(1, ge=1, le=100_000, description="Scalars every N steps.")
+
+
 class PublishConfig(BaseModel):
     model_config = _STRICT
 
@@ -175,6 +190,7 @@ class TrainConfig(BaseModel):
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     flow_matching: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
 
     def objective_options(self) -> ObjectiveOptions:

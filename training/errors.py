@@ -24,3 +24,41 @@ class TrainingClusterUnavailable(LorafleetError):
 
     code = "training_cluster_unavailable"
     kind = ErrorKind.unavailable
+
+
+class DatasetInvalid(LorafleetError):
+    """An uploaded or named dataset cannot be used (not an archive, unsafe, or no usable image)."""
+
+    code = "invalid_dataset"
+    kind = ErrorKind.invalid
+
+
+class DatasetTooLarge(LorafleetError):
+    """A dataset upload (or what it unpacks to) is over its limit."""
+
+    code = "dataset_too_large"
+    kind = ErrorKind.too_large
+
+
+class DatasetNotFound(LorafleetError):
+    code = "dataset_not_found"
+    kind = ErrorKind.not_found
+
+
+class TrainingNotFound(LorafleetError):
+    code = "training_not_found"
+    kind = ErrorKind.not_found
+
+
+class TrainingStateConflict(LorafleetError):
+    """The training's state forbids the request (e.g. cancelling a finished one)."""
+
+    code = "training_state_conflict"
+    kind = ErrorKind.conflict
+
+
+class TrainingsUnavailable(LorafleetError):
+    """Trainings are not configured on this server, or their Ray cluster does not answer."""
+
+    code = "trainings_unavailable"
+    kind = ErrorKind.unavailable

@@ -30,7 +30,9 @@ from .config import TrainConfig
 from .data import DataReport, scan
 from .errors import TrainingInputInvalid
 from .methods import TrainingMethod, method_for
+from .observers import Observers, RunObserver, StepCallback, StepRecord
 from .reporting import clip_score, latent_distance, sample_images, save_grid, save_loss_curve, write_metrics
+from .tracking import tracking_observers
 
 logger = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.safetensors"  # the finished run's adapter, written before any optional report
@@ -45,10 +47,18 @@ class TrainResult:
     output_dir: Path
     manifest: object | None = None
     artifacts: dict[str, Path] = field(default_factory=dict)
+    lineage: dict[str, str] = field(default_factory=dict)  # e.g. the tracking run id (observers)
 
 
 class Interrupted(Exception):
-    """Raised by a progress callback to stop a run (tests, signals); nothing is published."""
+    """Raised by an observer to stop a run (tests, signals, a cancelled job); nothing is published."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    loss: float
+    learning_rate: float
+    grad_norm: float
 
 
 def _optimizer(parameters, config: TrainConfig):
@@ -67,9 +77,9 @@ def _lr_scheduler(optimizer, config: TrainConfig):
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, progress=None, rank: int = 0, world_size: int = 1):
+    def __init__(self, config: TrainConfig, progress=None, rank: int = 0, world_size: int = 1,
+                 observers: list[RunObserver] | None = None):
         self.config = config
-        self.progress = progress
         self.rank, self.world_size = rank, world_size
         self.after_backward = None  # e.g. gradient averaging across data-parallel workers
         self.placement = resolve_placement()
@@ -103,6 +113,8 @@ class Trainer:
         self.lr_scheduler = _lr_scheduler(self.optimizer, config)
         self.ema = self._ema()
         self.state = TrainingState()
+        tracking = tracking_observers(config) if rank == 0 else []  # one writer per run
+        self.observers = Observers([StepCallback(progress) if progress else None, *tracking, *(observers or [])])
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -165,7 +177,7 @@ class Trainer:
             return None
         return torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
 
-    def step(self, step: int) -> float:
+    def step(self, step: int) -> StepOutcome:
         self.denoiser.train()
         total = 0.0
         for index in range(self.config.gradient_accumulation):
@@ -181,14 +193,15 @@ class Trainer:
             total += float(loss.detach())
         if self.after_backward is not None:
             self.after_backward(self.parameters)
-        torch.nn.utils.clip_grad_norm_(self.parameters, self.config.optimizer.max_grad_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, self.config.optimizer.max_grad_norm))
+        learning_rate = float(self.lr_scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(self.pipe)
         if self.ema is not None:
             self.ema.step(self.parameters)
-        return total
+        return StepOutcome(total, learning_rate, grad_norm)
 
     # ------------------------------------------------------------------ the run
     def resume(self) -> bool:
@@ -208,25 +221,38 @@ class Trainer:
                                self.optimizer, self.lr_scheduler, self.ema, self._config_json())
 
     def run(self, save_checkpoints: bool = True) -> TrainResult:
+        try:
+            return self._run(save_checkpoints)
+        finally:
+            self.observers.close()
+
+    def _run(self, save_checkpoints: bool) -> TrainResult:
         every = self.config.checkpoint_every if save_checkpoints else 0
         started = time.perf_counter() - self.state.seconds
+        self.observers.on_start(self.config, self.config.max_steps, self.state.step)
         for step in range(self.state.step, self.config.max_steps):
-            loss = self.step(step)
-            if not math.isfinite(loss):
-                raise TrainingInputInvalid(f"loss became {loss} at step {step}; lower optimizer.learning_rate",
-                                           field="optimizer.learning_rate")
-            self.state.losses.append(loss)
+            outcome = self.step(step)
+            if not math.isfinite(outcome.loss):
+                raise TrainingInputInvalid(f"loss became {outcome.loss} at step {step}; lower "
+                                           "optimizer.learning_rate", field="optimizer.learning_rate")
+            self.state.losses.append(outcome.loss)
             self.state.step = step + 1
             self.state.seconds = time.perf_counter() - started
             if every and self.state.step % every == 0 and self.state.step < self.config.max_steps:
-                self._checkpoint()
+                self.observers.on_checkpoint(self.state.step, self._checkpoint())
                 self._validation_grid()
                 self._progress_files()
-            if self.progress:
-                self.progress(self.state)
+            self.observers.on_step(StepRecord(self.state.step, self.config.max_steps, outcome.loss,
+                                              outcome.learning_rate, outcome.grad_norm, self.state.seconds),
+                                   self.state)
         if save_checkpoints:
-            self._checkpoint()
-        return self._finish()
+            self.observers.on_checkpoint(self.state.step, self._checkpoint())
+        result = self._finish()
+        self._optional("observers", result.metrics.setdefault("warnings", []), self.observers.on_finish, result)
+        if not result.metrics["warnings"]:
+            del result.metrics["warnings"]
+        result.lineage = self.observers.lineage()
+        return result
 
     def _validation_grid(self) -> Path | None:
         prompts = self.config.validation_prompts
@@ -235,7 +261,9 @@ class Trainer:
         self.denoiser.eval()
         images = sample_images(self.pipe, prompts, self.config.seed)
         path = Path(self.config.output_dir) / "samples" / f"step-{self.state.step:09d}.png"
-        return save_grid([images], path)
+        grid = save_grid([images], path)
+        self.observers.on_validation(self.state.step, grid, images)
+        return grid
 
     def _progress_files(self) -> None:
         """Loss curve and metrics so far, next to each checkpoint."""
@@ -317,9 +345,10 @@ def _write_atomically(path: Path, data: bytes) -> Path:
     return path
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress=None) -> TrainResult:
+def train(config: TrainConfig, *, resume: bool = False, progress=None,
+          observers: list[RunObserver] | None = None) -> TrainResult:
     """Run (or resume) one training run; publishing is the caller's next step."""
-    trainer = Trainer(config, progress)
+    trainer = Trainer(config, progress, observers=observers)
     if resume:
         trainer.resume()
     return trainer.run()
