@@ -14,7 +14,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafleet.errors import LorafleetError
 from lorafleet.registry.identity import ALIAS_REGEX, NAME_REGEX
-
 from lorafleet.training.service.scheduler import TrainingService
 
 from .auth import TokenTable

@@ -2,9 +2,9 @@
 
 Scopes: ``generate`` (product backends: generation routes, adapter listing, the API schema),
 ``train`` (datasets and trainings), ``metrics`` (the Prometheus scraper) and ``admin`` (alias
-moves, replica identity; implies the others). Tokens come from settings (``api_tokens``) or a secret file; auth is on whenever tokens
-exist, and a token shorter than 32 characters or still holding a ``REPLACE_ME`` placeholder is
-refused at start-up.
+moves, replica identity; implies the others). Tokens come from settings (``api_tokens``) or a
+secret file; auth is on whenever tokens exist, and a token shorter than 32 characters or still
+holding a ``REPLACE_ME`` placeholder is refused at start-up.
 """
 
 from __future__ import annotations

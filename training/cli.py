@@ -207,8 +207,9 @@ def cmd_caption(args) -> int:
 def add_commands(subparsers) -> None:
     train = subparsers.add_parser("train", help="train an adapter (in-process, or as a Ray job); `train submit|status|"
                                   "list|cancel --server URL`: on a lorafleet server",
-                                  epilog="On a server: lorafleet train submit CONFIG --data DIR --server URL [--follow];"
-                                  " lorafleet train status|cancel ID --server URL; lorafleet train list --server URL")
+                                  epilog="On a server: lorafleet train submit CONFIG --data DIR --server URL "
+                                  "[--follow]; lorafleet train status|cancel ID --server URL; lorafleet train list "
+                                  "--server URL")
     train.add_argument("config", nargs="?", help="YAML training config")
     train.add_argument("--publish", help="registry name to publish the adapter under")
     train.add_argument("--registry", help="registry URI")

@@ -147,7 +147,8 @@ class TrainingService:
     def get(self, training_id: str) -> TrainingRecord:
         return self.records.read(training_id)
 
-    def list(self, state: TrainingState | None = None, name: str | None = None, limit: int = 100) -> list[TrainingRecord]:
+    def list(self, state: TrainingState | None = None, name: str | None = None,
+             limit: int = 100) -> list[TrainingRecord]:
         found = [r for r in self.records.all() if (state is None or r.state == state)
                  and (name is None or r.publish.name == name)]
         return sorted(found, key=lambda r: r.created_at, reverse=True)[:limit]

@@ -103,7 +103,8 @@ class WebhookSender:
             return Delivery(id=delivery_id, event=event, attempt=attempt, at=now(), status_code=response.status_code,
                             delivered=200 <= response.status_code < 300)
         except httpx.HTTPError as exc:
-            return Delivery(id=delivery_id, event=event, attempt=attempt, at=now(), error=f"{type(exc).__name__}: {exc}")
+            return Delivery(id=delivery_id, event=event, attempt=attempt, at=now(),
+                            error=f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
         self.stopping.set()
