@@ -79,6 +79,15 @@ def _error_response(status: int, code: str, message: str, field: str | None, ret
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+def _allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """Every method some route offers at this path (GET /v1/trainings and POST /v1/trainings are two routes)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if getattr(route, "methods", None) and route.path_regex.match(scope["path"]):
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
 def _field_of(location: tuple) -> str:
     parts = [str(p) for p in location if p != "body"]
     text = ""
@@ -102,8 +111,10 @@ def _install_error_handlers(app: FastAPI, retry_after: int) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         field = "body" if exc.status_code == 400 else None  # FastAPI could not parse the body
-        return _error_response(exc.status_code, "http_error", str(exc.detail), field, retry_after,
-                               getattr(exc, "headers", None))  # keeps Allow on 405
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names the first matching route's methods only
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
+        return _error_response(exc.status_code, "http_error", str(exc.detail), field, retry_after, headers)
 
 
 def _install_metrics_middleware(app: FastAPI, service: GenerationService) -> None:

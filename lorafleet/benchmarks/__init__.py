@@ -19,13 +19,23 @@ def positive_int(text: str) -> int:
 
 
 def add_commands(subparsers) -> None:
-    from . import autoscale_bench, concepts_bench, registry_bench, reliability_report, serve_bench, train_bench
+    from . import (
+        autoscale_bench,
+        concepts_bench,
+        registry_bench,
+        reliability_report,
+        serve_bench,
+        train_bench,
+        trainings_bench,
+    )
 
     parser = subparsers.add_parser("bench", help="benchmarks (print a table and JSON)")
     benches = parser.add_subparsers(dest="bench_command", required=True)
     registry_bench.add_arguments(benches.add_parser("registry", help="registry publish/pull/list on file and S3"))
     serve_bench.add_arguments(benches.add_parser("serve", help="serving overhead, tier costs, naive-loop comparison"))
     train_bench.add_arguments(benches.add_parser("train", help="training speed/memory vs a plain diffusers loop"))
+    trainings_bench.add_arguments(benches.add_parser(
+        "trainings", help="data to first served image: the training service's API vs the CLI (toy)"))
     autoscale_bench.add_arguments(benches.add_parser("autoscale", help="Ray Serve autoscaling under a burst"))
     reliability_report.add_arguments(benches.add_parser(
         "reliability", help="run the reliability tests and write docs/reliability.md (--soak: longer)"))

@@ -73,7 +73,7 @@ def overlay(request):
 def test_overlays_render_the_expected_objects(overlay):
     name, documents = overlay
     kinds = sorted(d["kind"] for d in documents)
-    assert {"RayService", "RayJob", "Secret"} <= set(kinds) and kinds.count("ConfigMap") == 3
+    assert {"RayService", "RayJob", "RayCluster", "Secret"} <= set(kinds) and kinds.count("ConfigMap") == 3
     assert all(d["metadata"].get("namespace") for d in documents)
 
 
@@ -92,7 +92,7 @@ def test_kuberay_kinds_validate_against_the_crds(overlay):
             errors = sorted(crd_validator(document["kind"]).iter_errors(document), key=str)
             assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
             checked += 1
-    assert checked == 2
+    assert checked == 3
 
 
 def test_serve_config_is_valid_and_generated_from_the_code(overlay):
@@ -209,7 +209,8 @@ def _pod_templates(documents: list[dict]) -> dict[str, dict]:
     templates = {}
     for document in documents:
         spec = document.get("spec") or {}
-        cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
+        cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec") or (
+            spec if document["kind"] == "RayCluster" else None)
         if cluster is None:
             continue
         kind = document["kind"]
@@ -235,7 +236,7 @@ def _secret_refs(container: dict) -> set[str]:
 def test_every_pod_is_hardened_and_uses_ray_token_auth(overlay):
     _, documents = overlay
     templates = _pod_templates(documents)
-    assert {"RayService/head", "RayJob/head", "RayJob/submitter"} <= set(templates)
+    assert {"RayService/head", "RayJob/head", "RayJob/submitter", "RayCluster/head"} <= set(templates)
     assert any(k.startswith("RayService/worker-") for k in templates)
     for where, template in templates.items():
         pod = template["spec"]
@@ -259,7 +260,7 @@ def test_each_pod_gets_only_the_secrets_it_uses(overlay):
     assert secrets == {"lorafleet-storage", "lorafleet-api-tokens", "lorafleet-ray-auth"}
     for where, template in _pod_templates(documents).items():
         refs = set().union(*(_secret_refs(c) for c in template["spec"]["containers"]))
-        if where.startswith("RayJob/"):
+        if where.startswith(("RayJob/", "RayCluster/")):
             assert "lorafleet-api-tokens" not in refs, f"{where}: training pods must not see the API tokens"
         if where == "RayJob/submitter":
             assert refs == {"lorafleet-ray-auth"}, where
@@ -276,7 +277,9 @@ def test_network_policies_admit_the_serve_port_from_the_ingress_and_ray_ports_fr
     policies = {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "NetworkPolicy"}
     assert set(policies) == {"lorafleet-serve", "lorafleet-train"}
     templates = _pod_templates(documents)
-    for name, component in (("lorafleet-serve", "RayService"), ("lorafleet-train", "RayJob")):
+    serve_pods = policies["lorafleet-serve"]["podSelector"]["matchLabels"]
+    for name, component in (("lorafleet-serve", "RayService"), ("lorafleet-train", "RayJob"),
+                            ("lorafleet-train", "RayCluster")):
         policy = policies[name]
         selector = policy["podSelector"]["matchLabels"]
         for where, template in templates.items():  # the policy selects every pod of its cluster
@@ -287,6 +290,9 @@ def test_network_policies_admit_the_serve_port_from_the_ingress_and_ray_ports_fr
             from_namespaces = any("namespaceSelector" in peer for peer in rule["from"])
             if from_namespaces:  # from outside the cluster: the Serve port only
                 assert name == "lorafleet-serve" and rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+            elif "ports" in rule:  # the training job server, from the serving gateway only
+                assert name == "lorafleet-train" and rule["ports"] == [{"protocol": "TCP", "port": 8265}]
+                assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [serve_pods]
             else:  # every port, but only from the same cluster's pods
                 assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [selector]
     serve_selector = policies["lorafleet-serve"]["podSelector"]["matchLabels"]

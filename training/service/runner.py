@@ -41,8 +41,9 @@ class JobSpec:
 
 
 class RayJobRunner:
-    def __init__(self, address: str, connect_timeout_s: float = 30.0):
+    def __init__(self, address: str, token: str | None = None, connect_timeout_s: float = 30.0):
         self.address = address
+        self.headers = {"Authorization": f"Bearer {token}"} if token else None  # else Ray's own token
         self.connect_timeout_s = connect_timeout_s
         self._client = None
 
@@ -54,7 +55,7 @@ class RayJobRunner:
             deadline, last = time.monotonic() + self.connect_timeout_s, None
             while time.monotonic() < deadline:
                 try:
-                    self._client = JobSubmissionClient(self.address)
+                    self._client = JobSubmissionClient(self.address, headers=self.headers)
                     break
                 except Exception as exc:  # the job server is still starting, or unreachable
                     last = exc

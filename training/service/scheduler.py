@@ -11,6 +11,7 @@ makes concurrent gateways safe; the Ray submission id makes a repeated submit ha
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -51,6 +52,8 @@ class TrainingServiceSettings(BaseModel):
 
     ray_address: str | None = Field(None, description="Job server of the training Ray cluster (http://HEAD:8265); "
                                     "unset: the cluster `lorafleet serve` starts (with its job server).")
+    ray_token_env: str = Field("LORAFLEET_TRAINING_RAY_TOKEN", description="Environment variable holding the "
+                               "training cluster's Ray token (when set; else this process's own Ray token).")
     max_concurrent: int = Field(1, ge=1, le=1000, description="Training jobs running at once; the rest queue, "
                                 "oldest first.")
     poll_s: float = Field(1.0, gt=0, le=60, description="How often each gateway reconciles trainings with Ray.")
@@ -105,7 +108,8 @@ class TrainingService:
         self.datasets = DatasetStore(store, DatasetLimits(
             max_upload_bytes=settings.max_upload_bytes, max_files=settings.max_dataset_files,
             max_unpacked_bytes=settings.max_unpacked_bytes))
-        self.runner = runner or (RayJobRunner(settings.ray_address) if settings.ray_address else None)
+        self.runner = runner or (RayJobRunner(settings.ray_address, os.environ.get(settings.ray_token_env))
+                                 if settings.ray_address else None)
         self.webhooks = WebhookSender(RetryPolicy(settings.webhook_attempts, settings.webhook_first_delay_s,
                                                   timeout_s=settings.webhook_timeout_s), self._record_delivery)
         self._stop = threading.Event()
@@ -196,7 +200,9 @@ class TrainingService:
     def _tick_safely(self) -> None:
         try:
             self.tick()
-        except Exception:  # the loop must outlive a flaky cluster or store; the next tick retries
+        except TrainingsUnavailable as exc:  # the cluster is down or starting: the next tick retries
+            logger.warning("reconciling trainings: %s", exc)
+        except Exception:  # the loop must outlive a flaky store too; the next tick retries
             logger.warning("reconciling trainings failed", exc_info=True)
 
     def tick(self) -> None:
