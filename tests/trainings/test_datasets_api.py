@@ -14,6 +14,7 @@ import zipfile
 
 import httpx
 import pytest
+from helpers import S3_BUCKET
 
 from lorafleet.devtools.shapes import write_shapes_folder
 from lorafleet.local_cluster import free_port
@@ -36,7 +37,7 @@ def server(tmp_path_factory, shapes):
     settings = load_settings(base="toy", registry=f"file://{root / 'registry'}", port=free_port(),
                              api_tokens=f"{TOKEN_TRAIN}=train,{TOKEN_GENERATE}=generate",
                              trainings={"ray_address": "http://127.0.0.1:9", "max_upload_bytes": 200_000,
-                                        "dataset_uri_prefixes": [f"file://{allowed}/"]})
+                                        "dataset_uri_prefixes": [f"file://{allowed}/", f"s3://{S3_BUCKET}/uploads/"]})
     with serving_in_thread(settings) as url:
         yield url, root, allowed
 
@@ -80,6 +81,21 @@ def test_archives_of_every_kind_store_the_same_dataset(server, shapes):
         assert by_uri.json()["source"] == f"file://{allowed}/data.tar.gz"
         shown = client.get(f"/v1/datasets/{report['digest']}")
         assert shown.status_code == 200 and shown.json()["images"] == 4
+
+
+def test_a_dataset_named_by_an_s3_uri_is_read_from_the_s3_server(server, shapes, seaweed, tmp_path):
+    from lorafleet.registry.storage import open_store
+
+    url, _, _ = server
+    archive = tmp_path / "cyan.tar.gz"
+    archive.write_bytes(_tar_gz(shapes))
+    open_store(f"s3://{S3_BUCKET}/uploads").put_blob("team-a/cyan.tar.gz", archive)
+    with _client(url) as client:
+        response = client.post("/v1/datasets", json={"uri": f"s3://{S3_BUCKET}/uploads/team-a/cyan.tar.gz"})
+        missing = client.post("/v1/datasets", json={"uri": f"s3://{S3_BUCKET}/uploads/team-a/none.tar.gz"})
+    assert response.status_code == 201, response.text
+    assert response.json()["images"] == 4 and response.json()["source"].startswith("s3://")
+    assert missing.status_code == 422 and missing.json()["error"]["field"] == "uri"
 
 
 def test_a_dataset_reports_what_it_skipped_and_why(server, shapes):

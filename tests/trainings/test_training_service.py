@@ -212,6 +212,29 @@ def test_a_restarted_gateway_recovers_the_training_and_it_finishes(cluster, regi
         final = _wait(client, training["id"], lambda r: r["state"] in ("succeeded", "failed", "cancelled"))
         assert final["state"] == "succeeded", final
         assert final["published"]["adapter"] == "svc-restarted@1"
+        # A client that reconnects with Last-Event-ID gets only what it has not seen.
+        headers = {"Last-Event-ID": "2:0"}  # saw queued and running, no job event
+        with client.stream("GET", f"/v1/trainings/{training['id']}/events", headers=headers) as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith(("event:", "data:"))]
+        states = [json.loads(line[5:])["state"] for line in lines if line.startswith("data:") and '"state"' in line
+                  and '"reason"' in line]
+        assert states == ["succeeded"], states
+        assert "event: published" in lines and lines.count("event: state") == 1
+
+
+def test_a_training_whose_ray_job_vanished_is_failed_with_the_reason(cluster, registry_uri):
+    from datetime import timedelta
+
+    from lorafleet.training.service.records import PublishTarget, TrainingRecord, TrainingRecords, TrainingState, now
+
+    records = TrainingRecords(AdapterRegistry(registry_uri).store)
+    lost = TrainingRecord(id="tr-" + "ab" * 10, state=TrainingState.running, config=_config(5),
+                          dataset="sha256:" + "0" * 64, publish=PublishTarget(name="svc-lost"),
+                          ray_job_id="tr-" + "ab" * 10, started_at=now() - timedelta(hours=1))
+    records.create(lost)
+    with gateway(registry_uri, cluster) as client:
+        final = _wait(client, lost.id, lambda r: r["state"] != "running", 30)
+    assert final["state"] == "failed" and "vanished" in final["error"]
 
 
 def test_the_cli_submits_follows_lists_and_cancels(cluster, registry_uri, dataset_tar, tmp_path):
