@@ -21,6 +21,7 @@ class ErrorKind(str, Enum):
     unauthenticated = "unauthenticated"
     forbidden = "forbidden"
     too_large = "too_large"  # an upload over its limit
+    rate_limited = "rate_limited"  # a tenant over its rate: try again after the time it is told
     integrity = "integrity"  # stored bytes do not match what was recorded
     unavailable = "unavailable"  # a dependency (registry, replica) cannot serve now, or is misconfigured
     overloaded = "overloaded"  # full: try again shortly

@@ -6,11 +6,11 @@ serve/ and training/ import the adapter vocabulary from here: ``AdapterRef`` / `
 
 from lorafleet.errors import LorafleetError
 
-from .adapter_registry import AdapterRegistry, GcReport, PublishRequest
+from .adapter_registry import AdapterRegistry, AliasRecord, GcReport, PublishRequest
 from .identity import AdapterId, AdapterRef
 from .manifest import AdapterFormat, AdapterMethod, ComponentLora, Manifest
 
 __all__ = [
-    "AdapterFormat", "AdapterId", "AdapterMethod", "AdapterRef", "AdapterRegistry", "ComponentLora",
+    "AdapterFormat", "AdapterId", "AdapterMethod", "AdapterRef", "AdapterRegistry", "AliasRecord", "ComponentLora",
     "GcReport", "LorafleetError", "Manifest", "PublishRequest",
 ]

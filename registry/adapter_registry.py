@@ -50,6 +50,7 @@ from .identity import (
 from .layout import (
     AliasMove,
     AliasRecord,
+    PinRecord,
     YankRecord,
     alias_key,
     blob_key,
@@ -57,6 +58,7 @@ from .layout import (
     digest_index_key,
     digest_index_prefix,
     manifest_key,
+    pin_key,
     version_from_key,
     yank_key,
 )
@@ -66,6 +68,7 @@ from .storage import ObjectExists, ObjectInfo, ObjectStore, PreconditionFailed, 
 
 _PUBLISH_ATTEMPTS = 200
 _ALIAS_HISTORY = 50
+MAX_SPLIT_VERSIONS = 8
 
 
 @dataclass
@@ -268,8 +271,8 @@ class AdapterRegistry:
             results = list(pool.map(read, numbers))
         return Listing([r for r in results if isinstance(r, Manifest)], [r for r in results if isinstance(r, str)])
 
-    def resolve(self, ref: AdapterRef | str) -> Manifest:
-        """The manifest a reference points to now."""
+    def resolve(self, ref: AdapterRef | str, key: str | None = None) -> Manifest:
+        """The manifest a reference points to now (for an alias split: the version ``key`` falls on)."""
         ref = AdapterRef.parse(ref) if isinstance(ref, str) else ref
         if ref.version is not None:
             return self._read_manifest(ref.name, ref.version)
@@ -277,12 +280,15 @@ class AdapterRegistry:
             return self._resolve_digest(ref)
         if ref.alias == LATEST:
             return self._resolve_latest(ref.name)
-        record = self.alias_record(ref.name, ref.alias)
-        manifest = self._read_manifest(ref.name, record.version)
+        return self.alias_target(self.alias_record(ref.name, ref.alias), key)
+
+    def alias_target(self, record: AliasRecord, key: str | None = None) -> Manifest:
+        """The manifest an alias serves to the caller ``key`` (a split picks one version per key)."""
+        version = record.version_for(key)
+        manifest = self._read_manifest(record.name, version)
         if manifest.yanked:
-            raise YankedVersion(
-                f"{ref} points to {ref.name}@{record.version}, which is yanked; move the alias", field="ref"
-            )
+            raise YankedVersion(f"{record.name}:{record.alias} points to {record.name}@{version}, which is yanked; "
+                                "move the alias", field="ref")
         return manifest
 
     def _resolve_latest(self, name: str) -> Manifest:
@@ -376,21 +382,38 @@ class AdapterRegistry:
         return result
 
     def set_alias(self, name: str, alias: str, version: int, *, expected_version: int | None = None) -> AliasRecord:
-        """Point ``name:alias`` at ``version`` by compare-and-swap, retrying lost races.
+        """Point ``name:alias`` at ``version`` by compare-and-swap, retrying lost races (ending any split).
 
         With ``expected_version`` the move happens only if the alias still points there.
         """
+        return self._write_alias(name, alias, {version: 1.0}, expected_version, field="version")
+
+    def split_alias(self, name: str, alias: str, weights: dict[int, float], *,
+                    expected_version: int | None = None) -> AliasRecord:
+        """A canary: ``name:alias`` serves each version to its share of callers (weights sum to 1),
+        sticky per caller key. Moving the alias to one version ends the split."""
+        if not 1 <= len(weights) <= MAX_SPLIT_VERSIONS:
+            raise InvalidAdapter(f"a split names 1 to {MAX_SPLIT_VERSIONS} versions", field="weights")
+        if any(not 0 < w <= 1 for w in weights.values()) or abs(sum(weights.values()) - 1) > 1e-6:
+            raise InvalidAdapter(f"split weights must be in (0, 1] and sum to 1, got {weights}", field="weights")
+        return self._write_alias(name, alias, weights, expected_version, field="weights")
+
+    def _write_alias(self, name: str, alias: str, weights: dict[int, float], expected_version: int | None,
+                     field: str) -> AliasRecord:
         validate_name(name)
         validate_alias(alias)
-        validate_version(version)
-        if self._read_manifest(name, version).yanked:
-            raise YankedVersion(f"{name}@{version} is yanked; an alias cannot point to it", field="version")
+        for version in weights:
+            validate_version(version)
+            if self._read_manifest(name, version).yanked:
+                raise YankedVersion(f"{name}@{version} is yanked; an alias cannot point to it", field=field)
+        split = dict(sorted(weights.items())) if len(weights) > 1 else None
+        version = max(weights, key=lambda v: (weights[v], v))
         for _ in range(_PUBLISH_ATTEMPTS):
             stored = self.store.read(alias_key(name, alias))
             current = AliasRecord.model_validate_json(stored.data) if stored else None
             if expected_version is not None and (current is None or current.version != expected_version):
                 raise AliasConflict(f"{name}:{alias} no longer points to version {expected_version}", field="alias")
-            record = self._moved(name, alias, version, current)
+            record = self._moved(name, alias, version, current, split)
             try:
                 self.store.compare_and_swap(alias_key(name, alias), record.model_dump_json(indent=2).encode(),
                                             stored.token if stored else None)
@@ -400,11 +423,44 @@ class AdapterRegistry:
         raise AliasConflict(f"{name}:{alias} kept moving; try again", field="alias")
 
     @staticmethod
-    def _moved(name: str, alias: str, version: int, current: AliasRecord | None) -> AliasRecord:
-        history = (current.history if current else []) + [AliasMove(version=version, at=_now())]
+    def _moved(name: str, alias: str, version: int, current: AliasRecord | None,
+               split: dict[int, float] | None = None) -> AliasRecord:
+        history = (current.history if current else []) + [AliasMove(version=version, at=_now(), split=split)]
         return AliasRecord(name=name, alias=alias, version=version,
                            revision=(current.revision + 1) if current else 1,
-                           updated_at=_now(), history=history[-_ALIAS_HISTORY:])
+                           updated_at=_now(), history=history[-_ALIAS_HISTORY:], split=split)
+
+    # ----------------------------------------------------------------------------- pins
+    def pin(self, name: str, version: int) -> PinRecord:
+        """Keep ``name@version`` resident on every serving replica (replaces the name's pin)."""
+        manifest = self._read_manifest(validate_name(name), validate_version(version))
+        if manifest.yanked:
+            raise YankedVersion(f"{name}@{version} is yanked; it cannot be pinned", field="version")
+        record = PinRecord(name=name, version=version, digest=manifest.digest, size=manifest.size, pinned_at=_now())
+        key = pin_key(name)
+        for _ in range(_PUBLISH_ATTEMPTS):
+            stored = self.store.read(key)
+            try:
+                self.store.compare_and_swap(key, record.model_dump_json().encode(), stored.token if stored else None)
+                return record
+            except PreconditionFailed:
+                continue
+        raise AliasConflict(f"the pin of {name} kept changing; try again", field="name")
+
+    def unpin(self, name: str) -> bool:
+        """Whether ``name`` had a pin (now removed)."""
+        key = pin_key(validate_name(name))
+        found = self.store.exists(key)
+        self.store.delete(key)
+        return found
+
+    def pins(self) -> list[PinRecord]:
+        found = []
+        for info in self.store.list("pins/"):
+            stored = self.store.read(info.key)
+            if stored is not None:
+                found.append(PinRecord.model_validate_json(stored.data))
+        return sorted(found, key=lambda p: p.name)
 
     # ----------------------------------------------------------------------------- yank, gc
     def yank(self, ref: AdapterRef | str, reason: str = "") -> Manifest:

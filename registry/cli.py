@@ -96,9 +96,28 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def _target(text: str) -> int | dict[int, float]:
+    """'5' -> 5; '4=0.9,5=0.1' -> {4: 0.9, 5: 0.1} (a canary split)."""
+    try:
+        if "=" not in text:
+            return int(text)
+        pairs = (item.split("=", 1) for item in text.split(",") if item.strip())
+        return {int(version): float(weight) for version, weight in pairs}
+    except ValueError:
+        raise InvalidAdapter(f"expected VERSION or VERSION=WEIGHT,VERSION=WEIGHT, got {text!r}",
+                             field="version") from None
+
+
 def cmd_alias(args) -> int:
-    record = _registry(args).set_alias(args.name, args.alias, args.version, expected_version=args.expect)
-    _emit(args, json.loads(record.model_dump_json()), f"{args.name}:{args.alias} -> {args.name}@{record.version}")
+    target, registry = _target(args.version), _registry(args)
+    if isinstance(target, dict):
+        record = registry.split_alias(args.name, args.alias, target, expected_version=args.expect)
+        split = ", ".join(f"@{v} {w:.0%}" for v, w in record.split.items()) if record.split else f"@{record.version}"
+        human = f"{args.name}:{args.alias} -> {args.name} {split}"
+    else:
+        record = registry.set_alias(args.name, args.alias, target, expected_version=args.expect)
+        human = f"{args.name}:{args.alias} -> {args.name}@{record.version}"
+    _emit(args, json.loads(record.model_dump_json()), human)
     return 0
 
 
@@ -188,10 +207,11 @@ def add_commands(subparsers) -> None:
     pull = command("pull", cmd_pull, "download a verified adapter file")
     pull.add_argument("ref")
     pull.add_argument("dest")
-    alias = command("alias", cmd_alias, "point NAME:ALIAS at a version (compare-and-swap)")
+    alias = command("alias", cmd_alias, "point NAME:ALIAS at a version, or split it across versions (a canary: "
+                    "4=0.9,5=0.1), by compare-and-swap")
     alias.add_argument("name")
     alias.add_argument("alias")
-    alias.add_argument("version", type=int)
+    alias.add_argument("version", help="VERSION, or VERSION=WEIGHT,... summing to 1 (sticky per caller)")
     alias.add_argument("--expect", type=int, help="move only if the alias points to this version now")
     yank = command("yank", cmd_yank, "yank a version (kept, never served by alias or latest)")
     yank.add_argument("ref")

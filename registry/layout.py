@@ -6,11 +6,14 @@ Layout (every name validated before it becomes a key)::
     manifests/NAME/v000000007.json      created once; the version number is won by create-once
     yanks/NAME/v000000007.json          created once; a yanked version stays resolvable by number
     aliases/NAME/ALIAS.json             moved by compare-and-swap, with its history
+    pins/NAME.json                      the version serving replicas keep resident (one per name)
     index/sha256/ab/abcdef.../NAME/v000000007   digest -> versions using it (NAME@sha256:... refs, gc)
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from datetime import datetime
 
 from pydantic import BaseModel, Field
@@ -33,6 +36,10 @@ def yank_key(name: str, version: int) -> str:
 
 def alias_key(name: str, alias: str) -> str:
     return f"aliases/{name}/{alias}.json"
+
+
+def pin_key(name: str) -> str:
+    return f"pins/{name}.json"
 
 
 def digest_index_prefix(digest: str) -> str:
@@ -62,15 +69,46 @@ def version_from_key(key: str) -> int | None:
 class AliasMove(BaseModel):
     version: int
     at: datetime
+    split: dict[int, float] | None = None
+
+
+def pick_version(split: dict[int, float], key: str | None, salt: str) -> int:
+    """The version of a weighted split that ``key`` falls on: sticky (the same key, the same
+    version, as long as the weights stay), uniform over keys; no key draws at random."""
+    if key is None:
+        point = secrets.randbelow(2**53) / 2**53
+    else:
+        point = int.from_bytes(hashlib.sha256(f"{salt}\0{key}".encode()).digest()[:8], "big") / 2**64
+    total = 0.0
+    for version, weight in sorted(split.items()):
+        total += weight
+        if point < total:
+            return version
+    return max(split)  # rounding at the top end
+
+
+class PinRecord(BaseModel):
+    """A version that every serving replica keeps resident (host memory) across evictions."""
+
+    name: str
+    version: int
+    digest: str
+    size: int
+    pinned_at: datetime
 
 
 class AliasRecord(BaseModel):
     name: str
     alias: str
-    version: int
+    version: int = Field(description="The version served (with a split: the heaviest).")
     revision: int = Field(description="Incremented on every move (compare-and-swap token).")
     updated_at: datetime
     history: list[AliasMove] = Field(default_factory=list)
+    split: dict[int, float] | None = Field(None, description="A canary split: version -> share of callers (sum 1).")
+
+    def version_for(self, key: str | None) -> int:
+        """The version this caller key is served."""
+        return pick_version(self.split, key, f"{self.name}:{self.alias}") if self.split else self.version
 
 
 class YankRecord(BaseModel):

@@ -40,7 +40,8 @@ class ByteBudgetLRU(Generic[V]):
     """A thread-safe LRU map bounded by the total size of its values (and optionally by count).
 
     Pinned keys are never evicted: a caller pins what it is about to use so that making room for
-    one entry cannot evict another the same request needs.
+    one entry cannot evict another the same request needs. Held keys (``hold``: what an operator
+    pinned) are never evicted either, until they are no longer held.
     """
 
     def __init__(self, budget_bytes: int, max_items: int | None = None):
@@ -48,6 +49,7 @@ class ByteBudgetLRU(Generic[V]):
         self.max_items = max_items
         self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
         self._pins: dict[str, int] = {}
+        self._held: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self.evictions = 0
 
@@ -88,7 +90,7 @@ class ByteBudgetLRU(Generic[V]):
         for key in list(self._items):
             if self._fits_locked(incoming, room_for):
                 break
-            if key != keep and not self._pins.get(key):
+            if key != keep and not self._pins.get(key) and key not in self._held:
                 evicted.append((key, self._items.pop(key)[0]))
         self.evictions += len(evicted)
         return evicted
@@ -99,6 +101,15 @@ class ByteBudgetLRU(Generic[V]):
 
     def _bytes_locked(self) -> int:
         return sum(size for _, size in self._items.values())
+
+    def hold(self, keys: set[str]) -> None:
+        """Exactly these keys are kept across evictions from now on (present yet or not)."""
+        with self._lock:
+            self._held = frozenset(keys)
+
+    @property
+    def held(self) -> frozenset[str]:
+        return self._held
 
     @contextmanager
     def pinned(self, keys: list[str]) -> Iterator[None]:

@@ -25,9 +25,19 @@ PLACEHOLDER = "REPLACE_ME"
 class TokenEntry:
     token: bytes
     scopes: frozenset[str]
+    tenant: str | None = None  # None: an operator's token (every namespace)
 
 
-def _entry(token: str, scopes: list[str]) -> TokenEntry:
+@dataclass(frozen=True)
+class Identity:
+    scopes: frozenset[str]
+    tenant: str | None
+
+
+ANONYMOUS = Identity(frozenset(), None)
+
+
+def _entry(token: str, scopes: list[str], tenant: str | None = None) -> TokenEntry:
     unknown = set(scopes) - SCOPES
     if unknown:
         raise ValueError(f"api_tokens: unknown scopes {sorted(unknown)} (known: {sorted(SCOPES)})")
@@ -40,26 +50,28 @@ def _entry(token: str, scopes: list[str]) -> TokenEntry:
     granted = set(scopes)
     for scope in scopes:
         granted |= IMPLIED.get(scope, set())
-    return TokenEntry(token.encode(), frozenset(granted))
+    return TokenEntry(token.encode(), frozenset(granted), tenant or None)
 
 
 def parse_token_spec(spec: str) -> list[TokenEntry]:
-    """'tok1=generate,tok2=admin+generate' -> entries."""
+    """'tok1=generate,tok2=admin+generate,tok3=generate+train@acme' -> entries (@tenant optional)."""
     entries = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
-        token, _, scopes = item.partition("=")
-        entries.append(_entry(token.strip(), [s for s in scopes.split("+") if s] or ["generate"]))
+        token, _, granted = item.partition("=")
+        scopes, _, tenant = granted.partition("@")
+        entries.append(_entry(token.strip(), [s for s in scopes.split("+") if s] or ["generate"], tenant.strip()))
     return entries
 
 
 def parse_token_file(path: Path) -> list[TokenEntry]:
-    """One 'TOKEN scope,scope' per line; '#' starts a comment."""
+    """One 'TOKEN scope,scope [TENANT]' per line; '#' starts a comment."""
     entries = []
     for line in Path(path).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            token, _, scopes = line.partition(" ")
-            entries.append(_entry(token, [s.strip() for s in scopes.split(",") if s.strip()] or ["generate"]))
+            token, scopes, tenant = (line.split(None, 2) + ["", ""])[:3]
+            entries.append(_entry(token, [s.strip() for s in scopes.split(",") if s.strip()] or ["generate"],
+                                  tenant.strip()))
     return entries
 
 
@@ -93,18 +105,27 @@ class TokenTable:
 
     def scopes_of(self, authorization: str | None) -> frozenset[str]:
         """The scopes an Authorization header grants (all of them when auth is off; none if invalid)."""
+        return self.identify(authorization).scopes
+
+    def identify(self, authorization: str | None) -> Identity:
+        """Scopes and tenant of an Authorization header (every scope, no tenant, when auth is off)."""
         if not self.enabled:
-            return SCOPES
+            return Identity(SCOPES, None)
         scheme, _, credentials = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not credentials.strip():
-            return frozenset()
-        return self._scopes_of(credentials.strip().encode()) or frozenset()
+            return ANONYMOUS
+        entry = self._entry_of(credentials.strip().encode())
+        return Identity(entry.scopes, entry.tenant) if entry else ANONYMOUS
 
     def _scopes_of(self, presented: bytes) -> frozenset[str] | None:
+        entry = self._entry_of(presented)
+        return entry.scopes if entry else None
+
+    def _entry_of(self, presented: bytes) -> TokenEntry | None:
         found = None
         for entry in self.entries:  # compare with every token, in constant time each
             if hmac.compare_digest(entry.token, presented):
-                found = entry.scopes
+                found = entry
         return found
 
     def authorize(self, authorization: str | None, scope: str) -> None:

@@ -36,6 +36,13 @@ class ServiceUnavailable(LorafleetError):
     kind = ErrorKind.unavailable
 
 
+class PinBudgetExceeded(LorafleetError):
+    """Pinning this version would keep more bytes resident than cache.pinned_bytes allows."""
+
+    code = "pin_budget_exceeded"
+    kind = ErrorKind.conflict
+
+
 class RequestTimeout(LorafleetError):
     code = "timeout"
     kind = ErrorKind.timeout

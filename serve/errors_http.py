@@ -14,10 +14,11 @@ STATUS_BY_KIND: dict[ErrorKind, int] = {
     ErrorKind.integrity: 502,  # stored bytes do not match their digest (never served)
     ErrorKind.unavailable: 503,  # no replica ready, registry down or misconfigured (not the caller's fault)
     ErrorKind.overloaded: 503,
+    ErrorKind.rate_limited: 429,  # a tenant over its request or work rate, or its queue full
     ErrorKind.timeout: 504,
     ErrorKind.internal: 500,
 }
-RETRYABLE_STATUSES = frozenset({503})
+RETRYABLE_STATUSES = frozenset({429, 503})
 
 
 def status_for(error: LorafleetError) -> int:

@@ -19,7 +19,8 @@ import re
 from .auth import TokenTable
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # anonymous callers get their status only
-_ADMIN_ROUTES = [("PUT", re.compile(r"^/v1/adapters/[^/]+/aliases/[^/]+$"))]
+_ADMIN_ROUTES = [("PUT", re.compile(r"^/v1/adapters/[^/]+/aliases/[^/]+$")), ("GET", re.compile(r"^/v1/usage/?$")),
+                 ("PUT", re.compile(r"^/v1/adapters/[^/]+/pin$")), ("DELETE", re.compile(r"^/v1/adapters/[^/]+/pin$"))]
 _TRAIN_PATHS = re.compile(r"^/v1/(datasets|trainings)(/.*)?$")
 UPLOAD_ROUTE = ("POST", "/v1/datasets")
 _METRICS_PATHS = frozenset({"/metrics"})
@@ -54,8 +55,10 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         authorization = headers.get(b"authorization", b"").decode("latin-1") or None
-        granted = self.tokens.scopes_of(authorization)
-        scope.setdefault("state", {})["scopes"] = granted
+        identity = self.tokens.identify(authorization)
+        granted = identity.scopes
+        state = scope.setdefault("state", {})
+        state["scopes"], state["tenant"] = granted, identity.tenant
         needed = required_scope(scope["method"], scope["path"])
         if needed is not None and needed not in granted:
             return await _refuse_scope(send, needed, bool(authorization), bool(granted))

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .residency import TIERS_FASTEST_FIRST, Residency, Tier
+from .usage import UsageLedger
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LOAD_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
@@ -65,7 +66,39 @@ class ServiceMetrics:
         self.disk_integrity_failures = Counter("lorafleet_disk_cache_integrity_failures",
                                                "Disk-tier files that failed their digest on read (dropped, "
                                                "fetched again).", registry=r)
+        self.tenant_requests = Counter("lorafleet_tenant_requests", "Generation requests admitted, by tenant ('-': "
+                                       "operators).", ["tenant"], registry=r)
+        self.tenant_images = Counter("lorafleet_tenant_images", "Images asked for, by tenant.", ["tenant"], registry=r)
+        self.tenant_work = Counter("lorafleet_tenant_steps_megapixels", "Images x steps x megapixels asked for, by "
+                                   "tenant.", ["tenant"], registry=r)
+        self.tenant_replica_seconds = Counter("lorafleet_tenant_replica_seconds", "Replica time spent on a tenant's "
+                                              "requests (a shared pass split by images).", ["tenant"], registry=r)
+        self.rate_limited = Counter("lorafleet_rate_limited", "Requests refused with 429, by tenant.", ["tenant"],
+                                    registry=r)
+        self.version_requests = Counter("lorafleet_adapter_version_requests", "Generation requests by adapter "
+                                        "version and outcome (ok, error): judge a canary.",
+                                        ["adapter", "version", "outcome"], registry=r)
+        self.version_seconds = Histogram("lorafleet_adapter_version_duration_seconds", "Request latency by adapter "
+                                         "version.", ["adapter", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.usage = UsageLedger()
         self._cumulative_seen: dict[tuple, int] = {}
+
+    def record_tenant_request(self, tenant: str, images: int, work: float) -> None:
+        self.tenant_requests.labels(tenant=tenant).inc()
+        self.tenant_images.labels(tenant=tenant).inc(images)
+        self.tenant_work.labels(tenant=tenant).inc(work)
+        self.usage.add(tenant, requests=1, images=images, work=work)
+
+    def record_tenant_replica_time(self, tenant: str, seconds: float) -> None:
+        self.tenant_replica_seconds.labels(tenant=tenant).inc(seconds)
+        self.usage.add(tenant, replica_seconds=seconds)
+
+    def record_versions(self, manifests: list, outcome: str, seconds: float) -> None:
+        for manifest in manifests:
+            labels = (manifest.name, str(manifest.version))
+            self.version_requests.labels(*labels, outcome).inc()
+            if outcome == "ok":
+                self.version_seconds.labels(*labels).observe(seconds)
 
     def record_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

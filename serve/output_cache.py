@@ -36,9 +36,11 @@ SWEEP_EVERY_S = 60.0  # how often the shared tier is listed to enforce its byte 
 
 
 def output_key(base_fingerprint: str, adapters: list[tuple[str, float]], job: GenerationJob,
-               output_format: str) -> str:
-    """The hex digest naming a seeded request's output: everything that decides its bytes."""
-    described = {"base": base_fingerprint, "adapters": sorted([digest, float(weight)] for digest, weight in adapters),
+               output_format: str, tenant: str | None = None) -> str:
+    """The hex digest naming a seeded request's output: everything that decides its bytes, and the
+    tenant asking (outputs are never shared across tenants)."""
+    described = {"tenant": tenant,
+                 "base": base_fingerprint, "adapters": sorted([digest, float(weight)] for digest, weight in adapters),
                  "prompt": job.prompt, "negative_prompt": job.negative_prompt, "steps": job.steps,
                  "guidance_scale": float(job.guidance_scale), "true_cfg_scale": float(job.true_cfg_scale),
                  "width": job.width, "height": job.height, "seeds": list(job.seeds), "format": output_format}

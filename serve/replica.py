@@ -6,17 +6,22 @@ Plain Python (no Ray): the Ray deployment in app.py wraps it, and tests use it d
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
 
 from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import load_base
+from lorafleet.errors import LorafleetError
 from lorafleet.registry import AdapterRegistry
+from lorafleet.registry.layout import PinRecord
 from lorafleet.registry.manifest import Manifest
 
 from .adapter_cache import AdapterFetcher, DiskTier
@@ -26,6 +31,8 @@ from .jobs import AdapterUse, BatchRequest, EngineResult, GenerationJob
 from .residency import FuseEvent, PassMode, Residency, Tier, TierResidency
 from .settings import ServeSettings
 from .slots import LoraSlot
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class GeneratorReplica:
         disk = DiskTier(settings.cache.disk_dir, settings.cache.disk_bytes) if settings.cache.disk_bytes else None
         self.fetcher = AdapterFetcher(self.registry, settings.cache.host_bytes, disk)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._held_pins: dict[str, str] = {}  # name -> digest kept in the host tier
         self._active = TierResidency((), 0)
         # Every torch call of the replica, loading included, runs on the scheduler's one thread.
         # Measured on 2 cores: once a second thread that has run torch ops is alive, OpenMP's
@@ -86,6 +94,48 @@ class GeneratorReplica:
         self.scheduler = BatchScheduler(lambda requests: self.engine.run_batch(requests),
                                         settings.batching.max_batch_images, settings.batching.wait_ms)
         self.scheduler.call(self._load_pipeline)
+        self.prewarmed = self._prewarm()  # before the replica is ready (Ray routes to it once built)
+        self._pins_stop = threading.Event()
+        threading.Thread(target=self._keep_pins, name="lorafleet-pins", daemon=True).start()
+
+    def _prewarm(self) -> list[str]:
+        """Fetch the configured and pinned adapters, and run one 1-step pass with each so that it
+        is active (device tier) if it fits; a ref that cannot be loaded is logged, not fatal."""
+        refs = list(dict.fromkeys([*self.settings.prewarm, *(f"{p.name}@{p.version}" for p in self._pins())]))
+        warmed = []
+        for ref in refs:
+            try:
+                manifest = self.registry.resolve(ref)
+                job = GenerationJob("warm-up", None, 1, 1.0, self.base.native_size, self.base.native_size, (0,))
+                self.generate(GenerationTask(((manifest, 1.0),), job, f"prewarm-{manifest.digest}"))
+                warmed.append(f"{manifest.name}@{manifest.version}")
+            except LorafleetError as exc:
+                logger.warning("prewarm of %s failed: %s", ref, exc)
+        self._hold_pins(self._pins())
+        return warmed
+
+    def _pins(self) -> list:
+        try:
+            return self.registry.pins()
+        except LorafleetError as exc:  # the registry is down: keep what is held
+            logger.warning("reading pins failed: %s", exc)
+            return [PinRecord(name=name, version=0, digest=digest, size=0, pinned_at=datetime.now(timezone.utc))
+                    for name, digest in self._held_pins.items()]
+
+    def _hold_pins(self, pins: list) -> None:
+        """Keep exactly the pinned digests in the host tier (fetching those not there yet)."""
+        for pin in pins:
+            if pin.digest not in self.fetcher.host.keys() and pin.version:
+                try:
+                    self.fetcher.fetch(self.registry.resolve(f"{pin.name}@{pin.version}"))
+                except LorafleetError as exc:
+                    logger.warning("fetching pinned %s@%s failed: %s", pin.name, pin.version, exc)
+        self._held_pins = {pin.name: pin.digest for pin in pins}
+        self.fetcher.host.hold(set(self._held_pins.values()))
+
+    def _keep_pins(self) -> None:
+        while not self._pins_stop.wait(self.settings.cache.pin_refresh_s):
+            self._hold_pins(self._pins())
 
     def _load_pipeline(self) -> None:
         self.base, self.placement = load_replica_base(self.settings)
@@ -141,7 +191,8 @@ class GeneratorReplica:
         return {Tier.active: self._active, **self.fetcher.resident()}
 
     def health(self) -> dict:
-        return {"base": self.base.id, "family": self.base.family.name, "base_fingerprint": self.base.fingerprint,
+        return {"prewarmed": self.prewarmed, "pinned": sorted(self._held_pins),
+                "base": self.base.id, "family": self.base.family.name, "base_fingerprint": self.base.fingerprint,
                 "replica": self.replica_id,
                 "native_size": self.base.native_size, "torch_threads": torch.get_num_threads(),
                 "device": str(self.placement.device), "dtype": str(self.placement.dtype).removeprefix("torch.")}

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model, fie
 
 from lorafleet.families import ModelFamily
 from lorafleet.registry.identity import REF_REGEX
+from lorafleet.training.service.records import Webhook
 
 from .settings import RequestLimits
 
@@ -65,6 +66,12 @@ class GenerateRequest(BaseModel):
     output_format: OutputFormat = Field("png", description="png, jpeg, webp, or npy (float32 array, exact).")
     cache: StrictBool = Field(True, description="A seeded request may be answered from the output cache (false: always "
                         "generate, and do not store).")
+    user: str | None = Field(None, max_length=256, description="Your end user's id (or the X-Lorafleet-User header): "
+                             "an alias split into a canary serves one user one version.")
+    run_async: StrictBool = Field(False, alias="async", description="Answer 202 with a job id at once (also: header "
+                                  "Prefer: respond-async); poll GET /v1/jobs/{id}.")
+    webhook: Webhook | None = Field(None, description="Async only: POSTed the job when it ends (signed as the "
+                                    "training webhooks are).")
 
     _numbers = json_numbers("steps", "guidance_scale", "true_cfg_scale", "width", "height", "seed", "num_images")
 
@@ -141,7 +148,7 @@ class OpenAIImageRequest(BaseModel):
     response_format: Literal["b64_json"] | None = "b64_json"
     quality: str | None = None
     style: str | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=256, description="Keeps an end user on one version of a canary split.")
 
     _numbers = json_numbers("n")
 
@@ -161,32 +168,37 @@ def allowed_square_sizes(limits: RequestLimits, family: ModelFamily) -> list[str
 class RequestModels:
     generate: type[GenerateRequest]
     openai_images: type[OpenAIImageRequest]
+    job: type[GenerateRequest]  # POST /v1/jobs: always async, up to async_max_images
 
 
-def request_models(limits: RequestLimits, family: ModelFamily) -> RequestModels:
+def request_models(limits: RequestLimits, family: ModelFamily, async_max_images: int | None = None) -> RequestModels:
     """The request bodies with the configured limits and the base's family's in their schema (what
     /openapi.json shows): sizes, and true_cfg_scale only where the family offers it."""
     size = {"ge": limits.min_size, "le": limits.max_size, "multiple_of": size_multiple(limits, family)}
     prompt = {"max_length": limits.max_prompt_chars}
     only_without_true_cfg = {} if family.offers_true_cfg else {"true_cfg_scale": {"le": 1.0}}
-    generate = _narrowed(GenerateRequest, prompt=prompt, negative_prompt=prompt, width=size, height=size,
-                         steps={"le": limits.max_steps}, num_images={"le": limits.max_num_images},
-                         adapters={"max_length": limits.max_adapters_per_request}, **only_without_true_cfg)
+    common = {"prompt": prompt, "negative_prompt": prompt, "width": size, "height": size,
+              "steps": {"le": limits.max_steps}, "adapters": {"max_length": limits.max_adapters_per_request},
+              **only_without_true_cfg}
+    generate = _narrowed(GenerateRequest, num_images={"le": limits.max_num_images}, **common)
+    job = _narrowed(GenerateRequest, num_images={"le": max(limits.max_num_images, async_max_images or 0)},
+                    name="AsyncGenerateRequest", **common)
     square_size = Literal[tuple(allowed_square_sizes(limits, family))]  # type: ignore[valid-type]
     openai = _narrowed(OpenAIImageRequest, prompt=prompt, n={"le": limits.max_num_images},
                        retyped={"size": square_size | None})
-    return RequestModels(generate, openai)
+    return RequestModels(generate, openai, job)
 
 
-def _narrowed(model: type[BaseModel], retyped: dict | None = None, **constraints: dict) -> type:
-    """A subclass of ``model`` (same name in the schema) whose fields carry extra constraints."""
+def _narrowed(model: type[BaseModel], retyped: dict | None = None, name: str | None = None,
+              **constraints: dict) -> type:
+    """A subclass of ``model`` (same name in the schema unless ``name``) whose fields carry extra constraints."""
     fields = {}
     for name, extra in constraints.items():
         original = model.model_fields[name]
         fields[name] = (Annotated[original.rebuild_annotation(), Field(**extra)], original)
     for name, annotation in (retyped or {}).items():
         fields[name] = (annotation, model.model_fields[name])
-    return create_model(model.__name__, __base__=model, __doc__=model.__doc__, **fields)
+    return create_model(name or model.__name__, __base__=model, __doc__=model.__doc__, **fields)
 
 
 class OpenAIImage(BaseModel):
@@ -204,6 +216,7 @@ class AdapterSummary(BaseModel):
     latest_version: int | None
     digest: str | None
     aliases: dict[str, int] = Field(default_factory=dict)
+    pinned_version: int | None = Field(None, description="The version every replica keeps resident (PUT .../pin).")
     cached: dict[str, list[str]] = Field(default_factory=dict, description="Tier -> digests cached here.")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from lorafleet.errors import LorafleetError
 from lorafleet.families import ModelFamily, family_named
-from lorafleet.registry import AdapterRef, AdapterRegistry, Manifest
+from lorafleet.registry import AdapterRef, AdapterRegistry, AliasRecord, Manifest
 from lorafleet.registry.errors import (
     AdapterIncompatible,
     AdapterNotFound,
@@ -33,7 +33,9 @@ from lorafleet.registry.errors import (
     RegistryUnavailable,
     YankedVersion,
 )
+from lorafleet.registry.identity import LATEST
 
+from .async_jobs import AsyncJobs
 from .errors import Overloaded, RequestInvalid, RequestTimeout, ServiceUnavailable
 from .jobs import GenerationJob
 from .metrics import ServiceMetrics
@@ -42,6 +44,7 @@ from .replica import GenerationOutput, GenerationTask
 from .residency import Residency
 from .schemas import NOT_BLANK, GenerateRequest, GenerateResponse, ResolvedAdapter, Timings, size_multiple
 from .settings import RequestLimits, ServeSettings
+from .tenants import OPERATOR, Caller, FairAdmission, RateLimited, Tenants, request_work
 
 BASE_MODEL_NAME = "base"
 logger = logging.getLogger(__name__)
@@ -55,15 +58,17 @@ class GeneratorBackend(Protocol):
 
 @dataclass
 class _Resolution:
-    manifest: Manifest | None  # None: a cached miss
+    manifest: Manifest | AliasRecord | None  # None: a cached miss
     at: float
     miss: LorafleetError | None = None
 
 
 class AdapterResolver:
-    """ref -> manifest. Alias and `latest` resolutions live ``ttl_s``; exact versions forever.
-    Misses (no such adapter, version, alias; yanked) are cached for ``ttl_s`` too, so a caller
-    repeating a bad reference cannot multiply registry calls; at most ``max_entries`` are kept.
+    """ref -> manifest. Alias records and `latest` resolutions live ``ttl_s``; exact versions
+    forever. An alias's record (its version, or its canary split) is cached, and each caller key
+    then picks its version of a split. Misses (no such adapter, version, alias; yanked) are cached
+    for ``ttl_s`` too, so a caller repeating a bad reference cannot multiply registry calls; at most
+    ``max_entries`` are kept.
 
     When the registry is unreachable, the last known resolution is used (cached adapters keep
     serving); a ref never resolved before raises RegistryUnavailable (503).
@@ -76,8 +81,20 @@ class AdapterResolver:
         self._cache: OrderedDict[AdapterRef, _Resolution] = OrderedDict()
         self._lock = threading.Lock()
 
-    def resolve(self, ref_text: str, field: str) -> Manifest:
+    def resolve(self, ref_text: str, field: str, key: str | None = None) -> Manifest:
+        """The manifest ``ref_text`` names for the caller ``key`` (which version of a split it gets)."""
         ref = AdapterRef.parse(ref_text, field=field)
+        if ref.alias is None or ref.alias == LATEST:
+            return self._fetch(ref, field, lambda: self.registry.resolve(ref))
+        record = self._fetch(ref, field, lambda: self.registry.alias_record(ref.name, ref.alias))
+        version = record.version_for(key)
+        manifest = self._fetch(AdapterRef(name=ref.name, version=version), field,
+                               lambda: self.registry.resolve(f"{ref.name}@{version}"))
+        if manifest.yanked:
+            raise YankedVersion(f"{ref} points to {ref.name}@{version}, which is yanked; move the alias", field=field)
+        return manifest
+
+    def _fetch(self, ref: AdapterRef, field: str, load):
         known = self._cached(ref)
         exact = ref.version is not None or ref.digest is not None
         fresh = known is not None and time.monotonic() - known.at < self.ttl_s
@@ -86,7 +103,7 @@ class AdapterResolver:
         if known and known.manifest is not None and (exact or fresh):
             return known.manifest
         try:
-            manifest = self.registry.resolve(ref)
+            manifest = load()
         except RegistryUnavailable:
             if known and known.manifest is not None:
                 return known.manifest
@@ -116,6 +133,11 @@ class AdapterResolver:
                 self._cache.popitem(last=False)
 
 
+def _caller_key(caller: Caller, user: str | None) -> str | None:
+    """What a canary split is sticky on: the end user, within the calling tenant."""
+    return f"{caller.label}\0{user}" if user is not None else None
+
+
 def adapter_set_id(adapters: list[tuple[Manifest, float]]) -> str:
     """The multiplexing key of an adapter set: its digests and weights (never empty)."""
     if not adapters:
@@ -137,7 +159,7 @@ def _family_of_base(settings: ServeSettings) -> ModelFamily:
 
 
 def check_limits(request: GenerateRequest, limits: RequestLimits, native_size: int,
-                 family: ModelFamily) -> tuple[int, int, int]:
+                 family: ModelFamily, max_num_images: int | None = None) -> tuple[int, int, int]:
     """(steps, width, height) for the request, or RequestInvalid naming the field. Sizes are multiples
     of both the configured multiple and the family's (Flux: 16)."""
     def fail(field: str, message: str):
@@ -151,8 +173,9 @@ def check_limits(request: GenerateRequest, limits: RequestLimits, native_size: i
     steps = request.steps or limits.default_steps
     if steps > limits.max_steps:
         fail("steps", f"steps must be at most {limits.max_steps}")
-    if request.num_images > limits.max_num_images:
-        fail("num_images", f"num_images must be at most {limits.max_num_images}")
+    most = max(limits.max_num_images, max_num_images or 0)  # async jobs may ask for more
+    if request.num_images > most:
+        fail("num_images", f"num_images must be at most {most}")
     if len(request.adapter_weights()) > limits.max_adapters_per_request:
         fail("adapters", f"at most {limits.max_adapters_per_request} adapters per request")
     if (request.true_cfg_scale or 1.0) > 1.0 and not family.offers_true_cfg:
@@ -223,18 +246,28 @@ class GenerationService:
         self._generating: dict[str, asyncio.Future] = {}  # output key -> the output of the request generating it
         self._in_flight = 0
         self.resident_by_replica: dict[str, Residency] = {}
-        self._max_pending = settings.max_queued_requests + settings.max_ongoing_requests * max(
-            settings.replicas, settings.autoscaling.max_replicas if settings.autoscaling else 1)
+        replicas = max(settings.replicas, settings.autoscaling.max_replicas if settings.autoscaling else 1)
+        self._max_pending = settings.max_queued_requests + settings.max_ongoing_requests * replicas
+        self.tenants = Tenants(settings.tenants)
+        self.jobs = AsyncJobs(registry.store, settings.async_jobs)
+        # With tenants, requests wait at the gateway in one lane each, and only what the replicas can
+        # hold at once goes to them: a freed place goes to the lane served least for its share.
+        self.fair = FairAdmission(settings.max_ongoing_requests * replicas) if self.tenants.enabled else None
 
-    def _resolve(self, request: GenerateRequest) -> list[tuple[str, Manifest, float]]:
+    def _resolve(self, request: GenerateRequest, caller: Caller = OPERATOR,
+                 user: str | None = None) -> list[tuple[str, Manifest, float]]:
         """(ref, manifest, weight) per distinct adapter; naming one adapter twice adds the weights
-        (a LoRA's update is linear in its weight, so this is the same model)."""
+        (a LoRA's update is linear in its weight, so this is the same model). Another tenant's
+        adapter is not found (and never looked up)."""
         merged: dict[str, tuple[str, Manifest, float]] = {}
         field_name = "adapter" if request.adapter is not None else "adapters"
         for index, item in enumerate(request.adapter_weights()):
             field = field_name if request.adapter is not None else f"adapters[{index}].ref"
             try:
-                manifest = self.resolver.resolve(item.ref, field)
+                name = AdapterRef.parse(item.ref, field=field).name
+                if not caller.sees(name):
+                    raise AdapterNotFound(f"no adapter named {name!r}", field=field)
+                manifest = self.resolver.resolve(item.ref, field, key=_caller_key(caller, user))
             except LorafleetError as exc:
                 self.metrics.adapter_load_failures.labels(code=exc.code).inc()
                 raise
@@ -272,15 +305,38 @@ class GenerationService:
             self.family = family_named(health.get("family") or "sd1")
             self.base_fingerprint = health["base_fingerprint"]
 
-    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+    async def generate(self, request: GenerateRequest, caller: Caller = OPERATOR,
+                       user: str | None = None, async_job: bool = False) -> GenerateResponse:
+        """One request; ``user`` (the request's ``user`` field, or the X-Lorafleet-User header) keeps
+        an end user on one version of a canary split."""
+        started = time.perf_counter()
+        resolved: list = []
+        try:
+            response = await self._generate(request, caller, user or request.user, resolved, async_job)
+        except LorafleetError:
+            self.metrics.record_versions([m for _, m, _ in resolved], "error", time.perf_counter() - started)
+            raise
+        self.metrics.record_versions([m for _, m, _ in resolved], "ok", time.perf_counter() - started)
+        return response
+
+    async def _generate(self, request: GenerateRequest, caller: Caller, user: str | None,
+                        resolved: list, async_job: bool) -> GenerateResponse:
         clock = _Stopwatch()
         await self.ensure_base_info()
-        size = check_limits(request, self.settings.limits, self.native_size, self.family)  # before any registry call
+        most = self.settings.async_jobs.max_num_images if async_job else None
+        size = check_limits(request, self.settings.limits, self.native_size, self.family, most)  # before the registry
+        work = request_work(request.num_images, *size)
+        try:
+            self.tenants.admit(caller, work)  # 429 over the tenant's rates
+        except RateLimited:
+            self.metrics.rate_limited.labels(tenant=caller.label).inc()
+            raise
+        self.metrics.record_tenant_request(caller.label, request.num_images, work)
         clock.lap("checks")
-        resolved = await asyncio.to_thread(self._resolve, request)
+        resolved[:] = await asyncio.to_thread(self._resolve, request, caller, user)
         task, seeds = self._task(request, resolved, size)
         clock.lap("resolve")
-        key = self._output_key(request, task)
+        key = self._output_key(request, task, caller)
         cached = await asyncio.to_thread(self._cached_output, key) if key else None
         if cached is None and key in self._generating:  # an identical request is generating: share its output
             cached = await self._shared_output(self._generating[key])
@@ -291,10 +347,10 @@ class GenerationService:
                                                   total_ms=clock.total_ms, batch_images=0, adapter_mode="cache",
                                                   breakdown=clock.laps))
         if not key:
-            return await self._generate_fresh(request, task, resolved, seeds, None, clock)
+            return await self._generate_fresh(request, task, resolved, seeds, None, clock, caller)
         shared = self._generating[key] = asyncio.get_running_loop().create_future()
         try:
-            response = await self._generate_fresh(request, task, resolved, seeds, key, clock)
+            response = await self._generate_fresh(request, task, resolved, seeds, key, clock, caller)
         except asyncio.CancelledError:
             shared.cancel()  # its caller left: those waiting on it generate for themselves
             raise
@@ -318,10 +374,12 @@ class GenerationService:
             raise
 
     async def _generate_fresh(self, request: GenerateRequest, task: GenerationTask, resolved, seeds: list[int],
-                              key: str | None, clock: _Stopwatch) -> GenerateResponse:
-        output = await self._call_backend(task)
+                              key: str | None, clock: _Stopwatch, caller: Caller = OPERATOR) -> GenerateResponse:
+        output = await self._fairly(caller, task)
         clock.lap("backend")
         self.metrics.record_output(output)
+        self.metrics.record_tenant_replica_time(caller.label, output.replica_ms / 1000 * len(task.job.seeds)
+                                                / max(1, output.batch_images))
         self.resident_by_replica[output.replica] = output.resident
         images = await asyncio.to_thread(encode_images, output.images, request.output_format)  # off the event loop
         clock.lap("encode")
@@ -348,12 +406,13 @@ class GenerationService:
             seed=seeds[0], seeds=seeds, timings=timings, cache="hit" if hit else "miss",
             etag=f'"{key}"' if key else None)
 
-    def _output_key(self, request: GenerateRequest, task: GenerationTask) -> str | None:
-        """The output cache's key, for a seeded request that allows caching while the cache is on."""
+    def _output_key(self, request: GenerateRequest, task: GenerationTask, caller: Caller = OPERATOR) -> str | None:
+        """The output cache's key, for a seeded request that allows caching while the cache is on;
+        a tenant's outputs are never another's."""
         if request.seed is None or not request.cache or not self.settings.output_cache.enabled:
             return None
         adapters = [(manifest.digest, weight) for manifest, weight in task.adapters]
-        return output_key(self.base_fingerprint, adapters, task.job, request.output_format)
+        return output_key(self.base_fingerprint, adapters, task.job, request.output_format, tenant=caller.tenant)
 
     def _cached_output(self, key: str) -> CachedOutput | None:
         """The cached output for ``key``, unless an adapter version it used has been yanked since."""
@@ -385,6 +444,20 @@ class GenerationService:
             return checked[0] if checked is not None else True
         self._yank_checks[version.digest] = (served, time.monotonic())
         return served
+
+    async def _fairly(self, caller: Caller, task: GenerationTask) -> GenerationOutput:
+        """The backend call, after waiting for a place in the replicas' fair share (tenants only)."""
+        if self.fair is None:
+            return await self._call_backend(task)
+        try:
+            await self.fair.acquire(caller.label, self.tenants.share(caller), self.tenants.max_queued(caller))
+        except RateLimited:
+            self.metrics.rate_limited.labels(tenant=caller.label).inc()
+            raise
+        try:
+            return await self._call_backend(task)
+        finally:
+            self.fair.release(caller.label)
 
     async def _call_backend(self, task: GenerationTask) -> GenerationOutput:
         if self._in_flight >= self._max_pending:

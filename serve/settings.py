@@ -12,8 +12,10 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from lorafleet.training.service.scheduler import TrainingServiceSettings
 
+from .async_jobs import AsyncJobSettings
 from .auth import configured_tokens
 from .errors import RequestInvalid
+from .tenants import TENANT_PATTERN, TenantSettings
 
 
 class RequestLimits(BaseModel):
@@ -59,6 +61,17 @@ class CacheBudgets(BaseModel):
     host_bytes: int = Field(512 * 1024**2, description="Host-memory tier (state dicts) byte budget.")
     disk_bytes: int = Field(4 * 1024**3, description="Local disk tier byte budget.")
     disk_dir: Path = Field(Path("~/.cache/lorafleet/adapters"), description="Local disk tier directory.")
+    pinned_bytes: int = Field(256 * 1024**2, ge=0, description="Most bytes of adapters pinned (PUT "
+                              "/v1/adapters/NAME/pin) across names; kept in the host tier, whose budget must hold "
+                              "them.")
+    pin_refresh_s: float = Field(5.0, gt=0, le=3600, description="How often a replica reads the pins.")
+
+    @model_validator(mode="after")
+    def _pins_fit_the_host_tier(self) -> "CacheBudgets":
+        if self.pinned_bytes > self.host_bytes:
+            raise ValueError(f"cache.pinned_bytes ({self.pinned_bytes}) is above cache.host_bytes ({self.host_bytes}):"
+                             " pinned adapters live in the host tier")
+        return self
 
 
 class OutputCacheSettings(BaseModel):
@@ -133,11 +146,19 @@ class ServeSettings(BaseSettings):
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503.")
     resolution_ttl_s: float = Field(5.0, ge=0, description="How long an alias resolution is reused.")
     fuse_after: int = Field(0, ge=0, description="Fuse an adapter set served this many times in a row (0: never).")
+    prewarm: list[str] = Field(default_factory=list, max_length=256, description="Adapter refs every replica loads "
+                               "(host tier, and the device tier through one 1-step pass if they fit) before it is "
+                               "ready, at start and after every scale-up; pinned adapters are loaded too.")
     cache: CacheBudgets = Field(default_factory=CacheBudgets)
     output_cache: OutputCacheSettings = Field(default_factory=OutputCacheSettings)
     batching: Batching = Field(default_factory=Batching)
     hotswap: Hotswap | None = Field(None, description="Serve through one compile-safe slot (off: batch mixed sets).")
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict, description="Tenants by name: their "
+                                               "adapter namespaces, rate limits and queue shares (serve/tenants.py)."
+                                               " A token joins one with '@tenant'.")
+    async_jobs: AsyncJobSettings = Field(default_factory=AsyncJobSettings, description="Asynchronous generation "
+                                         "(\"async\": true, or POST /v1/jobs).")
     trainings: TrainingServiceSettings | None = Field(None, description="REST trainings run as Ray jobs (scope "
                                                       "`train`); off when unset.")
     auth_enabled: bool = Field(False, description="Require bearer tokens (on whenever tokens are configured).")
@@ -155,7 +176,14 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _safe_to_listen(self) -> "ServeSettings":
-        configured_tokens(self)  # refuses weak or placeholder tokens at start-up
+        tokens = configured_tokens(self)  # refuses weak or placeholder tokens at start-up
+        for name in self.tenants:
+            if not re.fullmatch(TENANT_PATTERN, name):
+                raise ValueError(f"tenants: {name!r} is not a tenant name (lowercase letters, digits, - and _)")
+        unknown = sorted({e.tenant for e in tokens if e.tenant and e.tenant not in self.tenants})
+        if unknown:
+            raise ValueError(f"api_tokens: tokens name tenants that are not configured: {unknown} (tenants: "
+                             f"{sorted(self.tenants) or 'none'})")
         if not self.auth_required and not self.insecure_no_auth and not is_loopback(self.host):
             raise ValueError(f"host {self.host!r} is not a loopback address and auth is off: configure tokens "
                              "(api_tokens / tokens_file) or pass --insecure-no-auth (insecure_no_auth: true)")

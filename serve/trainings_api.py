@@ -55,7 +55,9 @@ class DatasetUri(BaseModel):
     uri: str = Field(max_length=2048)
 
 
-def install_training_routes(app: FastAPI, trainings: TrainingService | None, scope: list, responses: dict) -> None:
+def install_training_routes(app: FastAPI, trainings: TrainingService | None, scope: list, responses: dict,
+                            caller_of) -> None:
+    """``caller_of(request)`` says who calls: a tenant sees and submits only its own trainings."""
     digest_path = Path(pattern=f"^{DIGEST_PATTERN}$")
     id_path = Path(pattern=f"^{ID_PATTERN}$")
 
@@ -83,40 +85,40 @@ def install_training_routes(app: FastAPI, trainings: TrainingService | None, sco
 
     @app.post("/v1/trainings", status_code=202, response_model=TrainingView, responses=responses,
               dependencies=scope)
-    async def submit_training(body: TrainingRequest) -> JSONResponse:
-        record = await asyncio.to_thread(service().submit, body)
+    async def submit_training(body: TrainingRequest, request: Request) -> JSONResponse:
+        record = await asyncio.to_thread(service().submit, body, caller_of(request))
         return JSONResponse(TrainingView.of(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/v1/trainings/{record.id}"})
 
     @app.get("/v1/trainings", response_model=list[TrainingView], responses=responses, dependencies=scope)
-    async def list_trainings(state: TrainingState | None = None,
+    async def list_trainings(request: Request, state: TrainingState | None = None,
                              name: Annotated[str | None, Query(max_length=64)] = None,
                              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[TrainingView]:
-        records = await asyncio.to_thread(service().list, state, name, limit)
+        records = await asyncio.to_thread(service().list, state, name, limit, caller_of(request).tenant)
         return [TrainingView.of(r) for r in records]
 
     @app.get("/v1/trainings/{training_id}", response_model=TrainingView, responses=responses, dependencies=scope)
-    async def show_training(training_id: str = id_path) -> TrainingView:
-        return TrainingView.of(await asyncio.to_thread(service().get, training_id))
+    async def show_training(request: Request, training_id: str = id_path) -> TrainingView:
+        return TrainingView.of(await asyncio.to_thread(service().get, training_id, caller_of(request).tenant))
 
     @app.delete("/v1/trainings/{training_id}", status_code=202, response_model=TrainingView, responses=responses,
                 dependencies=scope)
-    async def cancel_training(training_id: str = id_path) -> TrainingView:
-        return TrainingView.of(await asyncio.to_thread(service().cancel, training_id))
+    async def cancel_training(request: Request, training_id: str = id_path) -> TrainingView:
+        return TrainingView.of(await asyncio.to_thread(service().cancel, training_id, caller_of(request).tenant))
 
     @app.get("/v1/trainings/{training_id}/validation.png", response_class=Response,
              responses={**PNG_RESPONSE, **responses}, dependencies=scope)
-    async def validation_grid(training_id: str = id_path) -> Response:
-        png = await asyncio.to_thread(service().validation_png, training_id)
+    async def validation_grid(request: Request, training_id: str = id_path) -> Response:
+        png = await asyncio.to_thread(service().validation_png, training_id, caller_of(request).tenant)
         if png is None:
             raise TrainingNotFound(f"training {training_id} has no validation grid yet", field="id")
         return Response(png, media_type="image/png")
 
     @app.get("/v1/trainings/{training_id}/events", response_class=StreamingResponse,
              responses={**SSE_RESPONSE, **responses}, dependencies=scope)
-    async def training_events(training_id: str = id_path,
+    async def training_events(request: Request, training_id: str = id_path,
                               last_event_id: Annotated[str | None, Header(max_length=64)] = None):
-        record = await asyncio.to_thread(service().get, training_id)  # 404 before the stream starts
+        record = await asyncio.to_thread(service().get, training_id, caller_of(request).tenant)  # 404 first
         return StreamingResponse(_event_stream(service(), record.id, _cursor(last_event_id)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

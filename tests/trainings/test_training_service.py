@@ -27,6 +27,7 @@ import pytest
 from lorafleet.devtools.shapes import write_shapes_folder
 from lorafleet.local_cluster import free_port
 from lorafleet.registry import AdapterRegistry
+from lorafleet.registry.errors import AdapterNotFound
 from lorafleet.serve.server import serving_in_thread
 from lorafleet.serve.settings import load_settings
 from lorafleet.training.service.webhooks import verify_signature
@@ -81,6 +82,14 @@ def _upload(client, dataset_tar) -> str:
     response = client.post("/v1/datasets", content=dataset_tar[1], headers={"Content-Type": "application/gzip"})
     assert response.status_code == 201, response.text
     return response.json()["digest"]
+
+
+def _training_under_way(client, dataset_tar, steps: int, name: str) -> dict:
+    """Upload, submit, and return once the Ray job has trained a step."""
+    training = client.post("/v1/trainings", json={"config": _config(steps), "dataset": _upload(client, dataset_tar),
+                                                  "publish": {"name": name}}).json()
+    _wait(client, training["id"], lambda r: r["step"] > 0)
+    return training
 
 
 def _wait(client, training_id, until, timeout_s=240) -> dict:
@@ -182,10 +191,7 @@ def test_cancel_mid_run_stops_the_ray_job_and_publishes_nothing(cluster, registr
     from ray.job_submission import JobSubmissionClient
 
     with gateway(registry_uri, cluster) as client:
-        digest = _upload(client, dataset_tar)
-        training = client.post("/v1/trainings", json={"config": _config(5000), "dataset": digest,
-                                                      "publish": {"name": "svc-cancelled"}}).json()
-        _wait(client, training["id"], lambda r: r["step"] > 0)
+        training = _training_under_way(client, dataset_tar, 5000, "svc-cancelled")
         cancelled = client.delete(f"/v1/trainings/{training['id']}")
         assert cancelled.status_code == 202 and cancelled.json()["cancel_requested"]
         final = _wait(client, training["id"], lambda r: r["state"] in ("cancelled", "failed", "succeeded"), 120)
@@ -193,18 +199,13 @@ def test_cancel_mid_run_stops_the_ray_job_and_publishes_nothing(cluster, registr
         assert client.delete(f"/v1/trainings/{training['id']}").status_code == 409
     status = JobSubmissionClient(cluster).get_job_status(training["id"])
     assert str(status).split(".")[-1] in ("STOPPED", "FAILED")
-    from lorafleet.registry.errors import AdapterNotFound
-
     with pytest.raises(AdapterNotFound):
         AdapterRegistry(registry_uri).list("svc-cancelled")
 
 
 def test_a_restarted_gateway_recovers_the_training_and_it_finishes(cluster, registry_uri, dataset_tar):
     with gateway(registry_uri, cluster) as client:
-        digest = _upload(client, dataset_tar)
-        training = client.post("/v1/trainings", json={"config": _config(120), "dataset": digest,
-                                                      "publish": {"name": "svc-restarted"}}).json()
-        _wait(client, training["id"], lambda r: r["step"] > 0)
+        training = _training_under_way(client, dataset_tar, 120, "svc-restarted")
     # The gateway is gone; the Ray job trains on. A new gateway reads the record and reconciles.
     with gateway(registry_uri, cluster) as client:
         listed = client.get("/v1/trainings").json()

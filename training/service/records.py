@@ -1,6 +1,7 @@
 """Durable training records and their jobs' event streams, in the registry's storage.
 
     trainings/records/<id>.json                 the record (the gateway writes it, compare-and-swap)
+    trainings/active/<id>                       present while it is queued or running (what gateways poll)
     trainings/runs/<id>/events/<seq>.json       the job's events (the job writes them, create-once)
     trainings/runs/<id>/validation/<step>.png   validation grids (the job)
 
@@ -25,6 +26,7 @@ from lorafleet.registry.storage import ObjectExists, ObjectStore, PreconditionFa
 from ..errors import TrainingNotFound
 
 RECORDS = "trainings/records/"
+ACTIVE = "trainings/active/"
 RUNS = "trainings/runs/"
 ID_PATTERN = r"tr-[0-9a-f]{20}"
 RECENT_LOSSES = 50
@@ -215,6 +217,8 @@ class TrainingRecords:
     # ------------------------------------------------------------------ records
     def create(self, record: TrainingRecord) -> TrainingRecord:
         record.history = record.history or [Transition(state=record.state, at=record.created_at)]
+        if not record.state.terminal:
+            self.store.create(f"{ACTIVE}{record.id}", b"")
         self.store.create(f"{RECORDS}{record.id}.json", record.model_dump_json().encode())
         return record
 
@@ -247,6 +251,22 @@ class TrainingRecords:
             stored = self.store.read(info.key)
             if stored is not None:
                 yield TrainingRecord.model_validate_json(stored.data)
+
+    def active(self) -> Iterator[TrainingRecord]:
+        """Queued and running trainings only (a marker each; a stale marker is removed)."""
+        for info in self.store.list(ACTIVE):
+            training_id = info.key.rsplit("/", 1)[1]
+            try:
+                record = self.read(training_id)
+            except TrainingNotFound:
+                continue  # the marker is written first: its record is being created
+            if record.state.terminal:
+                self.finished(training_id)
+            else:
+                yield record
+
+    def finished(self, training_id: str) -> None:
+        self.store.delete(f"{ACTIVE}{training_id}")
 
     # ------------------------------------------------------------------ the job's side
     def append_event(self, training_id: str, event: JobEvent) -> JobEvent:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lorafleet.registry.storage import ObjectStore
 
 from ..config import TrainConfig
-from ..errors import DatasetNotFound, TrainingInputInvalid, TrainingStateConflict, TrainingsUnavailable
+from ..errors import (
+    DatasetNotFound,
+    TrainingInputInvalid,
+    TrainingNotFound,
+    TrainingStateConflict,
+    TrainingsUnavailable,
+)
 from .datasets import DatasetLimits, DatasetReport, DatasetStore, check_digest
 from .records import (
     RECENT_LOSSES,
@@ -55,7 +62,7 @@ class TrainingServiceSettings(BaseModel):
     ray_token_env: str = Field("LORAFLEET_TRAINING_RAY_TOKEN", description="Environment variable holding the "
                                "training cluster's Ray token (when set; else this process's own Ray token).")
     max_concurrent: int = Field(1, ge=1, le=1000, description="Training jobs running at once; the rest queue, "
-                                "oldest first.")
+                                "oldest first, a tenant with fewer running first.")
     poll_s: float = Field(1.0, gt=0, le=60, description="How often each gateway reconciles trainings with Ray.")
     vanished_grace_s: float = Field(120.0, ge=0, description="A running training whose Ray job is unknown this "
                                     "long after its start is failed (resubmitted before that).")
@@ -127,19 +134,26 @@ class TrainingService:
         return self.datasets.report(check_digest(digest))
 
     # ------------------------------------------------------------------ trainings
-    def submit(self, request: TrainingRequest, tenant: str | None = None) -> TrainingRecord:
+    def submit(self, request: TrainingRequest, caller=None) -> TrainingRecord:
+        """Queue a training; ``caller`` (a serve Caller: tenant and namespaces) must own the name."""
         config = validated_config(request.config)
         publish = request.publish or (PublishTarget(name=config.publish.name, aliases=config.publish.aliases)
                                       if config.publish.name else None)
         if publish is None:
             raise TrainingInputInvalid("name the adapter to publish: publish.name (or config.publish.name)",
                                        field="publish.name")
+        if caller is not None and not caller.sees(publish.name):
+            raise TrainingInputInvalid(f"{publish.name!r} is outside this tenant's namespaces "
+                                       f"({', '.join(p + '*' for p in caller.namespaces)})", field="publish.name")
+        tenant = caller.tenant if caller is not None else None
         try:
             self.datasets.report(request.dataset)
         except DatasetNotFound as exc:
             raise TrainingInputInvalid(f"no dataset {request.dataset}; upload it with POST /v1/datasets",
                                        field="dataset") from exc
-        record = TrainingRecord(id=new_training_id(), tenant=tenant, config=config.model_dump(mode="json"),
+        stored = config.model_dump(mode="json", exclude={"output_dir"})
+        stored["data"].pop("path")  # the job's own: the dataset, fetched by digest
+        record = TrainingRecord(id=new_training_id(), tenant=tenant, config=stored,
                                 dataset=request.dataset, publish=publish, max_steps=config.max_steps,
                                 resources=request.resources or self.settings.default_resources,
                                 webhook=request.webhook)
@@ -148,16 +162,22 @@ class TrainingService:
         self.wake()
         return record
 
-    def get(self, training_id: str) -> TrainingRecord:
-        return self.records.read(training_id)
+    def get(self, training_id: str, tenant: str | None = None) -> TrainingRecord:
+        """The training; another tenant's is not found (``tenant`` None: an operator's view)."""
+        record = self.records.read(training_id)
+        if tenant is not None and record.tenant != tenant:
+            raise TrainingNotFound(f"no training {training_id}", field="id")
+        return record
 
-    def list(self, state: TrainingState | None = None, name: str | None = None,
-             limit: int = 100) -> list[TrainingRecord]:
+    def list(self, state: TrainingState | None = None, name: str | None = None, limit: int = 100,
+             tenant: str | None = None) -> list[TrainingRecord]:
         found = [r for r in self.records.all() if (state is None or r.state == state)
-                 and (name is None or r.publish.name == name)]
+                 and (name is None or r.publish.name == name) and (tenant is None or r.tenant == tenant)]
         return sorted(found, key=lambda r: r.created_at, reverse=True)[:limit]
 
-    def cancel(self, training_id: str) -> TrainingRecord:
+    def cancel(self, training_id: str, tenant: str | None = None) -> TrainingRecord:
+        self.get(training_id, tenant)
+
         def request_cancel(record: TrainingRecord) -> bool:
             if record.state.terminal:
                 raise TrainingStateConflict(f"training {training_id} is already {record.state.value}", field="id")
@@ -173,8 +193,8 @@ class TrainingService:
     def events(self, training_id: str, after: int = -1) -> list[JobEvent]:
         return self.records.events(training_id, after)
 
-    def validation_png(self, training_id: str) -> bytes | None:
-        record = self.records.read(training_id)
+    def validation_png(self, training_id: str, tenant: str | None = None) -> bytes | None:
+        record = self.get(training_id, tenant)
         return self.records.validation_png(training_id, record.validation.key) if record.validation else None
 
     # ------------------------------------------------------------------ the loop
@@ -210,14 +230,19 @@ class TrainingService:
         if self.runner is None:
             return
         with self._tick_lock:
-            active = [r for r in self.records.all() if not r.state.terminal]
-            running = [self._reconcile(r) for r in active if r.state == TrainingState.running]
-            busy = sum(1 for r in running if r is not None and r.state == TrainingState.running)
-            for record in sorted((r for r in active if r.state == TrainingState.queued), key=lambda r: r.created_at):
-                if record.cancel_requested:
-                    self._move(record.id, TrainingState.queued, TrainingState.cancelled, "cancelled while queued")
-                elif busy < self.settings.max_concurrent and self._start(record):
-                    busy += 1
+            active = list(self.records.active())
+            reconciled = [self._reconcile(r) for r in active if r.state == TrainingState.running]
+            running = Counter(r.tenant for r in reconciled if r is not None and r.state == TrainingState.running)
+            queued = [r for r in active if r.state == TrainingState.queued]
+            for record in [r for r in queued if r.cancel_requested]:
+                self._move(record.id, TrainingState.queued, TrainingState.cancelled, "cancelled while queued")
+            queued = [r for r in queued if not r.cancel_requested]
+            while queued and sum(running.values()) < self.settings.max_concurrent:
+                # Oldest first, but a tenant with fewer trainings running goes before one with more.
+                record = min(queued, key=lambda r: (running[r.tenant], r.created_at))
+                queued.remove(record)
+                if self._start(record):
+                    running[record.tenant] += 1
 
     def _start(self, record: TrainingRecord) -> bool:
         claimed = self._move(record.id, TrainingState.queued, TrainingState.running, "submitted as a Ray job",
@@ -294,6 +319,8 @@ class TrainingService:
 
         moved = self.records.update(training_id, move)
         if moved is not None:
+            if state.terminal:
+                self.records.finished(training_id)
             self._announce(moved)
         return moved
 
