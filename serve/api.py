@@ -367,7 +367,7 @@ def _pin(service: GenerationService, name: str, version: int | None) -> PinRecor
     version = version or registry.resolve(name).version
     size = registry.resolve(f"{name}@{version}").size
     others = sum(pin.size for pin in registry.pins() if pin.name != name)
-    budget = service.settings.cache.pinned_bytes
+    budget = service.settings.cache.pinned_budget
     if others + size > budget:
         raise PinBudgetExceeded(f"pinning {name}@{version} ({size} bytes) would keep {others + size} bytes pinned; "
                                 f"cache.pinned_bytes is {budget}", field="version")

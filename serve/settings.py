@@ -61,14 +61,18 @@ class CacheBudgets(BaseModel):
     host_bytes: int = Field(512 * 1024**2, description="Host-memory tier (state dicts) byte budget.")
     disk_bytes: int = Field(4 * 1024**3, description="Local disk tier byte budget.")
     disk_dir: Path = Field(Path("~/.cache/lorafleet/adapters"), description="Local disk tier directory.")
-    pinned_bytes: int = Field(256 * 1024**2, ge=0, description="Most bytes of adapters pinned (PUT "
-                              "/v1/adapters/NAME/pin) across names; kept in the host tier, whose budget must hold "
-                              "them.")
+    pinned_bytes: int | None = Field(None, ge=0, description="Most bytes of adapters pinned (PUT "
+                                     "/v1/adapters/NAME/pin) across names, kept in the host tier, whose budget must "
+                                     "hold them (default: half of host_bytes).")
     pin_refresh_s: float = Field(5.0, gt=0, le=3600, description="How often a replica reads the pins.")
+
+    @property
+    def pinned_budget(self) -> int:
+        return self.pinned_bytes if self.pinned_bytes is not None else self.host_bytes // 2
 
     @model_validator(mode="after")
     def _pins_fit_the_host_tier(self) -> "CacheBudgets":
-        if self.pinned_bytes > self.host_bytes:
+        if self.pinned_bytes is not None and self.pinned_bytes > self.host_bytes:
             raise ValueError(f"cache.pinned_bytes ({self.pinned_bytes}) is above cache.host_bytes ({self.host_bytes}):"
                              " pinned adapters live in the host tier")
         return self

@@ -22,6 +22,7 @@ def add_commands(subparsers) -> None:
     from . import (
         autoscale_bench,
         concepts_bench,
+        multiteam_bench,
         registry_bench,
         reliability_report,
         serve_bench,
@@ -36,6 +37,8 @@ def add_commands(subparsers) -> None:
     train_bench.add_arguments(benches.add_parser("train", help="training speed/memory vs a plain diffusers loop"))
     trainings_bench.add_arguments(benches.add_parser(
         "trainings", help="data to first served image: the training service's API vs the CLI (toy)"))
+    multiteam_bench.add_arguments(benches.add_parser(
+        "multiteam", help="tenants' fairness under a flood, a canary split's share, pre-warm vs cold (tiny)"))
     autoscale_bench.add_arguments(benches.add_parser("autoscale", help="Ray Serve autoscaling under a burst"))
     reliability_report.add_arguments(benches.add_parser(
         "reliability", help="run the reliability tests and write docs/reliability.md (--soak: longer)"))

@@ -1,0 +1,150 @@
+"""`lorafleet bench multiteam`: several teams on one server, through its HTTP API (tiny base).
+
+- Fairness: tenant A floods at 5x the replicas' capacity while tenant B sends one request at a
+  time; B's p50/p95 against B alone, with tenants (one fair lane each) and without (one queue).
+- Canary: an alias split 90/10 over 1,000 sticky caller keys (the observed share of the canary).
+- Pre-warm: the first request with an adapter on a fresh server, cold vs pre-warmed, in rounds.
+"""
+
+from __future__ import annotations
+
+# Imports inside functions: each benchmark's heavy imports wait for its run.
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+from lorafleet.text_table import format_table
+
+from . import positive_int
+
+A_TOKEN, B_TOKEN = "a" * 40, "b" * 40
+TENANTS = {"team-a": {"namespaces": ["a-"]}, "team-b": {"namespaces": ["b-"]}}
+
+
+def _settings(registry: str, workdir: Path, tenants: bool, capacity: int, **extra):
+    from lorafleet.local_cluster import free_port
+    from lorafleet.serve.settings import ServeSettings
+
+    tokens = (f"{A_TOKEN}=generate@team-a,{B_TOKEN}=generate@team-b" if tenants
+              else f"{A_TOKEN}=generate,{B_TOKEN}=generate")
+    return ServeSettings(base="tiny", registry=registry, port=free_port(), api_tokens=tokens,
+                         tenants=TENANTS if tenants else {}, max_ongoing_requests=capacity,
+                         max_queued_requests=1000, batching={"max_batch_images": capacity},
+                         output_cache={"enabled": False}, cache={"disk_dir": str(workdir / "cache")}, **extra)
+
+
+def _request(client: httpx.Client, token: str, steps: int, seed: int, adapter: str | None = None) -> float:
+    started = time.perf_counter()
+    body = {"prompt": "a red circle", "steps": steps, "seed": seed, **({"adapter": adapter} if adapter else {})}
+    response = client.post("/v1/generate", json=body, headers={"Authorization": f"Bearer {token}"})
+    response.raise_for_status()
+    return time.perf_counter() - started
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+
+
+def fairness(registry: str, workdir: Path, tenants: bool, capacity: int, requests: int, steps: int) -> dict:
+    from lorafleet.serve.server import serving_in_thread
+
+    with serving_in_thread(_settings(registry, workdir, tenants, capacity)) as url, \
+            httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=256)) as client:
+        for seed in range(3):  # warm-up
+            _request(client, B_TOKEN, steps, seed)
+        alone = [_request(client, B_TOKEN, steps, 100 + i) for i in range(requests)]
+        stop, flood_done = threading.Event(), Counter()
+
+        def flood(index: int) -> None:
+            seed = 10_000 * (index + 1)
+            while not stop.is_set():
+                seed += 1
+                _request(client, A_TOKEN, steps, seed)
+                flood_done["a"] += 1
+
+        threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(5 * capacity)]
+        for thread in threads:
+            thread.start()
+        time.sleep(2.0)  # the flood fills the queue
+        loaded = [_request(client, B_TOKEN, steps, 500 + i) for i in range(requests)]
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=600)
+    (alone_p50, alone_p95), (loaded_p50, loaded_p95) = _percentiles(alone), _percentiles(loaded)
+    return {"queueing": "fair lane per tenant" if tenants else "one queue", "B alone p50 s": round(alone_p50, 3),
+            "B alone p95 s": round(alone_p95, 3), "B under A's flood p50 s": round(loaded_p50, 3),
+            "B under A's flood p95 s": round(loaded_p95, 3), "p95 ratio": round(loaded_p95 / alone_p95, 2),
+            "A requests served": flood_done["a"]}
+
+
+def canary_share(registry_uri: str, keys: int) -> dict:
+    from lorafleet.registry import AdapterRegistry
+
+    registry = AdapterRegistry(registry_uri)
+    registry.split_alias("a-style", "prod", {1: 0.9, 2: 0.1})
+    record = registry.alias_record("a-style", "prod")
+    served = Counter(record.version_for(f"team-a\0user-{i}") for i in range(keys))
+    return {"keys": keys, "weights": "v1 0.9, v2 0.1", "observed v2 share": round(served[2] / keys, 4)}
+
+
+def prewarm_latency(registry: str, workdir: Path, rounds: int, steps: int) -> list[dict]:
+    from lorafleet.serve.server import serving_in_thread
+
+    rows = []
+    for index in range(rounds):
+        for warm in ((False, True) if index % 2 == 0 else (True, False)):
+            extra = {"prewarm": ["a-style@1"]} if warm else {}
+            started = time.perf_counter()
+            with serving_in_thread(_settings(registry, workdir / f"p{index}{warm}", True, 4, **extra)) as url, \
+                    httpx.Client(base_url=url, timeout=600) as client:
+                ready_s = time.perf_counter() - started
+                first = _request(client, A_TOKEN, steps, 1, adapter="a-style@1")
+            rows.append({"round": index + 1, "prewarm": warm, "ready s": round(ready_s, 3),
+                         "first request s": round(first, 4)})
+    return rows
+
+
+def _publish(registry_uri: str) -> None:
+    from lorafleet.bases import base_spec
+    from lorafleet.registry import AdapterRegistry, PublishRequest
+    from lorafleet.synthetic import synthetic_lora
+
+    registry, spec = AdapterRegistry(registry_uri), base_spec("tiny")
+    for seed in (1, 2):
+        registry.publish_payload(synthetic_lora(spec, seed=seed), PublishRequest(name="a-style", base=spec,
+                                                                                 aliases=["prod"]))
+
+
+def cmd_bench_multiteam(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="lorafleet-bench-multiteam-") as folder:
+        workdir = Path(folder)
+        registry = f"file://{workdir / 'registry'}"
+        _publish(registry)
+        fair = [fairness(registry, workdir, tenants, args.capacity, args.requests, args.steps)
+                for tenants in (True, False)]
+        canary = canary_share(registry, 1000)
+        warm = prewarm_latency(registry, workdir, args.rounds, args.steps)
+    print(format_table(fair))
+    print(format_table([canary]))
+    print(format_table(warm))
+    cold = statistics.median(r["first request s"] for r in warm if not r["prewarm"])
+    hot = statistics.median(r["first request s"] for r in warm if r["prewarm"])
+    print(f"first request with the adapter: cold {cold * 1000:.1f} ms, pre-warmed {hot * 1000:.1f} ms "
+          f"({cold / hot:.2f}x)")
+    print(json.dumps({"fairness": fair, "canary": canary, "prewarm": warm}, indent=2))
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--capacity", type=positive_int, default=4, help="max_ongoing_requests of the one replica")
+    parser.add_argument("--requests", type=positive_int, default=20, help="tenant B's requests per scenario")
+    parser.add_argument("--steps", type=positive_int, default=4)
+    parser.add_argument("--rounds", type=positive_int, default=2, help="pre-warm rounds (cold and warm each)")
+    parser.set_defaults(handler=cmd_bench_multiteam)

@@ -1,0 +1,115 @@
+"""The Serve app on a real two-node Ray cluster on this machine (ray.cluster_utils.Cluster: a head
+and a worker raylet, each with its own CPU), the registry on a real S3 server shared by both:
+
+- one generator replica on each node;
+- multiplexed routing keeps an adapter set on the replica that holds it, across nodes;
+- the worker node removed mid-traffic: only requests in flight on it fail, each with 503 and
+  Retry-After (none hangs), and the rest keep flowing on the head node's replica.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, defaultdict
+
+import httpx
+import pytest
+from helpers import S3_BUCKET, publish_lora
+from serve_setup import PROMPT
+
+from lorafleet.local_cluster import free_port, secure_local_ray
+from lorafleet.registry import AdapterRegistry
+from lorafleet.serve.settings import ServeSettings
+
+pytestmark = pytest.mark.slow
+ADMIN = "admin-token-0123456789abcdef0123456789"
+
+
+@pytest.fixture(scope="module")
+def two_nodes(seaweed, tiny_spec, tmp_path_factory):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from lorafleet.serve.server import start_server
+
+    root = tmp_path_factory.mktemp("multinode")
+    registry = AdapterRegistry(f"s3://{S3_BUCKET}/multinode")
+    for index in range(4):
+        publish_lora(registry, tiny_spec, root, name=f"node-look{index}", seed=index, aliases=["prod"])
+    secure_local_ray()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    settings = ServeSettings(base="tiny", registry=registry.uri, port=free_port(), replicas=2, replica_num_cpus=1,
+                             api_tokens=f"{ADMIN}=admin", request_timeout_s=60, retry_after_s=2,
+                             output_cache={"enabled": False}, cache={"disk_dir": str(root / "cache")})
+    server = start_server(settings)
+    try:
+        yield server.url, cluster, worker
+    finally:
+        server.stop()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _generate(client: httpx.Client, adapter: str, seed: int) -> httpx.Response:
+    return client.post("/v1/generate", json={"prompt": PROMPT, "adapter": adapter, "steps": 2, "seed": seed},
+                       headers={"Authorization": f"Bearer {ADMIN}"})
+
+
+def _replica_nodes() -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if "Generator" in (a.class_name or "")}
+
+
+def test_replicas_on_both_nodes_keep_their_adapter_sets_and_survive_losing_one(two_nodes):
+    url, cluster, worker = two_nodes
+    assert len(_replica_nodes()) == 2
+    with httpx.Client(base_url=url, timeout=90) as client:
+        served_by = defaultdict(Counter)
+        for round_ in range(3):
+            for index in range(4):
+                response = _generate(client, f"node-look{index}:prod", round_ * 10 + index)
+                assert response.status_code == 200, response.text
+                served_by[index][response.json()["replica"]] += 1
+        assert len({replica for counts in served_by.values() for replica in counts}) == 2  # both replicas serve
+        for counts in served_by.values():  # each set stays where it is held (multiplexed routing)
+            assert counts.most_common(1)[0][1] >= 2, dict(served_by)
+
+        outcomes: list[tuple[int | str, float, str | None]] = []
+        stop = threading.Event()
+
+        def traffic(index: int) -> None:
+            seed = 1000 * (index + 1)
+            while not stop.is_set():
+                seed += 1
+                started = time.monotonic()
+                try:
+                    response = _generate(client, f"node-look{index % 4}:prod", seed)
+                    outcomes.append((response.status_code, time.monotonic() - started,
+                                     response.headers.get("Retry-After")))
+                except httpx.TimeoutException:
+                    outcomes.append(("timeout", time.monotonic() - started, None))
+
+        threads = [threading.Thread(target=traffic, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        removed_at = len(outcomes)
+        cluster.remove_node(worker)
+        time.sleep(12)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+
+    after = outcomes[removed_at:]
+    assert all(status != "timeout" for status, _, _ in outcomes), outcomes
+    failures = [(status, retry) for status, _, retry in after if status != 200]
+    assert all(status == 503 and retry for status, retry in failures), failures
+    assert len(failures) <= 8, failures  # at most the requests in flight on the lost replica
+    assert sum(1 for status, _, _ in after[len(failures):] if status == 200) >= 4  # the head's replica serves on
+    assert len(_replica_nodes()) == 1
