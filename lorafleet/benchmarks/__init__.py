@@ -5,6 +5,7 @@ from __future__ import annotations
 # Imports inside functions: every benchmark's arguments are added when the parser is built; its
 # heavy imports wait for its run.
 import argparse
+import multiprocessing
 
 
 def positive_int(text: str) -> int:
@@ -16,6 +17,18 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def in_fresh_process(target, *args) -> dict:
+    """``target(*args, queue)`` in a spawned process; what it put on the queue. A run's threads and
+    memory are its own (a torch thread left alive by an earlier run slows OpenMP in later ones)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get(timeout=3600)
+    process.join()
+    return result
 
 
 def add_commands(subparsers) -> None:

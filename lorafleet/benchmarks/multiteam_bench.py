@@ -1,7 +1,9 @@
 """`lorafleet bench multiteam`: several teams on one server, through its HTTP API (tiny base).
 
 - Fairness: tenant A floods at 5x the replicas' capacity while tenant B sends one request at a
-  time; B's p50/p95 against B alone, with tenants (one fair lane each) and without (one queue).
+  time; B's p50/p95 against B alone, with tenants (one fair lane each) and without (one queue),
+  and B's p95 counted in full passes (a pass of `capacity` images under the flood): 2 means B
+  waited one pass and then rode the next one.
 - Canary: an alias split 90/10 over 1,000 sticky caller keys (the observed share of the canary).
 - Pre-warm: the first request with an adapter on a fresh server, cold vs pre-warmed, in rounds.
 """
@@ -21,7 +23,7 @@ import httpx
 
 from lorafleet.text_table import format_table
 
-from . import positive_int
+from . import in_fresh_process, positive_int
 
 A_TOKEN, B_TOKEN = "a" * 40, "b" * 40
 TENANTS = {"team-a": {"namespaces": ["a-"]}, "team-b": {"namespaces": ["b-"]}}
@@ -39,11 +41,14 @@ def _settings(registry: str, workdir: Path, tenants: bool, capacity: int, **extr
                          output_cache={"enabled": False}, cache={"disk_dir": str(workdir / "cache")}, **extra)
 
 
-def _request(client: httpx.Client, token: str, steps: int, seed: int, adapter: str | None = None) -> float:
+def _request(client: httpx.Client, token: str, steps: int, seed: int, adapter: str | None = None,
+             passes: list | None = None) -> float:
     started = time.perf_counter()
     body = {"prompt": "a red circle", "steps": steps, "seed": seed, **({"adapter": adapter} if adapter else {})}
     response = client.post("/v1/generate", json=body, headers={"Authorization": f"Bearer {token}"})
     response.raise_for_status()
+    if passes is not None:
+        passes.append(response.json()["timings"]["generation_ms"] / 1000)
     return time.perf_counter() - started
 
 
@@ -52,7 +57,7 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
 
 
-def fairness(registry: str, workdir: Path, tenants: bool, capacity: int, requests: int, steps: int) -> dict:
+def fairness(registry: str, workdir: Path, tenants: bool, capacity: int, requests: int, steps: int, queue) -> None:
     from lorafleet.serve.server import serving_in_thread
 
     with serving_in_thread(_settings(registry, workdir, tenants, capacity)) as url, \
@@ -60,13 +65,13 @@ def fairness(registry: str, workdir: Path, tenants: bool, capacity: int, request
         for seed in range(3):  # warm-up
             _request(client, B_TOKEN, steps, seed)
         alone = [_request(client, B_TOKEN, steps, 100 + i) for i in range(requests)]
-        stop, flood_done = threading.Event(), Counter()
+        stop, flood_done, passes = threading.Event(), Counter(), []
 
         def flood(index: int) -> None:
             seed = 10_000 * (index + 1)
             while not stop.is_set():
                 seed += 1
-                _request(client, A_TOKEN, steps, seed)
+                _request(client, A_TOKEN, steps, seed, passes=passes)
                 flood_done["a"] += 1
 
         threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(5 * capacity)]
@@ -78,10 +83,12 @@ def fairness(registry: str, workdir: Path, tenants: bool, capacity: int, request
         for thread in threads:
             thread.join(timeout=600)
     (alone_p50, alone_p95), (loaded_p50, loaded_p95) = _percentiles(alone), _percentiles(loaded)
-    return {"queueing": "fair lane per tenant" if tenants else "one queue", "B alone p50 s": round(alone_p50, 3),
+    full_pass = statistics.median(passes)  # a pass under the flood: capacity images
+    queue.put({"queueing": "fair lane per tenant" if tenants else "one queue", "B alone p50 s": round(alone_p50, 3),
             "B alone p95 s": round(alone_p95, 3), "B under A's flood p50 s": round(loaded_p50, 3),
             "B under A's flood p95 s": round(loaded_p95, 3), "p95 ratio": round(loaded_p95 / alone_p95, 2),
-            "A requests served": flood_done["a"]}
+            "full pass s": round(full_pass, 3), "B p95 in full passes": round(loaded_p95 / full_pass, 2),
+            "A requests served": flood_done["a"]})
 
 
 def canary_share(registry_uri: str, keys: int) -> dict:
@@ -94,24 +101,29 @@ def canary_share(registry_uri: str, keys: int) -> dict:
     return {"keys": keys, "weights": "v1 0.9, v2 0.1", "observed v2 share": round(served[2] / keys, 4)}
 
 
-def prewarm_latency(registry: str, workdir: Path, rounds: int, steps: int) -> list[dict]:
+def first_request(registry: str, workdir: str, base: str, warm: bool, steps: int, queue) -> None:
+    """A fresh server on ``base``: seconds to ready, then the first request with the adapter."""
     from lorafleet.serve.server import serving_in_thread
 
+    extra = {"prewarm": [f"a-{base}@1"]} if warm else {}
+    started = time.perf_counter()
+    settings = _settings(registry, Path(workdir), True, 4, **extra).model_copy(update={"base": base})
+    with serving_in_thread(settings) as url, httpx.Client(base_url=url, timeout=600) as client:
+        ready_s = time.perf_counter() - started
+        first = _request(client, A_TOKEN, steps, 1, adapter=f"a-{base}@1")
+    queue.put({"prewarm": warm, "ready s": round(ready_s, 3), "first request s": round(first, 4)})
+
+
+def prewarm_latency(registry: str, workdir: Path, base: str, rounds: int, steps: int) -> list[dict]:
     rows = []
-    for index in range(rounds):
+    for index in range(rounds):  # interleaved: cold, warm; warm, cold
         for warm in ((False, True) if index % 2 == 0 else (True, False)):
-            extra = {"prewarm": ["a-style@1"]} if warm else {}
-            started = time.perf_counter()
-            with serving_in_thread(_settings(registry, workdir / f"p{index}{warm}", True, 4, **extra)) as url, \
-                    httpx.Client(base_url=url, timeout=600) as client:
-                ready_s = time.perf_counter() - started
-                first = _request(client, A_TOKEN, steps, 1, adapter="a-style@1")
-            rows.append({"round": index + 1, "prewarm": warm, "ready s": round(ready_s, 3),
-                         "first request s": round(first, 4)})
+            row = in_fresh_process(first_request, registry, str(workdir / f"p{index}{warm}"), base, warm, steps)
+            rows.append({"round": index + 1, "base": base, **row})
     return rows
 
 
-def _publish(registry_uri: str) -> None:
+def _publish(registry_uri: str, prewarm_base: str) -> None:
     from lorafleet.bases import base_spec
     from lorafleet.registry import AdapterRegistry, PublishRequest
     from lorafleet.synthetic import synthetic_lora
@@ -120,17 +132,19 @@ def _publish(registry_uri: str) -> None:
     for seed in (1, 2):
         registry.publish_payload(synthetic_lora(spec, seed=seed), PublishRequest(name="a-style", base=spec,
                                                                                  aliases=["prod"]))
+    big = base_spec(prewarm_base)
+    registry.publish_payload(synthetic_lora(big, seed=3, rank=16), PublishRequest(name=f"a-{prewarm_base}", base=big))
 
 
 def cmd_bench_multiteam(args) -> int:
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-multiteam-") as folder:
         workdir = Path(folder)
         registry = f"file://{workdir / 'registry'}"
-        _publish(registry)
-        fair = [fairness(registry, workdir, tenants, args.capacity, args.requests, args.steps)
+        _publish(registry, args.prewarm_base)
+        fair = [in_fresh_process(fairness, registry, workdir, tenants, args.capacity, args.requests, args.steps)
                 for tenants in (True, False)]
         canary = canary_share(registry, 1000)
-        warm = prewarm_latency(registry, workdir, args.rounds, args.steps)
+        warm = prewarm_latency(registry, workdir, args.prewarm_base, args.rounds, args.steps)
     print(format_table(fair))
     print(format_table([canary]))
     print(format_table(warm))
@@ -147,4 +161,5 @@ def add_arguments(parser) -> None:
     parser.add_argument("--requests", type=positive_int, default=20, help="tenant B's requests per scenario")
     parser.add_argument("--steps", type=positive_int, default=4)
     parser.add_argument("--rounds", type=positive_int, default=2, help="pre-warm rounds (cold and warm each)")
+    parser.add_argument("--prewarm-base", default="small", help="the base of the pre-warm scenario")
     parser.set_defaults(handler=cmd_bench_multiteam)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 # Imports inside functions: every benchmark's arguments are added when the parser is built; its
 # heavy imports wait for its run. Each run is a fresh process.
-import multiprocessing
 import resource
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from lorafleet.devtools.shapes import write_shapes_folder
 
-from . import positive_int
+from . import in_fresh_process, positive_int
 
 
 def _peak_rss_mb() -> float:
@@ -137,16 +136,6 @@ def _reference_conditioning(pipe, batch: int):
     return hidden, {"added_cond_kwargs": {"text_embeds": second[0], "time_ids": time_ids}}
 
 
-def _in_process(target, *args) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=target, args=(*args, queue))
-    process.start()
-    result = queue.get(timeout=3600)
-    process.join()
-    return result
-
-
 def _qlora_memory(base: str) -> dict:
     from lorafleet.bases import load_base
     from lorafleet.training.methods import quantize_linear_layers
@@ -175,8 +164,8 @@ def run_train_bench(base: str, steps: int, batch: int, rank: int, images: int) -
     with tempfile.TemporaryDirectory(prefix="lorafleet-train-bench-") as tmp:
         workdir = Path(tmp)
         data = write_shapes_folder(workdir / "data", 16, size=64)
-        ours = _in_process(_lorafleet_run, str(data), str(workdir / "run"), steps, batch, rank, base)
-        reference = _in_process(_reference_run, str(data), steps, batch, rank, base)
+        ours = in_fresh_process(_lorafleet_run, str(data), str(workdir / "run"), steps, batch, rank, base)
+        reference = in_fresh_process(_reference_run, str(data), steps, batch, rank, base)
         return {
             "base": base, "batch": batch, "rank": rank, "resolution": 64, "steps": steps,
             "lorafleet_steps_per_s": round(ours["steps_per_s"], 3),
