@@ -1,7 +1,10 @@
-"""Helpers for tests: adapter files on disk and registry snapshots."""
+"""Helpers for tests: adapter files on disk, registry snapshots, a webhook receiver on loopback."""
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from lorafleet.registry import AdapterRegistry, PublishRequest
@@ -54,3 +57,29 @@ def soak_scaled(ci_value, soak_value):
     import os
 
     return soak_value if os.environ.get("LORAFLEET_SOAK") == "1" else ci_value
+
+
+class WebhookReceiver:
+    """A webhook receiver that fails its first ``failures`` deliveries."""
+
+    def __init__(self, failures: int = 0):
+        self.failures, self.received = failures, []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.received.append((dict(self.headers), body))
+                failing = len(receiver.received) <= receiver.failures
+                self.send_response(500 if failing else 204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def events(self) -> list[str]:
+        return [json.loads(body)["event"] for _, body in self.received]

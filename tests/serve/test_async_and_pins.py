@@ -4,13 +4,11 @@ and pinning / pre-warming adapters, through the HTTP API of the in-process app."
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import publish_lora
+from helpers import WebhookReceiver, publish_lora
 from serve_setup import PROMPT
 
 from lorafleet.registry import AdapterRegistry
@@ -47,27 +45,8 @@ def _wait_job(client, job_id, timeout_s=60):
     raise AssertionError(job)
 
 
-class Receiver:
-    def __init__(self):
-        self.received = []
-        received = self.received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/done"
-
-
 def test_async_generation_returns_a_job_whose_result_equals_the_sync_one(registry, tmp_path):
-    receiver = Receiver()
+    receiver = WebhookReceiver()
     app, _ = _app(registry, tmp_path)
     body = {"prompt": PROMPT, "adapter": "look0:prod", "steps": 2, "seed": 3, "cache": False}
     with TestClient(app) as client:

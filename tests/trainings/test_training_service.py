@@ -16,13 +16,12 @@ import os
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from helpers import WebhookReceiver
 
 from lorafleet.devtools.shapes import write_shapes_folder
 from lorafleet.local_cluster import free_port
@@ -102,34 +101,8 @@ def _wait(client, training_id, until, timeout_s=240) -> dict:
     raise AssertionError(f"{training_id} never reached the condition: {record}")
 
 
-class Receiver:
-    """A webhook receiver that fails its first ``failures`` deliveries."""
-
-    def __init__(self, failures: int):
-        self.failures, self.received = failures, []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.received.append((dict(self.headers), body))
-                failing = len(receiver.received) <= receiver.failures
-                self.send_response(500 if failing else 204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def events(self) -> list[str]:
-        return [json.loads(body)["event"] for _, body in self.received]
-
-
 def test_two_trainings_with_a_limit_of_one_run_in_turn_are_published_and_served(cluster, registry_uri, dataset_tar):
-    receiver = Receiver(failures=2)
+    receiver = WebhookReceiver(failures=2)
     with gateway(registry_uri, cluster, max_concurrent=1) as client:
         digest = _upload(client, dataset_tar)
         first = client.post("/v1/trainings", json={
