@@ -27,6 +27,7 @@ def _quiet_libraries() -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lorafleet import benchmarks, demo_cli
     from lorafleet.bases import cli as bases_cli
+    from lorafleet.evaluation import cli as evaluation_cli
     from lorafleet.registry import cli as registry_cli
     from lorafleet.serve import cli as serve_cli
     from lorafleet.toyworld import cli as toyworld_cli
@@ -43,13 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.add_commands(subparsers)
     toyworld_cli.add_commands(bases_cli.add_commands(subparsers))
     benchmarks.add_commands(subparsers)
+    evaluation_cli.add_commands(subparsers)
     return parser
+
+
+# `PARENT CHILD ...` forms whose parent keeps its own positional arguments: routed to PARENT-CHILD.
+ROUTED = {"train": ("submit", "status", "list", "cancel"), "eval": ("audit",), "registry": ("promote",)}
+
+
+def routed(argv: list[str]) -> list[str]:
+    if len(argv) >= 2 and argv[1] in ROUTED.get(argv[0], ()):
+        return [f"{argv[0]}-{argv[1]}", *argv[2:]]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    from lorafleet.training.client import routed
-
     args = build_parser().parse_args(routed(list(sys.argv[1:] if argv is None else argv)))
     try:
         return int(args.handler(args) or 0)

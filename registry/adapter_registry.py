@@ -10,6 +10,7 @@ from __future__ import annotations
 
 # Imports inside functions: parsing and validating tensors (torch) only at publish: listing and
 # resolving never import torch.
+import json
 import os
 import tempfile
 import time
@@ -44,6 +45,7 @@ from .identity import (
     sha256_bytes,
     sha256_stream,
     validate_alias,
+    validate_digest,
     validate_name,
     validate_version,
 )
@@ -381,12 +383,14 @@ class AdapterRegistry:
             result[alias] = self.alias_record(name, alias).version
         return result
 
-    def set_alias(self, name: str, alias: str, version: int, *, expected_version: int | None = None) -> AliasRecord:
+    def set_alias(self, name: str, alias: str, version: int, *, expected_version: int | None = None,
+                  evidence: str | None = None) -> AliasRecord:
         """Point ``name:alias`` at ``version`` by compare-and-swap, retrying lost races (ending any split).
 
-        With ``expected_version`` the move happens only if the alias still points there.
+        With ``expected_version`` the move happens only if the alias still points there; ``evidence``
+        (e.g. an eval report's digest) is kept in the alias's history.
         """
-        return self._write_alias(name, alias, {version: 1.0}, expected_version, field="version")
+        return self._write_alias(name, alias, {version: 1.0}, expected_version, field="version", evidence=evidence)
 
     def split_alias(self, name: str, alias: str, weights: dict[int, float], *,
                     expected_version: int | None = None) -> AliasRecord:
@@ -399,7 +403,7 @@ class AdapterRegistry:
         return self._write_alias(name, alias, weights, expected_version, field="weights")
 
     def _write_alias(self, name: str, alias: str, weights: dict[int, float], expected_version: int | None,
-                     field: str) -> AliasRecord:
+                     field: str, evidence: str | None = None) -> AliasRecord:
         validate_name(name)
         validate_alias(alias)
         for version in weights:
@@ -413,7 +417,7 @@ class AdapterRegistry:
             current = AliasRecord.model_validate_json(stored.data) if stored else None
             if expected_version is not None and (current is None or current.version != expected_version):
                 raise AliasConflict(f"{name}:{alias} no longer points to version {expected_version}", field="alias")
-            record = self._moved(name, alias, version, current, split)
+            record = self._moved(name, alias, version, current, split, evidence)
             try:
                 self.store.compare_and_swap(alias_key(name, alias), record.model_dump_json(indent=2).encode(),
                                             stored.token if stored else None)
@@ -424,11 +428,29 @@ class AdapterRegistry:
 
     @staticmethod
     def _moved(name: str, alias: str, version: int, current: AliasRecord | None,
-               split: dict[int, float] | None = None) -> AliasRecord:
-        history = (current.history if current else []) + [AliasMove(version=version, at=_now(), split=split)]
+               split: dict[int, float] | None = None, evidence: str | None = None) -> AliasRecord:
+        history = (current.history if current else []) + [AliasMove(version=version, at=_now(), split=split,
+                                                                    evidence=evidence)]
         return AliasRecord(name=name, alias=alias, version=version,
                            revision=(current.revision + 1) if current else 1,
                            updated_at=_now(), history=history[-_ALIAS_HISTORY:], split=split)
+
+    # ----------------------------------------------------------------------------- evidence
+    def store_evidence(self, document: dict) -> str:
+        """Keep a JSON document (an eval report) content-addressed; its digest."""
+        data = json.dumps(document, sort_keys=True, default=str).encode()
+        digest = sha256_bytes(data)
+        key = f"evals/sha256/{digest.split(':', 1)[1]}.json"
+        if not self.store.exists(key):
+            try:
+                self.store.create(key, data)
+            except ObjectExists:
+                pass
+        return digest
+
+    def evidence(self, digest: str) -> dict | None:
+        stored = self.store.read(f"evals/sha256/{validate_digest(digest).split(':', 1)[1]}.json")
+        return json.loads(stored.data) if stored else None
 
     # ----------------------------------------------------------------------------- pins
     def pin(self, name: str, version: int) -> PinRecord:

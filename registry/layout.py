@@ -70,6 +70,7 @@ class AliasMove(BaseModel):
     version: int
     at: datetime
     split: dict[int, float] | None = None
+    evidence: str | None = None  # e.g. the digest of the eval report a gated promotion stored
 
 
 def pick_version(split: dict[int, float], key: str | None, salt: str) -> int:

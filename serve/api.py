@@ -21,8 +21,9 @@ from lorafleet.training.service.scheduler import TrainingService
 
 from .async_jobs import JOB_ID_PATTERN, JobAccepted, JobState
 from .auth import TokenTable
-from .errors import PinBudgetExceeded
+from .errors import PinBudgetExceeded, ServiceUnavailable
 from .errors_http import RETRYABLE_STATUSES, status_for
+from .feedback import FeedbackRecorded, StarFeedback, ThumbFeedback
 from .http_guard import RequestGuard
 from .metrics import CONTENT_TYPE
 from .schemas import (
@@ -197,6 +198,7 @@ def create_api(service: GenerationService, tokens: TokenTable, trainings: Traini
     _install_generation_routes(app, service, generate_scope)
     _install_adapter_routes(app, service, generate_scope, admin_scope)
     _install_usage_route(app, service, admin_scope)
+    _install_feedback_route(app, service, generate_scope)
     install_training_routes(app, trainings, _scope_guards(tokens, "train"), ERROR_RESPONSES,
                             lambda request: _caller(service, request))
     _install_health_routes(app, service)
@@ -221,6 +223,8 @@ def _install_generation_routes(app: FastAPI, service: GenerationService, scope: 
         if "admin" not in _scopes(request):
             response.replica = None  # host:pid only for admins
         http_response.headers["X-Cache"] = response.cache
+        if response.request_id:
+            http_response.headers["X-Request-Id"] = response.request_id
         if response.etag:
             http_response.headers["ETag"] = response.etag
         return response
@@ -279,7 +283,10 @@ def _install_adapter_routes(app: FastAPI, service: GenerationService, generate_s
         aliases = await asyncio.to_thread(service.registry.aliases, name)
         live = [m for m in versions if not m.yanked]
         pins = {pin.name: pin.version for pin in await asyncio.to_thread(service.registry.pins)}
-        return _summary(service, name, live[-1] if live else None, aliases, pins.get(name))
+        summary = _summary(service, name, live[-1] if live else None, aliases, pins.get(name))
+        if service.feedback is not None:
+            summary.feedback = await asyncio.to_thread(service.feedback.by_version, name)
+        return summary
 
     @app.put("/v1/adapters/{name}/pin", response_model=PinRecord, responses=ERROR_RESPONSES,
              dependencies=admin_scope)
@@ -310,6 +317,21 @@ def _install_adapter_routes(app: FastAPI, service: GenerationService, generate_s
                                              expected_version=body.expected_version)
         return AliasMoved(name=name, alias=alias, version=record.version, revision=record.revision,
                           split=record.split)
+
+
+def _install_feedback_route(app: FastAPI, service: GenerationService, generate_scope: list) -> None:
+    @app.post("/v1/feedback", response_model=FeedbackRecorded, responses=ERROR_RESPONSES,
+              dependencies=generate_scope)
+    async def feedback(body: StarFeedback | ThumbFeedback, request: Request) -> FeedbackRecorded:
+        """Rate a generate response by its request_id (again: the rating is replaced)."""
+        if service.feedback is None:
+            raise ServiceUnavailable("feedback is off on this server (feedback.enabled)")
+        rated = await asyncio.to_thread(service.feedback.rate, body, _caller(service, request).tenant)
+        kind = "stars" if isinstance(body, StarFeedback) else body.thumb
+        for name, version in rated.adapters:
+            service.metrics.feedback.labels(name, str(version), kind).inc()
+        return FeedbackRecorded(request_id=body.request_id, adapters=[f"{n}@{v}" for n, v in rated.adapters],
+                                updated=rated.updated)
 
 
 def _install_usage_route(app: FastAPI, service: GenerationService, admin_scope: list) -> None:

@@ -80,6 +80,8 @@ class ServiceMetrics:
                                         ["adapter", "version", "outcome"], registry=r)
         self.version_seconds = Histogram("lorafleet_adapter_version_duration_seconds", "Request latency by adapter "
                                          "version.", ["adapter", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.feedback = Counter("lorafleet_feedback", "User ratings by adapter version and kind (stars, up, down).",
+                                ["adapter", "version", "kind"], registry=r)
         self.usage = UsageLedger()
         self._cumulative_seen: dict[tuple, int] = {}
 

@@ -12,6 +12,7 @@ from lorafleet.families import ModelFamily
 from lorafleet.registry.identity import REF_REGEX
 from lorafleet.training.service.records import Webhook
 
+from .feedback import VersionFeedback
 from .settings import RequestLimits
 
 OutputFormat = Literal["png", "jpeg", "webp", "npy"]
@@ -123,6 +124,8 @@ class GenerateResponse(BaseModel):
                                           "X-Cache header); miss: generated.")
     etag: str | None = Field(None, description="The output's key (also the ETag header): equal for requests that "
                              "give the same bytes; seeded requests only.")
+    request_id: str | None = Field(None, description="Rate this result with POST /v1/feedback (also the "
+                                   "X-Request-Id header).")
 
 
 class ErrorBody(BaseModel):
@@ -217,6 +220,7 @@ class AdapterSummary(BaseModel):
     digest: str | None
     aliases: dict[str, int] = Field(default_factory=dict)
     pinned_version: int | None = Field(None, description="The version every replica keeps resident (PUT .../pin).")
+    feedback: dict[int, VersionFeedback] = Field(default_factory=dict, description="Users' ratings per version.")
     cached: dict[str, list[str]] = Field(default_factory=dict, description="Tier -> digests cached here.")
 
 

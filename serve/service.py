@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import re
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from lorafleet.registry.identity import LATEST
 
 from .async_jobs import AsyncJobs
 from .errors import Overloaded, RequestInvalid, RequestTimeout, ServiceUnavailable
+from .feedback import FeedbackStore
 from .jobs import GenerationJob
 from .metrics import ServiceMetrics
 from .output_cache import AdapterVersion, CachedOutput, OutputCache, output_key
@@ -250,6 +252,7 @@ class GenerationService:
         self._max_pending = settings.max_queued_requests + settings.max_ongoing_requests * replicas
         self.tenants = Tenants(settings.tenants)
         self.jobs = AsyncJobs(registry.store, settings.async_jobs)
+        self.feedback = FeedbackStore(settings.feedback.database_url) if settings.feedback.enabled else None
         # With tenants, requests wait at the gateway in one lane each, and only what the replicas can
         # hold at once goes to them: a freed place goes to the lane served least for its share.
         self.fair = FairAdmission(settings.max_ongoing_requests * replicas) if self.tenants.enabled else None
@@ -317,6 +320,10 @@ class GenerationService:
             self.metrics.record_versions([m for _, m, _ in resolved], "error", time.perf_counter() - started)
             raise
         self.metrics.record_versions([m for _, m, _ in resolved], "ok", time.perf_counter() - started)
+        if self.feedback is not None:
+            response.request_id = "req-" + secrets.token_hex(12)
+            self.feedback.record_request_later(response.request_id, caller.tenant,
+                                               [(m.name, m.version) for _, m, _ in resolved])
         return response
 
     async def _generate(self, request: GenerateRequest, caller: Caller, user: str | None,

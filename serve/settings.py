@@ -15,6 +15,7 @@ from lorafleet.training.service.scheduler import TrainingServiceSettings
 from .async_jobs import AsyncJobSettings
 from .auth import configured_tokens
 from .errors import RequestInvalid
+from .feedback import FeedbackSettings
 from .tenants import TENANT_PATTERN, TenantSettings
 
 
@@ -161,6 +162,8 @@ class ServeSettings(BaseSettings):
     tenants: dict[str, TenantSettings] = Field(default_factory=dict, description="Tenants by name: their "
                                                "adapter namespaces, rate limits and queue shares (serve/tenants.py)."
                                                " A token joins one with '@tenant'.")
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings, description="User ratings per adapter "
+                                       "version (POST /v1/feedback).")
     async_jobs: AsyncJobSettings = Field(default_factory=AsyncJobSettings, description="Asynchronous generation "
                                          "(\"async\": true, or POST /v1/jobs).")
     trainings: TrainingServiceSettings | None = Field(None, description="REST trainings run as Ray jobs (scope "

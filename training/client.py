@@ -22,7 +22,6 @@ from lorafleet.errors import ErrorKind, LorafleetError
 from .errors import TrainingInputInvalid
 
 TOKEN_ENV = "LORAFLEET_TOKEN"
-REMOTE_COMMANDS = ("submit", "status", "list", "cancel")
 
 
 class ServiceError(LorafleetError):
@@ -213,10 +212,4 @@ def add_commands(subparsers) -> None:
     listing.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     listing.add_argument("--json", action="store_true")
 
-
-def routed(argv: list[str]) -> list[str]:
-    """`train submit ...` -> `train-submit ...` (the local `train CONFIG` keeps its form)."""
-    if len(argv) >= 2 and argv[0] == "train" and argv[1] in REMOTE_COMMANDS:
-        return [f"train-{argv[1]}", *argv[2:]]
-    return argv
 

@@ -1,0 +1,132 @@
+"""Evaluation on `toy`, through a real server: eval ranks a known-good adapter above a damaged
+one (accuracy and drift); the audit detects a skew made on purpose (chi-square, KL) and measures a
+corrective adapter trained on a balanced set; a gate refuses a worse candidate and lets a good
+one through, recording the eval report's digest in the alias history. Plus the statistics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from lorafleet.bases import base_spec
+from lorafleet.evaluation.stats import chi_square, hue_distance, kl_divergence, mean_interval, wilson
+from lorafleet.registry import AdapterRegistry, PublishRequest
+
+CLI = [sys.executable, "-m", "lorafleet.cli"]
+
+
+def test_statistics_match_their_definitions():
+    low, high = wilson(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
+    statistic, dof, p = chi_square([30, 10, 10, 10], [0.25] * 4)
+    assert statistic == pytest.approx(20.0) and dof == 3 and p == pytest.approx(1.697e-4, rel=1e-2)
+    assert chi_square([10, 10, 10, 10], [0.25] * 4)[2] == pytest.approx(1.0)
+    assert kl_divergence([0.5, 0.5], [0.5, 0.5]) == pytest.approx(0.0, abs=1e-9)
+    assert kl_divergence([1.0, 0.0], [0.5, 0.5]) == pytest.approx(0.6931, abs=1e-3)
+    assert hue_distance(350, 10) == 20 and mean_interval([1.0, 1.0])[1:] == (1.0, 1.0)
+
+
+def _train(workdir, registry, name: str, colours: tuple[str, ...], seed: int = 0):
+    """A LoRA on 16 circles of ``colours``, every caption just 'a circle'."""
+    from lorafleet.toyworld.world import write_dataset
+    from lorafleet.training.config import load_train_config
+    from lorafleet.training.loop import train
+    from lorafleet.training.publish import publish_result
+
+    data = workdir / f"data-{name}"
+    write_dataset(data, 16, seed=seed, shapes=("circle",), colours=colours)
+    for caption in data.glob("*.txt"):
+        caption.write_text("a circle")
+    config = load_train_config(None, [f"data.path={data}", f"output_dir={workdir / name}", "max_steps=200",
+                                      "batch_size=8", "optimizer.learning_rate=0.002", "lora.rank=8",
+                                      "lora.alpha=8", "data.trigger_mode=none",
+                                      "lora.target_modules=[attn2.to_q, attn2.to_k, attn2.to_v, attn2.to_out.0]"])
+    return publish_result(train(config), config, registry, name)
+
+
+@pytest.fixture(scope="module")
+def toy_adapters(tmp_path_factory):
+    from lorafleet.toyworld.concepts import train_and_publish
+
+    workdir = tmp_path_factory.mktemp("evaluation")
+    registry = AdapterRegistry(f"file://{workdir / 'registry'}")
+    good = train_and_publish("lora", workdir / "good", registry, name="eval-style", aliases=["prod"])
+    damaged = good.payload.__class__(good.payload.format, {k: v * 6 if "lora_B" in k else v for k, v in
+                                                           good.payload.tensors.items()},
+                                     good.payload.components, source_format="damaged")
+    spec = base_spec("toy")
+    registry.publish_payload(damaged, PublishRequest(name="eval-style", base=spec))  # v2: damaged
+    registry.publish_payload(good.payload, PublishRequest(name="eval-style", base=spec))  # v3: the good one again
+    return workdir, registry, good
+
+
+pytestmark_slow = pytest.mark.slow
+
+
+@pytestmark_slow
+def test_eval_ranks_the_good_adapter_above_the_damaged_one(toy_adapters):
+    workdir, registry, good = toy_adapters
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("\n".join(good.prompts) + "\n")
+    out = workdir / "eval-out"
+    result = subprocess.run(CLI + ["eval", "eval-style@1", "--against", "eval-style@2", "--prompts", str(prompts),
+                                   "--seeds", "8", "--registry", registry.uri, "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    overall = report["overall"]
+    assert overall["accuracy_candidate"] > overall["accuracy_reference"], overall
+    assert overall["drift_mean"] < overall["drift_mean_reference"], overall
+    first = report["prompts"][0]["accuracy"]["candidate"]
+    assert first["low"] <= first["mean"] <= first["high"] and first["n"] == 8
+    page = (out / "eval.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "http" not in page.replace("http-equiv", "")
+
+
+@pytestmark_slow
+def test_a_gate_refuses_the_damaged_version_and_promotes_the_good_one(toy_adapters):
+    workdir, registry, good = toy_adapters
+    gate = workdir / "gate.yaml"
+    gate.write_text(yaml.safe_dump({"prompts": list(good.prompts), "seeds": 8, "max_accuracy_drop": 0.1,
+                                    "max_drift_increase": 5.0}))
+    base = CLI + ["registry", "promote"]
+    refused = subprocess.run(base + ["eval-style@2", "--alias", "prod", "--gate", str(gate), "--registry",
+                                     registry.uri], capture_output=True, text=True, timeout=900)
+    assert refused.returncode == 1 and "does not pass the gate" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+    assert registry.alias_record("eval-style", "prod").version == 1
+    promoted = subprocess.run(base + ["eval-style@3", "--alias", "prod", "--gate", str(gate), "--registry",
+                                      registry.uri], capture_output=True, text=True, timeout=900)
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+    record = registry.alias_record("eval-style", "prod")
+    assert record.version == 3 and record.history[-1].evidence.startswith("sha256:")
+    stored = registry.evidence(record.history[-1].evidence)
+    assert stored["passed"] is True and stored["candidate"] == "eval-style@3"
+
+
+@pytestmark_slow
+def test_the_audit_detects_a_skew_and_measures_a_correction(tmp_path):
+    from lorafleet.evaluation.images import server_images
+    from lorafleet.evaluation.report import run_audit
+    from lorafleet.evaluation.scorers import ToyScorer
+    from lorafleet.toyworld.base_model import BASE_COLOURS
+
+    torch.manual_seed(0)
+    registry = AdapterRegistry(f"file://{tmp_path / 'registry'}")
+    _train(tmp_path, registry, "skew-red", ("red",))
+    _train(tmp_path, registry, "balanced", BASE_COLOURS, seed=1)
+    labels = list(BASE_COLOURS)
+    uniform = {label: 1 / len(labels) for label in labels}
+    with server_images(None, None, "toy", registry.uri) as source:
+        audits = {ref: run_audit(source, ToyScorer(), "a circle", "colour", labels, uniform, 64, ref)
+                  for ref in (None, "skew-red@1", "balanced@1")}
+    skewed, corrected = audits["skew-red@1"], audits["balanced@1"]
+    assert skewed.shares["red"].mean > 0.5 and skewed.p_value < 1e-3, skewed  # detected
+    assert corrected.kl < skewed.kl and corrected.shares["red"].mean < skewed.shares["red"].mean
+    figures = {ref or "base": {"red": a.shares["red"].mean, "kl": a.kl, "p": a.p_value} for ref, a in audits.items()}
+    print("audit:", json.dumps(figures))
