@@ -21,13 +21,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafleet.errors import ErrorKind, LorafleetError
 
-from .report import EvalReport
+if TYPE_CHECKING:
+    from .report import EvalReport
 
 
 class GateInvalid(LorafleetError):
@@ -91,7 +93,7 @@ class Verdict:
     reasons: list[str]
 
 
-def judge(gate: Gate, report: EvalReport, feedback: tuple[dict, dict] | None = None) -> Verdict:
+def judge(gate: Gate, report: "EvalReport", feedback: tuple[dict, dict] | None = None) -> Verdict:
     """Every threshold the candidate breaks (none: it passes). ``feedback``: (candidate's, current's)
     per-version aggregates, when the gate names a database."""
     reasons, overall = [], report.overall

@@ -4,10 +4,9 @@ regularized upper incomplete gamma function), KL divergence."""
 
 from __future__ import annotations
 
+# Imports inside functions: torch (for the incomplete gamma function) only when a test runs.
 import math
 import statistics
-
-import torch
 
 Z95 = 1.959964
 
@@ -38,6 +37,8 @@ def chi_square(observed: list[int], expected_share: list[float]) -> tuple[float,
     pairs = [(o, e * total) for o, e in zip(observed, expected_share) if e > 0]
     statistic = sum((o - e) ** 2 / e for o, e in pairs)
     dof = max(1, len(pairs) - 1)
+    import torch
+
     p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
                                             torch.tensor(statistic / 2, dtype=torch.float64)))
     return statistic, dof, p_value
