@@ -185,23 +185,24 @@ def request_models(limits: RequestLimits, family: ModelFamily, async_max_images:
               **only_without_true_cfg}
     generate = _narrowed(GenerateRequest, num_images={"le": limits.max_num_images}, **common)
     job = _narrowed(GenerateRequest, num_images={"le": max(limits.max_num_images, async_max_images or 0)},
-                    name="AsyncGenerateRequest", **common)
+                    schema_name="AsyncGenerateRequest", **common)
     square_size = Literal[tuple(allowed_square_sizes(limits, family))]  # type: ignore[valid-type]
     openai = _narrowed(OpenAIImageRequest, prompt=prompt, n={"le": limits.max_num_images},
                        retyped={"size": square_size | None})
     return RequestModels(generate, openai, job)
 
 
-def _narrowed(model: type[BaseModel], retyped: dict | None = None, name: str | None = None,
+def _narrowed(model: type[BaseModel], retyped: dict | None = None, schema_name: str | None = None,
               **constraints: dict) -> type:
-    """A subclass of ``model`` (same name in the schema unless ``name``) whose fields carry extra constraints."""
+    """A subclass of ``model`` (same name in the schema unless ``schema_name``) whose fields carry extra
+    constraints."""
     fields = {}
     for name, extra in constraints.items():
         original = model.model_fields[name]
         fields[name] = (Annotated[original.rebuild_annotation(), Field(**extra)], original)
     for name, annotation in (retyped or {}).items():
         fields[name] = (annotation, model.model_fields[name])
-    return create_model(name or model.__name__, __base__=model, __doc__=model.__doc__, **fields)
+    return create_model(schema_name or model.__name__, __base__=model, __doc__=model.__doc__, **fields)
 
 
 class OpenAIImage(BaseModel):

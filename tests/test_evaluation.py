@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import yaml
 from lorafleet.bases import base_spec
 from lorafleet.evaluation.stats import chi_square, hue_distance, kl_divergence, mean_interval, wilson
 from lorafleet.registry import AdapterRegistry, PublishRequest
+from lorafleet.training.service.datasets import DatasetStore
 
 CLI = [sys.executable, "-m", "lorafleet.cli"]
 
@@ -62,6 +64,13 @@ def toy_adapters(tmp_path_factory):
     spec = base_spec("toy")
     registry.publish_payload(damaged, PublishRequest(name="eval-style", base=spec))  # v2: damaged
     registry.publish_payload(good.payload, PublishRequest(name="eval-style", base=spec))  # v3: the good one again
+    # v4: the good one, with its training set stored and named in its lineage (for fidelity)
+    archive = workdir / "data.tar"
+    with tarfile.open(archive, "w") as packed:
+        for path in sorted((workdir / "good" / "data").iterdir()):
+            packed.add(path, path.name)
+    dataset = DatasetStore(registry.store).ingest_archive(archive).digest
+    registry.publish_payload(good.payload, PublishRequest(name="eval-style", base=spec, lineage={"dataset": dataset}))
     return workdir, registry, good
 
 
@@ -74,7 +83,7 @@ def test_eval_ranks_the_good_adapter_above_the_damaged_one(toy_adapters):
     prompts = workdir / "prompts.txt"
     prompts.write_text("\n".join(good.prompts) + "\n")
     out = workdir / "eval-out"
-    result = subprocess.run(CLI + ["eval", "eval-style@1", "--against", "eval-style@2", "--prompts", str(prompts),
+    result = subprocess.run(CLI + ["eval", "eval-style@4", "--against", "eval-style@2", "--prompts", str(prompts),
                                    "--seeds", "8", "--registry", registry.uri, "--out", str(out)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,6 +91,7 @@ def test_eval_ranks_the_good_adapter_above_the_damaged_one(toy_adapters):
     overall = report["overall"]
     assert overall["accuracy_candidate"] > overall["accuracy_reference"], overall
     assert overall["drift_mean"] < overall["drift_mean_reference"], overall
+    assert 0.5 < overall["fidelity"] <= 1.0  # cosine to the nearest training image (its lineage's dataset)
     first = report["prompts"][0]["accuracy"]["candidate"]
     assert first["low"] <= first["mean"] <= first["high"] and first["n"] == 8
     page = (out / "eval.html").read_text()
@@ -93,7 +103,8 @@ def test_a_gate_refuses_the_damaged_version_and_promotes_the_good_one(toy_adapte
     workdir, registry, good = toy_adapters
     gate = workdir / "gate.yaml"
     gate.write_text(yaml.safe_dump({"prompts": list(good.prompts), "seeds": 8, "max_accuracy_drop": 0.1,
-                                    "max_drift_increase": 5.0}))
+                                    "max_drift_increase": 5.0,
+                                    "control": ["a red circle", "a blue square", "a yellow triangle"]}))
     base = CLI + ["registry", "promote"]
     refused = subprocess.run(base + ["eval-style@2", "--alias", "prod", "--gate", str(gate), "--registry",
                                      registry.uri], capture_output=True, text=True, timeout=900)
@@ -130,3 +141,22 @@ def test_the_audit_detects_a_skew_and_measures_a_correction(tmp_path):
     assert corrected.kl < skewed.kl and corrected.shares["red"].mean < skewed.shares["red"].mean
     figures = {ref or "base": {"red": a.shares["red"].mean, "kl": a.kl, "p": a.p_value} for ref, a in audits.items()}
     print("audit:", json.dumps(figures))
+
+
+@pytestmark_slow
+def test_clip_scores_labels_and_drift_on_real_base_code_paths(toy_adapters, tmp_path):
+    """The CLIP scorer (a tiny CLIP folder built here, loaded by transformers as any local one)."""
+    from lorafleet.devtools.tiny_models import build_tiny_clip
+    from lorafleet.evaluation.images import server_images
+    from lorafleet.evaluation.report import run_audit, run_eval
+    from lorafleet.evaluation.scorers import ClipScorer
+
+    _, registry, good = toy_adapters
+    scorer = ClipScorer(build_tiny_clip(tmp_path / "clip"))
+    with server_images(None, None, "toy", registry.uri) as source:
+        report = run_eval(source, scorer, "eval-style@1", None, list(good.prompts)[:1], ["a red circle"], 2)
+        audit = run_audit(source, scorer, "a circle", "colour", ["red", "blue"], {"red": 0.5, "blue": 0.5}, 4)
+    accuracy = report.prompts[0].accuracy["candidate"]
+    assert 0 <= accuracy.mean <= 1 and accuracy.n == 2
+    assert report.drift[0].shift.n == 2 and 0 <= report.drift[0].shift.mean <= 2
+    assert sum(audit.counts.values()) == 4 and audit.unreadable == 0 and audit.p_value <= 1

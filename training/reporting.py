@@ -24,19 +24,24 @@ def sample_images(pipe, prompts: list[str], seed: int, steps: int = 20) -> list[
     return images
 
 
-def save_grid(rows: list[list[np.ndarray]], path: Path, scale: int = 4) -> Path:
-    """Rows of equally sized images as one PNG (each image enlarged ``scale`` times)."""
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+def grid_pixels(rows: list[list[np.ndarray]], scale: int = 4) -> np.ndarray:
+    """Rows of equally sized images ([H, W, 3] floats in [0, 1]) as one uint8 image, 2 px apart,
+    each enlarged ``scale`` times (nearest neighbour)."""
     tiles = [[(np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in row] for row in rows]
     height, width = tiles[0][0].shape[:2]
     grid = np.full((len(tiles) * (height + 2), max(len(r) for r in tiles) * (width + 2), 3), 255, np.uint8)
     for r, row in enumerate(tiles):
         for c, tile in enumerate(row):
             grid[r * (height + 2): r * (height + 2) + height, c * (width + 2): c * (width + 2) + width] = tile
-    image = Image.fromarray(grid)
-    image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST).save(path)
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_grid(rows: list[list[np.ndarray]], path: Path, scale: int = 4) -> Path:
+    """Rows of equally sized images as one PNG (each image enlarged ``scale`` times)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid_pixels(rows, scale)).save(path)
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 # Imports inside functions: torch, transformers and the serving stack only when a command runs.
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -57,13 +58,30 @@ def cmd_eval(args) -> int:
     registry = AdapterRegistry(args.registry)
     reference = _reference(registry, args.candidate, args.against)
     prompts = read_prompts(Path(args.prompts))
+    dataset = training_images(registry, args.candidate)
     with server_images(args.server, args.token, args.base, registry.uri) as source:
         report = run_eval(source, scorer_for(args.base, args.clip), args.candidate, reference, prompts,
-                          _control(args.control, args.base), args.seeds)
+                          _control(args.control, args.base), args.seeds, dataset)
     document = {**report.to_json(), "digest": report.digest()}
     _write(Path(args.out) if args.out else None, "eval", document, eval_html(report))
     print(json.dumps(document, indent=2, default=str))
     return 0
+
+
+def training_images(registry, candidate: str) -> list:
+    """The candidate's training images, when its lineage names a stored dataset (else none)."""
+    import numpy as np
+    from PIL import Image
+
+    from lorafleet.training.service.datasets import DatasetStore
+
+    digest = registry.resolve(candidate).lineage.get("dataset")
+    if not digest:
+        return []
+    with tempfile.TemporaryDirectory(prefix="lorafleet-eval-") as folder:
+        files = DatasetStore(registry.store).materialize(digest, Path(folder))
+        return [np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+                for path in sorted(files.iterdir()) if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")]
 
 
 def _target(labels: list[str], target: str) -> dict[str, float]:

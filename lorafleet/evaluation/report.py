@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from lorafleet.training.reporting import grid_pixels
+
 from .images import ServerImages
 from .scorers import Scorer
 from .stats import chi_square, kl_divergence, mean_interval, wilson
@@ -101,8 +103,17 @@ def _drift(source: ServerImages, scorer: Scorer, prompt: str, candidate: str, re
     return DriftResult(prompt, shift(candidate), shift(reference) if reference else None)
 
 
+def fidelity(scorer: Scorer, images: list[np.ndarray], dataset: list[np.ndarray]) -> Measure:
+    """How close each generated image is to its nearest training image (cosine of embeddings)."""
+    ours, theirs = scorer.embed(images), scorer.embed(dataset)
+    ours = ours / np.linalg.norm(ours, axis=1, keepdims=True).clip(1e-8)
+    theirs = theirs / np.linalg.norm(theirs, axis=1, keepdims=True).clip(1e-8)
+    return Measure.of_values([float(v) for v in (ours @ theirs.T).max(axis=1)])
+
+
 def run_eval(source: ServerImages, scorer: Scorer, candidate: str, reference: str | None, prompts: list[str],
-             control: list[str], seeds: int) -> EvalReport:
+             control: list[str], seeds: int, dataset: list[np.ndarray] | None = None) -> EvalReport:
+    """``dataset``: the candidate's training images (from its lineage), for fidelity."""
     refs = {"candidate": candidate, "base": None, **({"reference": reference} if reference else {})}
     results, grids = [], {}
     for prompt in prompts:
@@ -114,6 +125,11 @@ def run_eval(source: ServerImages, scorer: Scorer, candidate: str, reference: st
     drift = [_drift(source, scorer, prompt, candidate, reference, seeds) for prompt in control]
     overall = {f"accuracy_{role}": round(float(np.mean([r.accuracy[role].mean for r in results])), 4)
                for role in refs} if results else {}
+    if dataset and grids:
+        generated = [image for rows in grids.values() for image in rows[-1]]  # the candidate's row
+        same_size = [image for image in dataset if image.shape == generated[0].shape]
+        if same_size:
+            overall["fidelity"] = fidelity(scorer, generated, same_size).mean
     if drift:
         shifts = [d.shift.mean for d in drift if d.shift.n]
         overall["drift_mean"] = round(float(np.mean(shifts)), 4) if shifts else 0.0
@@ -171,16 +187,6 @@ def _png(figure_or_image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _grid(rows: list[list[np.ndarray]], scale: int = 4) -> np.ndarray:
-    tiles = [[(np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in row] for row in rows]
-    height, width = tiles[0][0].shape[:2]
-    grid = np.full((len(tiles) * (height + 2), max(len(r) for r in tiles) * (width + 2), 3), 255, np.uint8)
-    for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            grid[r * (height + 2): r * (height + 2) + height, c * (width + 2): c * (width + 2) + width] = tile
-    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
-
-
 def _bars(title: str, names: list[str], series: dict[str, list[Measure]], ylabel: str) -> str:
     import matplotlib
 
@@ -220,7 +226,7 @@ def eval_html(report: EvalReport) -> str:
     for prompt, rows in report.grids.items():
         label = "base | reference | candidate" if report.reference else "base | candidate"
         parts.append(f"<h3>{html.escape(prompt)} <small>(rows: {label})</small></h3>"
-                     f'<img src="{_png(_grid(rows))}">')
+                     f'<img src="{_png(grid_pixels(rows))}">')
     return _page("lorafleet eval", parts)
 
 
