@@ -386,14 +386,14 @@ def _visible(service: GenerationService, request: Request, name: str) -> None:
 
 def _pin(service: GenerationService, name: str, version: int | None) -> PinRecord:
     registry = service.registry
-    version = version or registry.resolve(name).version
-    size = registry.resolve(f"{name}@{version}").size
+    manifest = registry.resolve(f"{name}@{version}" if version else name)
     others = sum(pin.size for pin in registry.pins() if pin.name != name)
     budget = service.settings.cache.pinned_budget
-    if others + size > budget:
-        raise PinBudgetExceeded(f"pinning {name}@{version} ({size} bytes) would keep {others + size} bytes pinned; "
-                                f"cache.pinned_bytes is {budget}", field="version")
-    return registry.pin(name, version)
+    if others + manifest.size > budget:
+        raise PinBudgetExceeded(f"pinning {name}@{manifest.version} ({manifest.size} bytes) would keep "
+                                f"{others + manifest.size} bytes pinned; cache.pinned_bytes is {budget}",
+                                field="version")
+    return registry.pin(name, manifest.version)
 
 
 def _summary(service: GenerationService, name: str, manifest, aliases: dict | None = None,

@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -101,7 +100,8 @@ class GeneratorReplica:
     def _prewarm(self) -> list[str]:
         """Fetch the configured and pinned adapters, and run one 1-step pass with each so that it
         is active (device tier) if it fits; a ref that cannot be loaded is logged, not fatal."""
-        refs = list(dict.fromkeys([*self.settings.prewarm, *(f"{p.name}@{p.version}" for p in self._pins())]))
+        pins = self._read_pins() or []
+        refs = list(dict.fromkeys([*self.settings.prewarm, *(f"{p.name}@{p.version}" for p in pins)]))
         warmed = []
         for ref in refs:
             try:
@@ -111,21 +111,21 @@ class GeneratorReplica:
                 warmed.append(f"{manifest.name}@{manifest.version}")
             except LorafleetError as exc:
                 logger.warning("prewarm of %s failed: %s", ref, exc)
-        self._hold_pins(self._pins())
+        self._hold_pins(pins)
         return warmed
 
-    def _pins(self) -> list:
+    def _read_pins(self) -> list[PinRecord] | None:
+        """The registry's pins; None when it cannot be read (what is held stays held)."""
         try:
             return self.registry.pins()
-        except LorafleetError as exc:  # the registry is down: keep what is held
+        except LorafleetError as exc:
             logger.warning("reading pins failed: %s", exc)
-            return [PinRecord(name=name, version=0, digest=digest, size=0, pinned_at=datetime.now(timezone.utc))
-                    for name, digest in self._held_pins.items()]
+            return None
 
-    def _hold_pins(self, pins: list) -> None:
+    def _hold_pins(self, pins: list[PinRecord]) -> None:
         """Keep exactly the pinned digests in the host tier (fetching those not there yet)."""
         for pin in pins:
-            if pin.digest not in self.fetcher.host.keys() and pin.version:
+            if pin.digest not in self.fetcher.host.keys():
                 try:
                     self.fetcher.fetch(self.registry.resolve(f"{pin.name}@{pin.version}"))
                 except LorafleetError as exc:
@@ -135,7 +135,9 @@ class GeneratorReplica:
 
     def _keep_pins(self) -> None:
         while not self._pins_stop.wait(self.settings.cache.pin_refresh_s):
-            self._hold_pins(self._pins())
+            pins = self._read_pins()
+            if pins is not None:
+                self._hold_pins(pins)
 
     def _load_pipeline(self) -> None:
         self.base, self.placement = load_replica_base(self.settings)

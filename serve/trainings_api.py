@@ -58,13 +58,18 @@ class DatasetUri(BaseModel):
 def install_training_routes(app: FastAPI, trainings: TrainingService | None, scope: list, responses: dict,
                             caller_of) -> None:
     """``caller_of(request)`` says who calls: a tenant sees and submits only its own trainings."""
-    digest_path = Path(pattern=f"^{DIGEST_PATTERN}$")
-    id_path = Path(pattern=f"^{ID_PATTERN}$")
 
     def service() -> TrainingService:
         if trainings is None:
             raise TrainingsUnavailable("trainings are not enabled on this server (serve settings: trainings)")
         return trainings
+
+    _install_dataset_routes(app, service, scope, responses)
+    _install_trainings(app, service, scope, responses, caller_of)
+
+
+def _install_dataset_routes(app: FastAPI, service, scope: list, responses: dict) -> None:
+    digest_path = Path(pattern=f"^{DIGEST_PATTERN}$")
 
     @app.post("/v1/datasets", status_code=201, response_model=DatasetReport, responses=responses,
               dependencies=scope, openapi_extra={"requestBody": UPLOAD_BODY})
@@ -82,6 +87,10 @@ def install_training_routes(app: FastAPI, trainings: TrainingService | None, sco
     @app.get("/v1/datasets/{digest}", response_model=DatasetReport, responses=responses, dependencies=scope)
     async def show_dataset(digest: str = digest_path) -> DatasetReport:
         return await asyncio.to_thread(service().dataset, digest)
+
+
+def _install_trainings(app: FastAPI, service, scope: list, responses: dict, caller_of) -> None:
+    id_path = Path(pattern=f"^{ID_PATTERN}$")
 
     @app.post("/v1/trainings", status_code=202, response_model=TrainingView, responses=responses,
               dependencies=scope)

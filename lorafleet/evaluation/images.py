@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-# Imports inside functions: the in-process server only when no server URL is given.
+# Imports inside functions: the in-process server only when no server URL is given; the toy-world
+# request helper (torch) only when images are drawn.
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,24 +21,23 @@ class GenerationFailed(LorafleetError):
 
 
 class ServerImages:
-    def __init__(self, client: httpx.Client, steps: int = 20, guidance_scale: float = 4.0):
-        self.client, self.steps, self.guidance_scale = client, steps, guidance_scale
+    """Images as the toy-world runs draw them (toyworld.concepts.generate_over_http), in requests
+    of at most CHUNK images."""
+
+    def __init__(self, client: httpx.Client):
+        self.client = client
 
     def images(self, prompt: str, ref: str | None, seeds: int, first_seed: int = 1000) -> list[np.ndarray]:
         """``seeds`` images of ``prompt`` (seeds first_seed, first_seed + 1, ...), with ``ref`` or the base."""
-        from lorafleet.serve.service import decode_npy
+        from lorafleet.toyworld.concepts import generate_over_http
 
         images: list[np.ndarray] = []
         while len(images) < seeds:
             count = min(CHUNK, seeds - len(images))
-            body = {"prompt": prompt, "seed": first_seed + len(images), "num_images": count, "steps": self.steps,
-                    "guidance_scale": self.guidance_scale, "output_format": "npy",
-                    **({"adapter": ref} if ref else {})}
-            response = self.client.post("/v1/generate", json=body)
-            if response.status_code != 200:
-                raise GenerationFailed(f"{prompt!r} with {ref or 'the base'}: {response.status_code} "
-                                       f"{response.text[:300]}", field="candidate")
-            images += [decode_npy(image) for image in response.json()["images"]]
+            try:
+                images += generate_over_http(self.client, prompt, ref, count, seed=first_seed + len(images))
+            except RuntimeError as exc:
+                raise GenerationFailed(f"{prompt!r} with {ref or 'the base'}: {exc}", field="candidate") from exc
         return images
 
 

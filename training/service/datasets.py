@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 import shutil
 import tarfile
@@ -285,6 +284,3 @@ def _write_canonical_tar(folder: Path, names: list[str], target: Path) -> str:
             hasher.update(chunk)
     return "sha256:" + hasher.hexdigest()
 
-
-def dataset_report_json(report: DatasetReport) -> dict:
-    return json.loads(report.model_dump_json())

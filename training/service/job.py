@@ -45,7 +45,7 @@ class JobEvents(RunObserver):
         clock = time.monotonic()
         if clock - self.last_sent >= PROGRESS_EVERY_S or record.step == record.max_steps:
             self.last_sent = clock
-            self._send(JobEvent(seq=0, type="progress", step=record.step, max_steps=record.max_steps,
+            self.send(JobEvent(seq=0, type="progress", step=record.step, max_steps=record.max_steps,
                                 loss=record.loss, losses=self.pending_losses, learning_rate=record.learning_rate,
                                 grad_norm=record.grad_norm, seconds=round(record.seconds, 2),
                                 eta_s=round(record.eta_s, 1)))
@@ -56,13 +56,13 @@ class JobEvents(RunObserver):
                 raise Interrupted(f"training {self.training_id} was cancelled")
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        self._send(JobEvent(seq=0, type="checkpoint", step=step))
+        self.send(JobEvent(seq=0, type="checkpoint", step=step))
 
     def on_validation(self, step: int, grid: Path, images: list[np.ndarray]) -> None:
         key = self.records.put_validation(self.training_id, step, grid)
-        self._send(JobEvent(seq=0, type="validation", step=step, validation_key=key))
+        self.send(JobEvent(seq=0, type="validation", step=step, validation_key=key))
 
-    def _send(self, event: JobEvent) -> None:
+    def send(self, event: JobEvent) -> None:
         event.seq = self.next_seq
         self.next_seq = self.records.append_event(self.training_id, event).seq + 1
 
@@ -85,9 +85,9 @@ def run_training_job(training_id: str, registry_uri: str | None) -> dict:
         manifest = publish_result(result, config, registry, record.publish.name,
                                   lineage={"dataset": record.dataset, "training_id": training_id})
     except BaseException as exc:
-        events._send(JobEvent(seq=0, type="failed", error=f"{type(exc).__name__}: {exc}"[:2000]))
+        events.send(JobEvent(seq=0, type="failed", error=f"{type(exc).__name__}: {exc}"[:2000]))
         raise
     published = PublishedRef(adapter=f"{manifest.name}@{manifest.version}", name=manifest.name,
                              version=manifest.version, digest=manifest.digest)
-    events._send(JobEvent(seq=0, type="published", step=result.state.step, published=published))
+    events.send(JobEvent(seq=0, type="published", step=result.state.step, published=published))
     return manifest.model_dump(mode="json")

@@ -93,11 +93,13 @@ class TrainingRequest(BaseModel):
 
 def validated_config(tree: dict[str, Any]) -> TrainConfig:
     """The request's config as a TrainConfig (422 naming config.<field>)."""
-    data = dict(tree.get("data") or {}) if isinstance(tree.get("data"), dict) else tree.get("data")
-    if isinstance(data, dict):
-        data.setdefault("path", PLACEHOLDER_DATA)
+    data = tree.get("data")
+    if data is None:
+        data = {}
+    if isinstance(data, dict):  # anything else is refused by the schema, naming config.data
+        data = {"path": PLACEHOLDER_DATA, **data}
     try:
-        return TrainConfig.model_validate({**tree, "data": data if data is not None else {"path": PLACEHOLDER_DATA}})
+        return TrainConfig.model_validate({**tree, "data": data})
     except ValidationError as exc:
         first = exc.errors()[0]
         field = "config." + ".".join(str(p) for p in first["loc"])
