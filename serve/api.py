@@ -154,6 +154,12 @@ def _install_error_handlers(app: FastAPI, retry_after: int) -> None:
             headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
         return _error_response(exc.status_code, "http_error", str(exc.detail), field, retry_after, headers)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):  # a bug: logged whole, answered in JSON
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error_response(500, "internal_error", f"internal error ({type(exc).__name__}); it is logged",
+                               None, retry_after)
+
 
 def _install_metrics_middleware(app: FastAPI, service: GenerationService) -> None:
     @app.middleware("http")

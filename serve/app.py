@@ -93,11 +93,27 @@ def generator_options(settings: ServeSettings) -> dict[str, Any]:
     return options
 
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node one unit of it
+
+
+def gateway_options(settings: ServeSettings) -> dict[str, Any]:
+    """The gateway takes no CPU; on the head node by default, which lives as long as the cluster.
+
+    Ray's proxy answers a request in flight on a lost gateway replica with a bare 500; a lost
+    generator replica is the gateway's to answer (503 with Retry-After). So a worker node scaled
+    away or preempted should hold generators only.
+    """
+    actor: dict[str, Any] = {"num_cpus": 0}
+    if settings.gateway_on_head:
+        actor["resources"] = {HEAD_NODE_RESOURCE: 0.001}
+    return {"ray_actor_options": actor, "max_ongoing_requests": 1000}
+
+
 def build_app(settings: ServeSettings):
     """The bound Serve application for ``settings``."""
     payload = settings.model_dump(mode="json", exclude={"config_file"})
     generator = GeneratorDeployment.options(**generator_options(settings)).bind(payload)
-    gateway = GatewayDeployment.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    gateway = GatewayDeployment.options(**gateway_options(settings))
     return gateway.bind(payload, generator)
 
 

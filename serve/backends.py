@@ -41,20 +41,33 @@ class RayGeneratorBackend:
         self.handle = handle
 
     async def generate(self, task: GenerationTask) -> GenerationOutput:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+        from ray.exceptions import RayError, RayTaskError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         try:
             return await self.handle.options(multiplexed_model_id=task.set_id).generate.remote(task)
         except BackPressureError as exc:
             raise Overloaded("all generator replicas are busy and their queues are full; retry shortly") from exc
-        except (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError) as exc:
-            raise ServiceUnavailable(f"generator replica unavailable: {type(exc).__name__}") from exc
         except RayTaskError as exc:
             cause = exc.as_instanceof_cause()
             if isinstance(cause, LorafleetError):
                 raise cause from None
+            if _platform_failure(exc.cause):
+                raise _unavailable(exc.cause) from exc
             raise
+        except (RayError, DeploymentUnavailableError) as exc:  # the replica, its worker or its node was lost
+            raise _unavailable(exc) from exc
 
     async def health(self) -> dict:
         return await self.handle.health.remote()
+
+
+def _platform_failure(error: BaseException | None) -> bool:
+    """A Ray failure of the platform (an actor, worker, node or object lost), not of our code."""
+    from ray.exceptions import RayError, RayTaskError
+
+    return isinstance(error, RayError) and not isinstance(error, RayTaskError)
+
+
+def _unavailable(error: BaseException) -> ServiceUnavailable:
+    return ServiceUnavailable(f"generator replica unavailable: {type(error).__name__}; retry shortly")

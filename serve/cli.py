@@ -14,20 +14,21 @@ from .settings import load_settings
 
 def serve_config(settings) -> dict:
     """What `serve build lorafleet.serve.app:app_builder` gives, with these settings as args."""
-    from .app import APP_NAME, GATEWAY_NAME, GENERATOR_NAME, generator_options
+    from .app import APP_NAME, GATEWAY_NAME, GENERATOR_NAME, gateway_options, generator_options
 
     generator = {"name": GENERATOR_NAME, **generator_options(settings)}
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": settings.proxy_location.value,
         "http_options": {"host": settings.host, "port": settings.port},
         "applications": [{
             "name": APP_NAME,
             "route_prefix": "/",
             "import_path": "lorafleet.serve.app:app_builder",
             # Secrets never go into the Serve config: tokens come from the environment (a Secret).
-            "args": settings.model_dump(mode="json", exclude={"config_file", "host", "api_tokens", "tokens_file"},
+            "args": settings.model_dump(mode="json", exclude={"config_file", "host", "api_tokens", "tokens_file",
+                                                 "proxy_location"},
                                         exclude_none=True),
-            "deployments": [{"name": GATEWAY_NAME, "ray_actor_options": {"num_cpus": 0}}, generator],
+            "deployments": [{"name": GATEWAY_NAME, **gateway_options(settings)}, generator],
         }],
     }
 

@@ -76,7 +76,8 @@ def start_server(settings: ServeSettings, ray_address: str | None = None, num_cp
         raise ServiceUnavailable("trainings need the training cluster's job server: set trainings.ray_address "
                                  "(http://HEAD:8265)", field="trainings.ray_address")
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.start(proxy_location=settings.proxy_location.value,
+                    http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     except BaseException:
         if owns_ray:  # e.g. the port was taken meanwhile: leave nothing running behind

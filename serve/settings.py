@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,13 @@ class Autoscaling(BaseModel):
     look_back_period_s: float = Field(10.0, gt=0, description="Window the load is averaged over.")
 
 
+class ProxyLocation(str, Enum):
+    """Where Ray Serve runs its HTTP proxies (Ray's own names)."""
+
+    every_node = "EveryNode"  # a load balancer in front of every node (KubeRay's serve Service)
+    head_only = "HeadOnly"  # one entry point; also for several raylets on one machine sharing a port
+
+
 class ServeSettings(BaseSettings):
     """Everything `lorafleet serve` and the Serve app read (env prefix LORAFLEET_, nested with __)."""
 
@@ -138,6 +146,10 @@ class ServeSettings(BaseSettings):
     registry: str | None = Field(None, description="Registry URI (default $LORAFLEET_REGISTRY, else ~/.lorafleet).")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    proxy_location: ProxyLocation = Field(ProxyLocation.every_node, description="Where Ray Serve's HTTP proxies "
+                                          "run: EveryNode or HeadOnly.")
+    gateway_on_head: bool = Field(True, description="Run the gateway on the Ray head node (worker nodes that "
+                                  "scale away or are preempted then hold generator replicas only).")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
     dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$")
     replicas: int = Field(1, ge=1, description="Generator replicas when autoscaling is off.")

@@ -297,3 +297,18 @@ def test_a_corrupted_blob_is_never_served_and_is_counted(adapter_registry, tiny_
         assert response.status_code == 502 and response.json()["error"]["code"] == "integrity_error"
         metrics = fresh.get("/metrics").text
     assert 'lorafleet_adapter_load_failures_total{code="integrity_error"} 1.0' in metrics
+
+
+def test_a_bug_behind_the_api_is_a_json_500_and_the_server_answers_on(adapter_registry, tmp_path, monkeypatch):
+    app, service = create_local_app(_settings(adapter_registry, tmp_path), adapter_registry)
+
+    async def broken(task):  # a fault injected into the replica: a bug, not a platform failure
+        raise ZeroDivisionError("injected")
+
+    monkeypatch.setattr(service.backend.replica, "generate_async", broken)
+    with TestClient(app, raise_server_exceptions=False) as fresh:
+        response = fresh.post("/v1/generate", json=_body())
+        assert response.status_code == 500
+        assert response.json()["error"]["code"] == "internal_error"
+        assert "Retry-After" not in response.headers
+        assert fresh.get("/healthz").status_code == 200
