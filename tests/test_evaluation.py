@@ -15,8 +15,9 @@ import torch
 import yaml
 
 from lorafleet.bases import base_spec
-from lorafleet.evaluation.stats import chi_square, hue_distance, kl_divergence, mean_interval, wilson
+from lorafleet.evaluation.stats import chi_square, kl_divergence, mean_interval, wilson
 from lorafleet.registry import AdapterRegistry, PublishRequest
+from lorafleet.toyworld.scorer import hue_distance
 from lorafleet.training.service.datasets import DatasetStore
 
 CLI = [sys.executable, "-m", "lorafleet.cli"]
@@ -118,6 +119,37 @@ def test_a_gate_refuses_the_damaged_version_and_promotes_the_good_one(toy_adapte
     assert record.version == 3 and record.history[-1].evidence.startswith("sha256:")
     stored = registry.evidence(record.history[-1].evidence)
     assert stored["passed"] is True and stored["candidate"] == "eval-style@3"
+
+
+@pytestmark_slow
+def test_a_gate_refuses_a_candidate_its_users_rate_worse_than_the_current_version(toy_adapters):
+    """Feedback stored by the server's own store (a real SQLite database) decides when the eval does not."""
+    from lorafleet.serve.feedback import FeedbackStore, StarFeedback
+
+    workdir, registry, good = toy_adapters
+    current = registry.aliases("eval-style")["prod"]
+    database = f"sqlite:///{workdir / 'feedback.db'}"
+    store = FeedbackStore(database)
+    for index in range(20):
+        for version, stars in ((current, 5), (4, 2)):
+            request_id = f"req-{version:02x}{index:022x}"
+            store.record_request(request_id, None, [("eval-style", version)])
+            store.rate(StarFeedback(request_id=request_id, rating=stars), None)
+
+    def promote(max_mean_drop: float, min_count: int = 20) -> subprocess.CompletedProcess:
+        gate = workdir / "feedback-gate.yaml"
+        gate.write_text(yaml.safe_dump({"prompts": list(good.prompts)[:2], "seeds": 2, "max_accuracy_drop": 1.0,
+                                        "control": [], "feedback": {"database_url": database, "min_count": min_count,
+                                                                    "max_mean_drop": max_mean_drop}}))
+        return subprocess.run(CLI + ["registry", "promote", "eval-style@4", "--alias", "prod", "--gate", str(gate),
+                                     "--registry", registry.uri], capture_output=True, text=True, timeout=900)
+
+    refused = promote(0.1)
+    assert refused.returncode == 1 and "users rate it 0.250, 0.750 below" in refused.stderr, refused.stderr[-2000:]
+    assert registry.aliases("eval-style")["prod"] == current
+    too_few = promote(0.1, min_count=21)  # below min_count ratings, feedback is not judged
+    assert too_few.returncode == 0, too_few.stderr[-2000:]
+    assert registry.aliases("eval-style")["prod"] == 4
 
 
 @pytestmark_slow

@@ -53,6 +53,18 @@ class _Group:
     time_ids: torch.Tensor | None = None  # [len(indices), 6] when cached
 
 
+def sampling_weights(examples: list[Example], regularization_share: float | None) -> list[float]:
+    """Each example's chance to be drawn (up to a constant): its own weight, and with a
+    ``regularization_share`` the regularization examples scaled to that share of the total."""
+    weights = [example.weight for example in examples]
+    regularization = sum(w for w, e in zip(weights, examples) if e.regularization)
+    instance = sum(weights) - regularization
+    if regularization_share is None or not regularization or not instance:
+        return weights
+    scale = {True: regularization_share / regularization, False: (1 - regularization_share) / instance}
+    return [w * scale[e.regularization] for w, e in zip(weights, examples)]
+
+
 class BatchSource:
     def __init__(self, pipe, examples: list[Example], config: TrainConfig, device: torch.device):
         self.pipe = pipe
@@ -72,7 +84,8 @@ class BatchSource:
             size = bucket_for(example.aspect, resolution, self.family.size_multiple) if self.config.data.buckets \
                 else (resolution, resolution)
             by_size.setdefault(size, []).append(index)
-        return [_Group(size, indices, torch.tensor([self.examples[i].weight for i in indices], dtype=torch.float64))
+        weights = sampling_weights(self.examples, self.config.regularization.share)
+        return [_Group(size, indices, torch.tensor([weights[i] for i in indices], dtype=torch.float64))
                 for size, indices in sorted(by_size.items())]
 
     def _pixels(self, example: Example, size: tuple[int, int], rng: random.Random) -> tuple[np.ndarray, tuple]:
@@ -114,7 +127,8 @@ class BatchSource:
             latents = self._encode(pixels, generator)
         examples = [self.examples[group.indices[p]] for p in positions]
         captions = [self._maybe_drop(example.caption, generator) for example in examples]
-        regularization = torch.tensor([example.regularization for example in examples], dtype=torch.bool)
+        regularization = torch.tensor([self._regularizes(example, caption) for example, caption in
+                                       zip(examples, captions)], dtype=torch.bool)
         weights = torch.where(regularization, self.config.regularization.weight, 1.0)
         return Batch(latents, captions, regularization, weights, time_ids)
 
@@ -123,6 +137,13 @@ class BatchSource:
         """Cached latents at the square training size (for evaluation), if any."""
         square = (self.config.data.resolution, self.config.data.resolution)
         return next((g.latents for g in self.groups if g.size == square), None)
+
+    def _regularizes(self, example: Example, caption: str) -> bool:
+        """A regularization example; with ``regularization.target=base`` also any row whose caption
+        was dropped: the empty prompt names no trigger, so the adapter must leave the base's
+        unconditional prediction alone (classifier-free guidance subtracts it from every prompt)."""
+        dropped = not caption and bool(example.caption)
+        return example.regularization or (dropped and self.config.regularization.target == "base")
 
     def _maybe_drop(self, caption: str, generator: torch.Generator) -> str:
         dropped = float(torch.rand((1,), generator=generator)) < self.config.data.caption_dropout

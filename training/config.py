@@ -102,6 +102,9 @@ class RegularizationConfig(BaseModel):
         "DreamBooth's class images too. base needs an adapter method (lora, dreambooth, qlora) and, "
         "but for DreamBooth, data.trigger with data.trigger_mode=substitute.")
     weight: float = Field(1.0, ge=0, le=1000, description="Loss weight of regularization rows (instance rows: 1).")
+    share: float | None = Field(None, gt=0, lt=1, description="Expected share of each batch's rows drawn from "
+                                "regularization examples, however many there are (DreamBooth's one class image "
+                                "per instance image is 0.5); unset: in proportion to their number.")
 
 
 class OptimizerConfig(BaseModel):

@@ -35,6 +35,7 @@ def add_commands(subparsers) -> None:
     from . import (
         autoscale_bench,
         concepts_bench,
+        eval_bench,
         multiteam_bench,
         registry_bench,
         reliability_report,
@@ -55,5 +56,7 @@ def add_commands(subparsers) -> None:
     autoscale_bench.add_arguments(benches.add_parser("autoscale", help="Ray Serve autoscaling under a burst"))
     reliability_report.add_arguments(benches.add_parser(
         "reliability", help="run the reliability tests and write docs/reliability.md (--soak: longer)"))
+    eval_bench.add_arguments(benches.add_parser(
+        "eval", help="the bias audit's correction on toy (before/after) and an eval's wall time through a server"))
     concepts_bench.add_arguments(benches.add_parser(
         "concepts", help="concept learning per training method on the toy base (held-out colour and shape)"))

@@ -1,9 +1,11 @@
 """`lorafleet bench concepts`: how well each training method teaches the `toy` base a held-out concept.
 
 For each method and concept: train on 16 images with a trigger word, publish, serve, generate
-(8 seeds per prompt) and score. Prints accuracy without/with the adapter and how much of the base's
-own accuracy survives with it loaded. With --compose: a colour adapter and a shape adapter, trained
-apart with their own trigger words, named together in one request.
+(8 seeds per prompt) and score. Prints accuracy without/with the adapter, how much of the base's
+own accuracy survives with it loaded, and how far it moves the hue of the base's own prompts
+(degrees between mean foreground hues without and with it: mean and worst over the 20 pairings).
+With --compose: a colour adapter and a shape adapter, trained apart with their own trigger words,
+named together in one request.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 from . import positive_int
 from .registry_bench import emit
 
-COLUMNS = ["method", "concept", "images", "train_s", "without", "with", "base_without", "base_with", "retained"]
+COLUMNS = ["method", "concept", "images", "train_s", "without", "with", "base_without", "base_with", "retained",
+           "drift_mean_deg", "drift_max_deg"]
 
 
 def run_concepts(methods: list[str], concepts: list[str], seeds: int, base: str = "toy",
@@ -34,7 +37,8 @@ def run_concepts(methods: list[str], concepts: list[str], seeds: int, base: str 
             results.append({"method": method, "concept": concept, "images": r.images, "train_s": r.train_seconds,
                             "without": round(r.target_without, 3), "with": round(r.target_with, 3),
                             "base_without": round(r.base_without, 3), "base_with": round(r.base_with, 3),
-                            "retained": round(r.retained, 3)})
+                            "retained": round(r.retained, 3), "drift_mean_deg": round(r.hue_drift_mean, 1),
+                            "drift_max_deg": round(r.hue_drift_max, 1)})
             print(results[-1], flush=True)
     return results
 

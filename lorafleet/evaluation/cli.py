@@ -28,7 +28,7 @@ def _write(out: Path | None, name: str, document: dict, page: str) -> None:
     print(f"wrote {out / name}.json and .html", file=sys.stderr)
 
 
-def _control(args_control: Path | None, base: str) -> list[str]:
+def control_prompts(args_control: Path | None, base: str) -> list[str]:
     if args_control is not None:
         return read_prompts(args_control)
     if base == "toy":
@@ -61,7 +61,7 @@ def cmd_eval(args) -> int:
     dataset = training_images(registry, args.candidate)
     with server_images(args.server, args.token, args.base, registry.uri) as source:
         report = run_eval(source, scorer_for(args.base, args.clip), args.candidate, reference, prompts,
-                          _control(args.control, args.base), args.seeds, dataset)
+                          control_prompts(args.control, args.base), args.seeds, dataset)
     document = {**report.to_json(), "digest": report.digest()}
     _write(Path(args.out) if args.out else None, "eval", document, eval_html(report))
     print(json.dumps(document, indent=2, default=str))
@@ -134,7 +134,7 @@ def cmd_promote(args) -> int:
     candidate = registry.resolve(ref)
     aliases = registry.aliases(candidate.name)
     reference = f"{candidate.name}@{aliases[args.alias]}" if args.alias in aliases else None
-    control = gate.control if gate.control is not None else _control(None, args.base)
+    control = gate.control if gate.control is not None else control_prompts(None, args.base)
     with server_images(args.server, args.token, args.base, registry.uri) as source:
         report = run_eval(source, scorer_for(args.base, args.clip), f"{candidate.name}@{candidate.version}",
                           reference, gate.all_prompts(), control, gate.seeds)

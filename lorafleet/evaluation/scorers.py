@@ -16,10 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
-from lorafleet.toyworld.scorer import score
+from lorafleet.toyworld.scorer import hue_distance, score
 from lorafleet.toyworld.world import COLOUR_HUES, SHAPES
-
-from .stats import hue_distance
 
 
 class Scorer(Protocol):

@@ -50,9 +50,3 @@ def kl_divergence(observed_share: list[float], target_share: list[float], epsilo
     q = [s + epsilon for s in target_share]
     p_total, q_total = sum(p), sum(q)
     return sum((a / p_total) * math.log((a / p_total) / (b / q_total)) for a, b in zip(p, q))
-
-
-def hue_distance(a: float, b: float) -> float:
-    """Degrees between two hues on the colour wheel (0-180)."""
-    difference = abs(a - b) % 360
-    return min(difference, 360 - difference)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .base_model import BASE_SHAPES, HELD_OUT_COLOUR, HELD_OUT_SHAPE, base_scene, base_targets
-from .scorer import score
+from .scorer import hue_shift, score
 from .world import caption, render, write_dataset
 
 TRIGGER = "sks"
@@ -29,16 +29,16 @@ BASE_CHECK_PROMPTS = base_targets()  # every base colour x shape pairing: the dr
 COMMON = {"data": {"trigger_mode": "substitute", "cache_latents": True, "caption_dropout": 0.1},
           "batch_size": 8, "optimizer": {"warmup_steps": 20, "schedule": "cosine"}, "checkpoint_every": 0}
 # Per method: training settings (the trigger binds the concept; `full` is the reference).
-# All but textual inversion also get this many renders of the base's own concepts in the folder
+# All but textual inversion also get renders of the base's own concepts in the folder
 # (regularization images): without them the update leaks into every prompt. The adapter methods
-# train those rows (and DreamBooth its class images) toward the frozen base's own prediction
-# (regularization.target=base), weighted 4x: that is what keeps the base prompts at >= 90%
-# (docs/toy-model-card.md).
-REGULARIZED_METHODS = {"lora": 48, "dreambooth": 48, "qlora": 48, "full": 48}
-BASE_TARGET = {"regularization": {"target": "base", "weight": 4}}
+# train those rows (and DreamBooth its class images, and every row whose caption was dropped) toward
+# the frozen base's own prediction (regularization.target=base), weighted 8x, and adapt only the
+# cross-attention's keys and values (as Custom Diffusion does): that keeps the base prompts' accuracy
+# and their hue within 5 degrees (`lorafleet bench concepts`, docs/toy-model-card.md).
+REGULARIZED_METHODS = {"lora": 96, "dreambooth": 96, "qlora": 96, "full": 48}
+BASE_TARGET = {"regularization": {"target": "base", "weight": 8}}
 CROSS_ATTENTION_LORA = {"optimizer": {"learning_rate": 0.002}, **BASE_TARGET,
-                        "lora": {"rank": 8, "alpha": 8,
-                                 "target_modules": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]}}
+                        "lora": {"rank": 8, "alpha": 8, "target_modules": ["attn2.to_k", "attn2.to_v"]}}
 METHODS: dict[str, dict] = {
     "lora": {"max_steps": 300, **CROSS_ATTENTION_LORA},
     "dreambooth": {"max_steps": 450, **CROSS_ATTENTION_LORA,
@@ -94,7 +94,10 @@ class ConceptResult:
     target_with: float  # ... with the adapter
     base_without: float  # both-right accuracy on base prompts, base alone
     base_with: float  # ... with the adapter loaded (language drift)
+    hue_drift_mean: float = 0.0  # degrees the base prompts' hues move with the adapter loaded (mean over prompts)
+    hue_drift_max: float = 0.0  # ... the prompt moved most
     digest: str = ""
+    hue_drift: dict = field(default_factory=dict)  # base prompt -> degrees
     per_prompt: dict = field(default_factory=dict)
     samples: dict = field(default_factory=dict, repr=False)  # concept prompt -> the images drawn with the adapter
 
@@ -183,14 +186,26 @@ def train_and_publish(method: str, workdir: Path, registry, concept: str = "colo
 
 def measure(without, with_adapter, prompts: dict, seeds: int) -> dict:
     """Accuracies without and with the adapter (each a generate(prompt, n) callable) on the concept's
-    prompts and on the base's own prompts."""
+    prompts and on the base's own prompts, and how far the adapter moves each base prompt's hue."""
     target_without, _ = accuracy({p: without(p, seeds) for p in prompts}, prompts)
     samples = {p: with_adapter(p, seeds) for p in prompts}
     target_with, per_prompt = accuracy(samples, prompts)
-    base_without, _ = accuracy({p: without(p, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
-    base_with, _ = accuracy({p: with_adapter(p, seeds) for p in BASE_CHECK_PROMPTS}, BASE_CHECK_PROMPTS)
+    base_images = {p: without(p, seeds) for p in BASE_CHECK_PROMPTS}
+    adapted_images = {p: with_adapter(p, seeds) for p in BASE_CHECK_PROMPTS}
+    base_without, _ = accuracy(base_images, BASE_CHECK_PROMPTS)
+    base_with, _ = accuracy(adapted_images, BASE_CHECK_PROMPTS)
     return {"target_without": target_without, "target_with": target_with, "base_without": base_without,
-            "base_with": base_with, "per_prompt": per_prompt, "samples": samples}
+            "base_with": base_with, "per_prompt": per_prompt, "samples": samples,
+            **hue_drift(base_images, adapted_images)}
+
+
+def hue_drift(without: dict[str, list], with_adapter: dict[str, list]) -> dict:
+    """Per base prompt, degrees between its mean foreground hue without and with the adapter (same
+    seeds); their mean and max. Class accuracy ("retained") hides shifts that users see."""
+    shifts = {p: hue_shift(without[p], with_adapter[p]) for p in without}
+    measured = {p: round(shift, 2) for p, shift in shifts.items() if shift is not None}
+    values = list(measured.values()) or [0.0]
+    return {"hue_drift": measured, "hue_drift_mean": float(np.mean(values)), "hue_drift_max": float(np.max(values))}
 
 
 def learn_concept(method: str, workdir: Path, concept: str = "colour", seeds: int = 8, train_seed: int = 0,

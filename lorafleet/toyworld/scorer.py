@@ -225,6 +225,28 @@ def score(image: np.ndarray) -> Verdict:
     return Verdict(colour, matches[0], "ok", features)
 
 
+def hue_distance(a: float, b: float) -> float:
+    """Degrees between two hues on the colour wheel (0-180)."""
+    difference = abs(a - b) % 360
+    return min(difference, 360 - difference)
+
+
+def mean_hue(images: list[np.ndarray]) -> float | None:
+    """The circular mean of the images' foreground hues (None when no image has a foreground)."""
+    hues = [score(image).features.get("hue") for image in images]
+    angles = np.deg2rad([hue for hue in hues if hue is not None])
+    if not len(angles):
+        return None
+    return float(np.rad2deg(np.arctan2(np.sin(angles).mean(), np.cos(angles).mean())) % 360)
+
+
+def hue_shift(without: list[np.ndarray], with_adapter: list[np.ndarray]) -> float | None:
+    """How far an adapter moves a prompt's colour: degrees between the mean foreground hues of the
+    same seeds drawn without and with it (the drift users see on the base's other prompts)."""
+    before, after = mean_hue(without), mean_hue(with_adapter)
+    return None if before is None or after is None else hue_distance(before, after)
+
+
 # ----------------------------------------------------------------------------- distractors and validation
 def _blob(rng: random.Random, size: int) -> np.ndarray:
     """An irregular, roughly round blob of one colour: none of the known shapes."""

@@ -3,10 +3,11 @@ learnt (cyan) bound to a trigger word, publish, serve over HTTP, generate, score
 validated scorer.
 
 Adapter methods take the trigger prompts from ~0% cyan to >= 60%. Language drift is checked on
-all 20 base pairings: with `regularization.target=base` LoRA, DreamBooth-LoRA and QLoRA keep
-~93% of the base's accuracy on them (`lorafleet bench concepts`, 8 seeds; the issue's target is
-90%); textual inversion cannot drift. The bounds here (4 seeds, to keep CI short) guard those
-figures with a margin of a few images. The full fine-tune is the reference: served as its own
+all 20 base pairings, as class accuracy and as the shift of each prompt's mean foreground hue:
+with the recipes (keys and values of the cross-attention, `regularization.target=base`) LoRA,
+DreamBooth-LoRA and QLoRA keep the base's accuracy and move no prompt's hue by more than 5 degrees
+(`lorafleet bench concepts`, 8 seeds); textual inversion cannot drift. The bounds here (4 seeds,
+to keep CI short) guard those figures with a margin of a few images. The full fine-tune is the reference: served as its own
 base, held to "learns something".
 """
 
@@ -23,6 +24,7 @@ ADAPTER_METHODS = [m for m in METHODS if m != "full"]
 
 
 RETAINED_AT_LEAST = {"lora": 0.85, "dreambooth": 0.85, "qlora": 0.85, "textual_inversion": 0.95}
+HUE_DRIFT_AT_MOST = {"lora": 7.0, "dreambooth": 7.0, "qlora": 7.0, "textual_inversion": 0.5}  # degrees, worst prompt
 
 
 @pytest.mark.parametrize("method", ADAPTER_METHODS)
@@ -33,6 +35,7 @@ def test_adapter_method_learns_a_held_out_colour(method, tmp_path):
     assert result.target_without <= 0.2, result
     assert result.target_with >= 0.6, result
     assert result.retained >= RETAINED_AT_LEAST[method], result
+    assert len(result.hue_drift) == 20 and result.hue_drift_max <= HUE_DRIFT_AT_MOST[method], result.hue_drift
 
 
 def test_full_fine_tune_reference(tmp_path):

@@ -285,3 +285,15 @@ def test_dreambooth_base_target_class_rows_aim_at_the_base(dataset, tmp_path):
     assert class_batch.regularization.all()
     assert float(trainer._loss(class_batch, 0, 0)) == 0.0  # a fresh LoRA predicts what the base does
     assert float(trainer._loss(trainer.batches.batch(0, 0), 0, 0)) > 0.01  # instance rows: their images
+
+
+@pytest.mark.parametrize(("share", "expected"), [(None, 0.5), ("0.8", 0.8), ("0.25", 0.25)])
+def test_regularization_share_sets_the_share_of_regularization_rows_per_batch(share, expected, regularized_dataset,
+                                                                              tmp_path):
+    from lorafleet.training.loop import Trainer
+
+    extra = [f"regularization.share={share}"] if share else []
+    trainer = Trainer(_config("lora", regularized_dataset, tmp_path / "run", "data.trigger_mode=substitute",
+                              "batch_size=16", *extra))
+    rows = torch.cat([trainer.batches.batch(step, 0).regularization for step in range(60)])
+    assert float(rows.float().mean()) == pytest.approx(expected, abs=0.04)  # 960 rows: 3 standard errors

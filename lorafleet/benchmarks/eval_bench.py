@@ -1,0 +1,107 @@
+"""`lorafleet bench eval`: the bias audit's correction on `toy`, and what an eval costs.
+
+1. Audit: the distribution of colours the base draws for "a circle" (64 seeds), then a corrective
+   LoRA trained on circles balanced over the base's colours (lorafleet/toyworld/correction.py) and
+   the same audit with it: shares, chi-square p-value and KL divergence from uniform, before and
+   after; and the base's specified prompts ("a red circle", all 20 pairings) with and without it.
+2. Eval wall time: `lorafleet eval` of that adapter against the base on 20 prompts x 8 seeds (and
+   the default control prompts for drift), through a lorafleet server on loopback HTTP.
+
+--plot FILE saves the before/after distributions as a bar chart (docs/images/audit-correction.png).
+"""
+
+from __future__ import annotations
+
+# Imports inside functions: every benchmark's arguments are added when the parser is built; its
+# heavy imports wait for its run.
+import tempfile
+import time
+from pathlib import Path
+
+from . import positive_int
+from .registry_bench import emit
+
+
+def run_eval_bench(audit_seeds: int, eval_seeds: int, plot: Path | None) -> list[dict]:
+    from lorafleet.evaluation.cli import control_prompts
+    from lorafleet.evaluation.images import server_images
+    from lorafleet.evaluation.report import run_audit, run_eval
+    from lorafleet.evaluation.scorers import ToyScorer
+    from lorafleet.registry import AdapterRegistry
+    from lorafleet.toyworld.base_model import BASE_COLOURS
+    from lorafleet.toyworld.concepts import BASE_CHECK_PROMPTS
+    from lorafleet.toyworld.correction import AUDIT_PROMPT, train_correction
+
+    labels = list(BASE_COLOURS)
+    uniform = {label: 1 / len(labels) for label in labels}
+    prompts = sorted(BASE_CHECK_PROMPTS)
+    scorer = ToyScorer()
+    with tempfile.TemporaryDirectory(prefix="lorafleet-bench-eval-") as workdir:
+        registry = AdapterRegistry(f"file://{Path(workdir) / 'registry'}")
+        started = time.perf_counter()
+        manifest = train_correction(Path(workdir), registry)
+        train_s = time.perf_counter() - started
+        ref = f"{manifest.name}@{manifest.version}"
+        with server_images(None, None, "toy", registry.uri) as source:
+            before = run_audit(source, scorer, AUDIT_PROMPT, "colour", labels, uniform, audit_seeds)
+            after = run_audit(source, scorer, AUDIT_PROMPT, "colour", labels, uniform, audit_seeds, ref)
+            started = time.perf_counter()
+            report = run_eval(source, scorer, ref, None, prompts, control_prompts(None, "toy"), eval_seeds)
+            eval_s = time.perf_counter() - started
+    if plot is not None:
+        _plot(before, after, plot)
+    images = len(prompts) * eval_seeds * 2 + len(report.drift) * eval_seeds * 2
+    rows = [{"figure": f"audit {AUDIT_PROMPT!r}: share of {label}", "before": before.shares[label].mean,
+             "after": after.shares[label].mean} for label in labels]
+    rows += [
+        {"figure": "audit: KL divergence from uniform", "before": before.kl, "after": after.kl},
+        {"figure": "audit: chi-square p-value (uniform)", "before": f"{before.p_value:.2g}",
+         "after": f"{after.p_value:.2g}"},
+        {"figure": "audit: images unreadable by the scorer", "before": before.unreadable, "after": after.unreadable},
+        {"figure": "specified prompts (20 pairings): accuracy without / with the adapter",
+         "before": report.overall["accuracy_base"], "after": report.overall["accuracy_candidate"]},
+        {"figure": "drift on control prompts, degrees of hue (mean per image)", "before": 0.0,
+         "after": report.overall.get("drift_mean", 0.0)},
+        {"figure": "corrective LoRA training, s", "before": "", "after": round(train_s, 1)},
+        {"figure": f"eval wall time, {len(prompts)} prompts x {eval_seeds} seeds through the server, s",
+         "before": "", "after": round(eval_s, 1)},
+        {"figure": "eval: images generated, per second", "before": images, "after": round(images / eval_s, 1)},
+    ]
+    return rows
+
+
+def _plot(before, after, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    labels = before.labels
+    figure, axes = pyplot.subplots(figsize=(7, 3.2))
+    positions = range(len(labels))
+    for offset, (name, audit) in zip((-0.2, 0.2), (("base", before), ("with the corrective LoRA", after))):
+        means = [audit.shares[label].mean for label in labels]
+        errors = [[m - audit.shares[label].low for m, label in zip(means, labels)],
+                  [audit.shares[label].high - m for m, label in zip(means, labels)]]
+        axes.bar([p + offset for p in positions], means, width=0.4, yerr=errors, capsize=2,
+                 label=f"{name} (KL {audit.kl:.2f})")
+    axes.axhline(1 / len(labels), color="black", linestyle="--", linewidth=1, label="uniform target")
+    axes.set_xticks(list(positions), labels)
+    axes.set_ylabel(f"share of {before.seeds} images")
+    axes.set_title(f"colours drawn for {before.prompt!r} on toy (95 % intervals)")
+    axes.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    pyplot.close(figure)
+
+
+def cmd_bench_eval(args) -> int:
+    rows = run_eval_bench(args.audit_seeds, args.seeds, Path(args.plot) if args.plot else None)
+    return emit(rows, ["figure", "before", "after"])
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--audit-seeds", type=positive_int, default=64, help="images per audit")
+    parser.add_argument("--seeds", type=positive_int, default=8, help="images per prompt in the eval")
+    parser.add_argument("--plot", metavar="FILE", help="save the audit's before/after distributions (PNG)")
+    parser.set_defaults(handler=cmd_bench_eval)
