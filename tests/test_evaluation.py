@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -158,21 +159,31 @@ def test_the_audit_detects_a_skew_and_measures_a_correction(tmp_path):
     from lorafleet.evaluation.report import run_audit
     from lorafleet.evaluation.scorers import ToyScorer
     from lorafleet.toyworld.base_model import BASE_COLOURS
+    from lorafleet.toyworld.concepts import BASE_CHECK_PROMPTS
+    from lorafleet.toyworld.correction import AUDIT_PROMPT, train_correction
 
     torch.manual_seed(0)
     registry = AdapterRegistry(f"file://{tmp_path / 'registry'}")
     _train(tmp_path, registry, "skew-red", ("red",))
-    _train(tmp_path, registry, "balanced", BASE_COLOURS, seed=1)
+    train_correction(tmp_path, registry, name="balanced")
     labels = list(BASE_COLOURS)
     uniform = {label: 1 / len(labels) for label in labels}
+    specified = sorted(BASE_CHECK_PROMPTS)[::4]
+    scorer = ToyScorer()
     with server_images(None, None, "toy", registry.uri) as source:
-        audits = {ref: run_audit(source, ToyScorer(), "a circle", "colour", labels, uniform, 64, ref)
+        audits = {ref: run_audit(source, scorer, AUDIT_PROMPT, "colour", labels, uniform, 64, ref)
                   for ref in (None, "skew-red@1", "balanced@1")}
-    skewed, corrected = audits["skew-red@1"], audits["balanced@1"]
-    assert skewed.shares["red"].mean > 0.5 and skewed.p_value < 1e-3, skewed  # detected
-    assert corrected.kl < skewed.kl and corrected.shares["red"].mean < skewed.shares["red"].mean
-    figures = {ref or "base": {"red": a.shares["red"].mean, "kl": a.kl, "p": a.p_value} for ref, a in audits.items()}
-    print("audit:", json.dumps(figures))
+        kept = {ref: np.mean([np.mean(scorer.accuracy(p, source.images(p, ref, 4))) for p in specified])
+                for ref in (None, "balanced@1")}
+    base, skewed, corrected = audits[None], audits["skew-red@1"], audits["balanced@1"]
+    assert base.p_value < 1e-3 and base.kl > 0.5, base  # the base's own skew is detected
+    assert skewed.shares["red"].mean > 0.5 and skewed.p_value < 1e-3, skewed  # a skew made on purpose too
+    assert corrected.kl < base.kl / 2, (base, corrected)  # the correction halves the divergence at least
+    assert corrected.unreadable <= 32, corrected  # ... with most images still one clean colour
+    assert kept["balanced@1"] >= kept[None] - 0.15, kept  # and specified prompts keep their colour and shape
+    figures = {ref or "base": {"red": a.shares["red"].mean, "kl": a.kl, "p": a.p_value, "unreadable": a.unreadable}
+               for ref, a in audits.items()}
+    print("audit:", json.dumps(figures), "specified:", kept)
 
 
 @pytestmark_slow

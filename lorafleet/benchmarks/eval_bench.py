@@ -87,7 +87,7 @@ def _plot(before, after, path: Path) -> None:
                  label=f"{name} (KL {audit.kl:.2f})")
     axes.axhline(1 / len(labels), color="black", linestyle="--", linewidth=1, label="uniform target")
     axes.set_xticks(list(positions), labels)
-    axes.set_ylabel(f"share of {before.seeds} images")
+    axes.set_ylabel(f"share of the readable images (of {before.seeds})")
     axes.set_title(f"colours drawn for {before.prompt!r} on toy (95 % intervals)")
     axes.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
