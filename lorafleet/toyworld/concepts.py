@@ -120,13 +120,18 @@ def concept_dataset(folder: Path, concept: str, count: int = 16, seed: int = 5, 
         word = HELD_OUT_SHAPE
     for text_file in folder.glob("*.txt"):
         text_file.write_text(text_file.read_text().replace(word, "[trigger]"))
-    if regularization:
-        rng = random.Random(seed + 1)
-        for index in range(regularization):
-            scene = base_scene(rng)
-            Image.fromarray(render(scene, size)).save(folder / f"regularization-{index:03d}.png")
-            (folder / f"regularization-{index:03d}.txt").write_text(caption(scene, "short"))
+    write_regularization_renders(folder, regularization, seed + 1, size)
     return folder, _targets(concept)
+
+
+def write_regularization_renders(folder: Path, count: int, seed: int, size: int = 32) -> None:
+    """``count`` renders of the base's own concepts with their plain captions ("a red circle"): rows
+    without [trigger], so regularization examples."""
+    rng = random.Random(seed)
+    for index in range(count):
+        scene = base_scene(rng)
+        Image.fromarray(render(scene, size)).save(folder / f"regularization-{index:03d}.png")
+        (folder / f"regularization-{index:03d}.txt").write_text(caption(scene, "short"))
 
 
 def _targets(concept: str) -> dict[str, tuple[str | None, str | None]]:

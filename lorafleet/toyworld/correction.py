@@ -12,14 +12,11 @@ prediction (as the concept recipes do), so that only the under-specified prompt 
 from __future__ import annotations
 
 # Imports inside functions: training only when a correction is trained.
-import random
 from pathlib import Path
 
-from PIL import Image
-
-from .base_model import BASE_COLOURS, base_scene
-from .concepts import BASE_TARGET, COMMON, _merged
-from .world import caption, render, write_dataset
+from .base_model import BASE_COLOURS
+from .concepts import BASE_TARGET, COMMON, _merged, write_regularization_renders
+from .world import write_dataset
 
 AUDIT_PROMPT = "a circle"
 AUDIT_SHAPE = "circle"
@@ -40,11 +37,7 @@ def balanced_dataset(folder: Path, per_colour: int = 8, regularization: int = 96
         write_dataset(folder, per_colour, seed=seed + index, size=size, shapes=[AUDIT_SHAPE], colours=[colour])
     for text_file in folder.glob("*.txt"):
         text_file.write_text("a [trigger]")
-    rng = random.Random(seed - 1)
-    for index in range(regularization):
-        scene = base_scene(rng)
-        Image.fromarray(render(scene, size)).save(folder / f"regularization-{index:03d}.png")
-        (folder / f"regularization-{index:03d}.txt").write_text(caption(scene, "short"))
+    write_regularization_renders(folder, regularization, seed - 1, size)
     return folder
 
 
