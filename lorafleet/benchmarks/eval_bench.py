@@ -71,28 +71,15 @@ def run_eval_bench(audit_seeds: int, eval_seeds: int, plot: Path | None) -> list
 
 
 def _plot(before, after, path: Path) -> None:
-    import matplotlib
+    """The chart `lorafleet eval audit --adapter` puts in its report, as a PNG file."""
+    import matplotlib.pyplot as plt
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
+    from lorafleet.evaluation.report import audit_chart
 
-    labels = before.labels
-    figure, axes = pyplot.subplots(figsize=(7, 3.2))
-    positions = range(len(labels))
-    for offset, (name, audit) in zip((-0.2, 0.2), (("base", before), ("with the corrective LoRA", after))):
-        means = [audit.shares[label].mean for label in labels]
-        errors = [[m - audit.shares[label].low for m, label in zip(means, labels)],
-                  [audit.shares[label].high - m for m, label in zip(means, labels)]]
-        axes.bar([p + offset for p in positions], means, width=0.4, yerr=errors, capsize=2,
-                 label=f"{name} (KL {audit.kl:.2f})")
-    axes.axhline(1 / len(labels), color="black", linestyle="--", linewidth=1, label="uniform target")
-    axes.set_xticks(list(positions), labels)
-    axes.set_ylabel(f"share of the readable images (of {before.seeds})")
-    axes.set_title(f"colours drawn for {before.prompt!r} on toy (95 % intervals)")
-    axes.legend(fontsize=8)
+    figure = audit_chart(after, before)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100, bbox_inches="tight")
-    pyplot.close(figure)
+    plt.close(figure)
 
 
 def cmd_bench_eval(args) -> int:

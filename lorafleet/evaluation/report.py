@@ -187,7 +187,8 @@ def _png(figure_or_image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _bars(title: str, names: list[str], series: dict[str, list[Measure]], ylabel: str) -> str:
+def bar_chart(title: str, names: list[str], series: dict[str, list[Measure]], ylabel: str):
+    """Grouped bars with their intervals as error bars (a matplotlib figure; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +204,14 @@ def _bars(title: str, names: list[str], series: dict[str, list[Measure]], ylabel
     axis.set_xticks(np.arange(len(names)) + width * (len(series) - 1) / 2, names, rotation=20, ha="right")
     axis.set_title(title)
     axis.set_ylabel(ylabel)
-    axis.legend()
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _bars(title: str, names: list[str], series: dict[str, list[Measure]], ylabel: str) -> str:
+    import matplotlib.pyplot as plt
+
+    figure = bar_chart(title, names, series, ylabel)
     encoded = _png(figure)
     plt.close(figure)
     return encoded
@@ -230,12 +238,23 @@ def eval_html(report: EvalReport) -> str:
     return _page("lorafleet eval", parts)
 
 
-def audit_html(report: AuditReport, before: AuditReport | None = None) -> str:
-    series = {**({"before": [before.shares[label] for label in report.labels]} if before else {}),
-              report.adapter or "base": [report.shares[label] for label in report.labels],
+def audit_chart(report: AuditReport, before: AuditReport | None = None):
+    """The attribute's shares (95 % intervals) with the adapter, the base's before it, and the target."""
+    series = {**({f"before (KL {before.kl:.2f})": [before.shares[label] for label in report.labels]}
+                 if before else {}),
+              f"{report.adapter or 'base'} (KL {report.kl:.2f})": [report.shares[label] for label in report.labels],
               "target": [Measure(report.target.get(label, 0.0), report.target.get(label, 0.0),
                                  report.target.get(label, 0.0), 0) for label in report.labels]}
-    chart = _bars(f"{report.attribute} for {report.prompt!r}", report.labels, series, "share")
+    return bar_chart(f"{report.attribute} for {report.prompt!r} (95 % intervals)", report.labels, series,
+                     f"share of the readable images (of {report.seeds})")
+
+
+def audit_html(report: AuditReport, before: AuditReport | None = None) -> str:
+    import matplotlib.pyplot as plt
+
+    figure = audit_chart(report, before)
+    chart = _png(figure)
+    plt.close(figure)
     parts = [f"<h1>lorafleet eval audit: {html.escape(report.prompt)}</h1>", f'<img src="{chart}">',
              "<pre>" + html.escape(json.dumps(report.to_json(), indent=2, default=str)) + "</pre>"]
     return _page("lorafleet audit", parts)
