@@ -161,15 +161,30 @@ def _install_error_handlers(app: FastAPI, retry_after: int) -> None:
                                None, retry_after)
 
 
-def _install_metrics_middleware(app: FastAPI, service: GenerationService) -> None:
-    @app.middleware("http")
-    async def record(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        service.metrics.record_request(path, response.status_code, time.perf_counter() - started)
-        return response
+class RequestMetrics:
+    """Counts every request by route and status with its duration: a pure ASGI middleware (FastAPI's
+    ``@app.middleware("http")`` runs each request through an extra task and stream, a cost on
+    every call)."""
+
+    def __init__(self, app, service: GenerationService):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:  # the router put the matched route on the scope
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.service.metrics.record_request(path, status, time.perf_counter() - started)
 
 
 def _parse_size(size: str | None, native: int) -> tuple[int, int]:
@@ -199,7 +214,7 @@ def create_api(service: GenerationService, tokens: TokenTable, trainings: Traini
     upload_limit = service.settings.trainings.max_upload_bytes if service.settings.trainings else None
     app.add_middleware(RequestGuard, tokens=tokens, max_body_bytes=service.settings.max_body_bytes,
                        max_upload_bytes=upload_limit)
-    _install_metrics_middleware(app, service)  # outermost: counts the guard's refusals too
+    app.add_middleware(RequestMetrics, service=service)  # outermost: counts the guard's refusals too
     generate_scope, admin_scope = _scope_guards(tokens, "generate"), _scope_guards(tokens, "admin")
     _install_generation_routes(app, service, generate_scope)
     _install_adapter_routes(app, service, generate_scope, admin_scope)

@@ -6,7 +6,8 @@ started server (Ray Serve: proxy, gateway, replica).
 - Where the time goes: each response's own ``timings.breakdown`` (checks, resolve, output cache,
   backend call, inside the replica, waiting for a pass, the pass, encoding) and the client's own
   total (its excess over the server's total is HTTP and the proxy), at idle and under load; the
-  idle latency over a direct pipeline call.
+  idle latency over a direct pipeline call in the client's process, both made just before each
+  idle request (the same machine: Ray Serve idle in the background) and before Ray started.
 - The output cache: prompts drawn from a Zipf distribution so that about 30 % of requests repeat
   an earlier one, with the cache and without (``"cache": false``), interleaved.
 """
@@ -107,19 +108,20 @@ def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tup
 
 
 def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path, concurrency: int = 8) -> dict:
-    from .serve_bench import _direct_ms
+    from .serve_bench import DirectCall
     from .throughput_bench import _naive_rate, _Setup, _traffic
 
     setup = _Setup(base, max(SCENARIOS), steps, workdir)
     names = [f"{manifest.name}@{manifest.version}" for manifest in setup.manifests]
-    direct_ms = _direct_ms(base, steps, 5)
+    direct = DirectCall(base, steps)
+    direct_without_ray = statistics.median(direct.ms() for _ in range(5))
     naive = _naive_rate(setup, _traffic(100, min(requests, 16)))
     server = _start(base, setup.registry_uri, workdir, max_batch_images=concurrency)
     try:
         traffic = _Traffic(server.url, steps, names)
         for index in range(8):  # warm-up: the base, and adapters into the host tier
             traffic.one(None), traffic.one(index)
-        idle = [traffic.one(None) for _ in range(10)]
+        idle, direct_beside = _idle_pairs(traffic, direct, 10)
         rates: dict[int, list[float]] = {n: [] for n in SCENARIOS}
         loaded: dict[int, list[dict]] = {n: [] for n in SCENARIOS}
         cache_rates: dict[bool, list[float]] = {True: [], False: []}
@@ -136,20 +138,37 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
                 cache_rows[cached] += rows
     finally:
         server.stop()
-    return _report(base, steps, requests, rounds, concurrency, direct_ms, naive, idle, rates, loaded,
-                   cache_rates, cache_rows, repeat_share)
+    return _report(base, steps, requests, rounds, concurrency, (direct_without_ray, direct_beside), naive, idle,
+                   rates, loaded, cache_rates, cache_rows, repeat_share)
 
 
-def _report(base, steps, requests, rounds, concurrency, direct_ms, naive, idle, rates, loaded, cache_rates,
+def _idle_pairs(traffic: _Traffic, direct, pairs: int) -> tuple[list[dict], float]:
+    """Idle requests, each beside a direct pipeline call in this process made just before it, so
+    both meet the same machine (Ray Serve idle in the background): (the requests, the direct p50)."""
+    rows, direct_ms = [], []
+    for _ in range(pairs):
+        direct_ms.append(direct.ms())
+        rows.append(traffic.one(None))
+    return rows, statistics.median(direct_ms)
+
+
+def _overhead(label: str, idle_p50: float, direct_ms: float) -> dict:
+    return {f"direct_{label}_ms": round(direct_ms, 1),
+            f"http_idle_overhead_{label}_ms": round(idle_p50 - direct_ms, 1),
+            f"http_idle_overhead_{label}_pct": round(100 * (idle_p50 - direct_ms) / direct_ms, 1)}
+
+
+def _report(base, steps, requests, rounds, concurrency, direct, naive, idle, rates, loaded, cache_rates,
             cache_rows, repeat_share) -> dict:
+    """``direct``: the direct call's p50 before Ray started, and beside the idle requests."""
     median = {n: statistics.median(values) for n, values in rates.items()}
     idle_p50 = statistics.median(row["client_ms"] for row in idle)
+    without_ray, beside = direct
     result = {
         "base": base, "steps": steps, "http_requests_per_scenario": requests, "http_rounds": rounds,
-        "http_concurrency": concurrency,
-        "direct_generation_ms": round(direct_ms, 1), "http_idle_p50_ms": round(idle_p50, 1),
-        "http_idle_overhead_ms": round(idle_p50 - direct_ms, 1),
-        "http_idle_overhead_pct": round(100 * (idle_p50 - direct_ms) / direct_ms, 1),
+        "http_concurrency": concurrency, "http_idle_p50_ms": round(idle_p50, 1),
+        **_overhead("beside_ray", idle_p50, beside), **_overhead("without_ray", idle_p50, without_ray),
+        "ray_idle_slows_direct_pct": round(100 * (beside - without_ray) / without_ray, 1),
         **{f"http_{n}_images_per_s": round(median[n], 3) for n in SCENARIOS},
         **{f"http_{n}_range": [round(min(rates[n]), 3), round(max(rates[n]), 3)] for n in SCENARIOS},
         "http_1_to_0": round(median[1] / median[0], 3), "http_100_to_0": round(median[100] / median[0], 3),

@@ -34,21 +34,31 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+class DirectCall:
+    """One generation by calling the base's pipeline in this process: the server's defaults (the
+    base's native size, the family's guidance), the reference every request-path figure is over."""
+
+    def __init__(self, base: str, steps: int):
+        from lorafleet.bases import load_base
+
+        self.loaded, self.steps = load_base(base), steps
+        self.options = self.loaded.family.pipeline_call_options(self.loaded.pipeline)
+        self.ms()  # warm-up
+
+    def ms(self) -> float:
+        import torch
+
+        size = self.loaded.native_size
+        started = time.perf_counter()
+        self.loaded.pipeline(PROMPT, num_inference_steps=self.steps, generator=torch.Generator().manual_seed(0),
+                             output_type="np", height=size, width=size,
+                             guidance_scale=self.loaded.family.default_guidance_scale, **self.options)
+        return 1000 * (time.perf_counter() - started)
+
+
 def _direct_ms(base: str, steps: int, repeats: int) -> float:
-    import torch
-
-    from lorafleet.bases import load_base
-
-    loaded = load_base(base)
-    pipe, size = loaded.pipeline, loaded.native_size
-    options = loaded.family.pipeline_call_options(pipe)
-
-    def one():  # the server's defaults: the base's native size, the family's guidance
-        pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np",
-             height=size, width=size, guidance_scale=loaded.family.default_guidance_scale, **options)
-
-    one()  # warm-up
-    return _median_ms(one, repeats)
+    direct = DirectCall(base, steps)
+    return statistics.median(direct.ms() for _ in range(repeats))
 
 
 class _Client:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
 
 from lorafleet.registry import PublishRequest
@@ -187,6 +188,25 @@ def test_metrics_pass_promtool(client):
     assert promtool, "promtool is installed by scripts/setup.sh (Debian package prometheus)"
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _requests_counted(client) -> dict[tuple[str, str], float]:
+    counted = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "lorafleet_requests_total":
+                counted[sample.labels["route"], sample.labels["status"]] = sample.value
+    return counted
+
+
+def test_every_request_is_counted_by_its_route_and_status(client):
+    before = _requests_counted(client)
+    client.post("/v1/generate", json=_body())
+    client.post("/v1/generate", json={**_body(), "steps": -1})
+    client.get("/v1/no-such-route")
+    after = _requests_counted(client)
+    for key in (("/v1/generate", "200"), ("/v1/generate", "422"), ("unmatched", "404")):
+        assert after.get(key, 0) - before.get(key, 0) == 1, key
 
 
 class TestAuth:
