@@ -179,7 +179,7 @@ def test_the_audit_detects_a_skew_and_measures_a_correction(tmp_path):
     assert base.p_value < 1e-3 and base.kl > 0.5, base  # the base's own skew is detected
     assert skewed.shares["red"].mean > 0.5 and skewed.p_value < 1e-3, skewed  # a skew made on purpose too
     assert corrected.kl < base.kl / 2, (base, corrected)  # the correction halves the divergence at least
-    assert corrected.unreadable <= 32, corrected  # ... with most images still one clean colour
+    assert corrected.unreadable <= 20, corrected  # ... with most images one clean colour (22 of 64 before guided targets)
     assert kept["balanced@1"] >= kept[None] - 0.15, kept  # and specified prompts keep their colour and shape
     figures = {ref or "base": {"red": a.shares["red"].mean, "kl": a.kl, "p": a.p_value, "unreadable": a.unreadable}
                for ref, a in audits.items()}

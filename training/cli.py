@@ -28,6 +28,7 @@ mixed_precision: "no"       # fp16 / bf16 autocast on CUDA only
 min_snr_gamma: null         # e.g. 5.0 for Min-SNR weighting
 noise_offset: 0.0
 ema_decay: null             # e.g. 0.999
+guided_target_scale: null   # e.g. 4.0 (classic-CFG families): guidance at this scale reproduces the data
 checkpoint_every: 50        # checkpoint (and validation grid) every N steps
 validation_prompts: ["sks a photo"]
 output_dir: lorafleet-runs/my-run

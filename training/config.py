@@ -191,6 +191,13 @@ class TrainConfig(BaseModel):
     dreambooth: DreamBoothConfig = Field(default_factory=DreamBoothConfig)
     textual_inversion: TextualInversionConfig = Field(default_factory=TextualInversionConfig)
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    guided_target_scale: float | None = Field(
+        None, gt=1, le=30, description="Train the instance rows so that classifier-free guidance at this scale, "
+        "not the conditional prediction alone, reproduces their images: their target becomes u + (target - u) / "
+        "scale, u the frozen base's unconditional prediction for the same noisy input. Guidance samples in "
+        "proportion to p(x|prompt) (p(x|prompt) / p(x))^(scale - 1), so an adapter meant to set an attribute's "
+        "balance (toyworld/correction.py) otherwise comes out divided by the base's unconditional balance. "
+        "Needs an adapter method (lora, dreambooth, qlora) and a family guided by classic CFG.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     flow_matching: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -210,6 +217,10 @@ class TrainConfig(BaseModel):
             raise ValueError("textual_inversion.token must not be empty")
         if self.regularization.target == "base":
             self._check_base_target()
+        if self.guided_target_scale is not None and self.method not in ADAPTER_METHODS:
+            raise TrainingInputInvalid(f"guided_target_scale needs the frozen base's prediction, from an adapter "
+                                       f"method ({', '.join(m.value for m in ADAPTER_METHODS)}), not "
+                                       f"{self.method.value}", field="guided_target_scale")
         return self
 
     def _check_base_target(self) -> None:

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -102,6 +102,9 @@ class Trainer:
         if config.data.resolution % self.family.size_multiple:
             raise TrainingInputInvalid(f"data.resolution must be a multiple of {self.family.size_multiple} for "
                                        f"{self.family.title} bases", field="data.resolution")
+        if config.guided_target_scale is not None and self.family.offers_true_cfg:
+            raise TrainingInputInvalid(f"guided_target_scale: {self.family.title} bases guide through a guidance "
+                                       "embedding, not classic classifier-free guidance", field="guided_target_scale")
         self.objective = self.family.training_objective(self.pipe, config.objective_options())
         self.class_source = self._class_images() if self.method.class_examples_needed() else None
         self.parameters = self.method.prepare(self.pipe)
@@ -143,6 +146,7 @@ class Trainer:
         generator = step_generator(self.config.seed, step, 500 + stream)
         noised = self.objective.noised(batch.latents, generator)
         target = self._toward_base(batch, noised.noisy, noised.timesteps, noised.target)
+        target = self._for_guidance(batch, noised.noisy, noised.timesteps, target)
         with self._autocast():
             prediction = self._predict(batch, noised.noisy, noised.timesteps)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
@@ -161,6 +165,24 @@ class Trainer:
         target = target.clone()
         with torch.no_grad(), self.method.base_model(self.pipe), self._autocast():
             target[rows] = self._predict(batch.rows(rows), noisy[rows], timesteps[rows]).to(target.dtype)
+        return target
+
+    def _for_guidance(self, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor,
+                      target: torch.Tensor) -> torch.Tensor:
+        """``guided_target_scale``: instance rows aim at u + (target - u) / scale, u the frozen base's
+        unconditional prediction, so that guidance at that scale (u + scale * (prediction - u))
+        reproduces their images. Regularization rows keep their target."""
+        scale = self.config.guided_target_scale
+        rows = ~batch.regularization
+        if scale is None or not rows.any():
+            return target
+        rows = rows.to(target.device)
+        instance = batch.rows(rows)
+        unconditional = replace(instance, captions=[""] * len(instance.captions))
+        target = target.clone()
+        with torch.no_grad(), self.method.base_model(self.pipe), self._autocast():
+            base = self._predict(unconditional, noisy[rows], timesteps[rows]).to(target.dtype)
+        target[rows] = base + (target[rows] - base) / scale
         return target
 
     def _predict(self, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from .world import caption, render, write_dataset
 
 TRIGGER = "sks"
 TI_TOKEN = "<sks>"
+GUIDANCE = 4.0  # the guidance every toy-world run draws with
 BASE_CHECK_PROMPTS = base_targets()  # every base colour x shape pairing: the drift check
 COMMON = {"data": {"trigger_mode": "substitute", "cache_latents": True, "caption_dropout": 0.1},
           "batch_size": 8, "optimizer": {"warmup_steps": 20, "schedule": "cosine"}, "checkpoint_every": 0}
@@ -270,7 +271,7 @@ def generate_over_http(client, prompt: str, ref: str | list[str] | None, count: 
     one adapter ref or several (all at weight 1)."""
     from lorafleet.serve.service import decode_npy
 
-    body = {"prompt": prompt, "seed": seed, "num_images": count, "steps": 20, "guidance_scale": 4.0,
+    body = {"prompt": prompt, "seed": seed, "num_images": count, "steps": 20, "guidance_scale": GUIDANCE,
             "output_format": "npy"}
     if isinstance(ref, list):
         body["adapters"] = [{"ref": r, "weight": 1.0} for r in ref]

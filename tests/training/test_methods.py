@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -217,9 +219,9 @@ def regularized_dataset(tmp_path_factory):
     return folder
 
 
-def _base_target_config(method, dataset, output, *extra):
+def _base_target_config(method, dataset, output, *extra, base="tiny"):
     return _config(method, dataset, output, "data.trigger_mode=substitute", "data.caption_dropout=0",
-                   "regularization.target=base", "max_steps=2", *extra)
+                   "regularization.target=base", "max_steps=2", *extra, base=base)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
@@ -256,6 +258,46 @@ def test_base_target_regularization_rows_aim_at_the_frozen_base(method, regulari
         for model in adapted_models:
             model.enable_adapters()
     assert torch.equal(target, base) and not torch.allclose(target, adapted)
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny-sdxl"])
+def test_guided_target_makes_guidance_at_its_scale_reproduce_the_instance_rows(base, regularized_dataset, tmp_path):
+    from lorafleet.training.loop import Trainer
+
+    scale = 4.0
+    trainer = Trainer(_base_target_config("lora", regularized_dataset, tmp_path / "run", "batch_size=8",
+                                          f"guided_target_scale={scale}", base=base))
+    trainer.step(0)  # a trained adapter: the base's prediction needs it switched off
+    batch = trainer.batches.batch(1, 0)
+    instance = ~batch.regularization
+    assert instance.any() and batch.regularization.any()
+    noisy, timesteps = torch.randn_like(batch.latents), torch.full((len(batch.captions),), 500)
+    data_target = torch.randn_like(noisy)
+    adapted = [model for model in (trainer.pipe.unet, trainer.pipe.text_encoder,
+                                   getattr(trainer.pipe, "text_encoder_2", None)) if getattr(model, "peft_config", None)]
+    with torch.no_grad():
+        target = trainer._for_guidance(batch, noisy, timesteps, data_target)
+        unconditional = dataclasses.replace(batch, captions=[""] * len(batch.captions))
+        for model in adapted:  # the frozen base's own unconditional prediction
+            model.disable_adapters()
+        u = trainer._predict(unconditional, noisy, timesteps)
+        for model in adapted:
+            model.enable_adapters()
+        assert not torch.allclose(trainer._predict(unconditional, noisy, timesteps), u)  # the adapter matters
+    # Guidance at `scale` from that target gives back the data's own target.
+    assert torch.allclose(u[instance] + scale * (target[instance] - u[instance]), data_target[instance], atol=1e-4)
+    assert torch.equal(target[batch.regularization], data_target[batch.regularization])  # untouched
+
+
+def test_guided_target_is_refused_where_it_cannot_work(regularized_dataset, dataset, tmp_path):
+    from lorafleet.training.loop import Trainer
+
+    with pytest.raises(TrainingInputInvalid) as caught:
+        _config("full", regularized_dataset, tmp_path / "full", "guided_target_scale=4")
+    assert caught.value.field == "guided_target_scale"
+    with pytest.raises(TrainingInputInvalid) as caught:  # Flux guides through an embedding, not classic CFG
+        Trainer(_config("lora", dataset, tmp_path / "flux", "guided_target_scale=4", base="tiny-flux"))
+    assert caught.value.field == "guided_target_scale" and "embedding" in str(caught.value)
 
 
 @pytest.mark.parametrize(("method", "extra"), [("full", []), ("textual_inversion", []),
