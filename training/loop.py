@@ -163,8 +163,7 @@ class Trainer:
             return target
         rows = rows.to(target.device)
         target = target.clone()
-        with torch.no_grad(), self.method.base_model(self.pipe), self._autocast():
-            target[rows] = self._predict(batch.rows(rows), noisy[rows], timesteps[rows]).to(target.dtype)
+        target[rows] = self._base_prediction(batch.rows(rows), noisy[rows], timesteps[rows]).to(target.dtype)
         return target
 
     def _for_guidance(self, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor,
@@ -180,10 +179,14 @@ class Trainer:
         instance = batch.rows(rows)
         unconditional = replace(instance, captions=[""] * len(instance.captions))
         target = target.clone()
-        with torch.no_grad(), self.method.base_model(self.pipe), self._autocast():
-            base = self._predict(unconditional, noisy[rows], timesteps[rows]).to(target.dtype)
+        base = self._base_prediction(unconditional, noisy[rows], timesteps[rows]).to(target.dtype)
         target[rows] = base + (target[rows] - base) / scale
         return target
+
+    def _base_prediction(self, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The frozen base's prediction (the adapter switched off), without gradients."""
+        with torch.no_grad(), self.method.base_model(self.pipe), self._autocast():
+            return self._predict(batch, noisy, timesteps)
 
     def _predict(self, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The denoiser's prediction, conditioned as the base's family conditions it."""

@@ -114,7 +114,7 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
     setup = _Setup(base, max(SCENARIOS), steps, workdir)
     names = [f"{manifest.name}@{manifest.version}" for manifest in setup.manifests]
     direct = DirectCall(base, steps)
-    direct_without_ray = statistics.median(direct.ms() for _ in range(5))
+    direct_without_ray = direct.median_ms(5)
     naive = _naive_rate(setup, _traffic(100, min(requests, 16)))
     server = _start(base, setup.registry_uri, workdir, max_batch_images=concurrency)
     try:

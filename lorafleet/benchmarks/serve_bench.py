@@ -55,10 +55,12 @@ class DirectCall:
                              guidance_scale=self.loaded.family.default_guidance_scale, **self.options)
         return 1000 * (time.perf_counter() - started)
 
+    def median_ms(self, repeats: int) -> float:
+        return statistics.median(self.ms() for _ in range(repeats))
+
 
 def _direct_ms(base: str, steps: int, repeats: int) -> float:
-    direct = DirectCall(base, steps)
-    return statistics.median(direct.ms() for _ in range(repeats))
+    return DirectCall(base, steps).median_ms(repeats)
 
 
 class _Client:
