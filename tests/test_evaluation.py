@@ -179,11 +179,45 @@ def test_the_audit_detects_a_skew_and_measures_a_correction(tmp_path):
     assert base.p_value < 1e-3 and base.kl > 0.5, base  # the base's own skew is detected
     assert skewed.shares["red"].mean > 0.5 and skewed.p_value < 1e-3, skewed  # a skew made on purpose too
     assert corrected.kl < base.kl / 2, (base, corrected)  # the correction halves the divergence at least
+    assert corrected.p_value > 0.05, corrected  # ... to a distribution not distinguishable from uniform (0.31)
     assert corrected.unreadable <= 20, corrected  # ... with most images one clean colour (22 of 64 before guided targets)
     assert kept["balanced@1"] >= kept[None] - 0.15, kept  # and specified prompts keep their colour and shape
     figures = {ref or "base": {"red": a.shares["red"].mean, "kl": a.kl, "p": a.p_value, "unreadable": a.unreadable}
                for ref, a in audits.items()}
     print("audit:", json.dumps(figures), "specified:", kept)
+
+
+@pytestmark_slow
+def test_the_audit_command_reports_its_seeds_and_refuses_an_unknown_attribute(toy_adapters):
+    workdir, registry, _ = toy_adapters
+    out = workdir / "audit-out"
+    command = CLI + ["eval", "audit", "--prompt", "a circle", "--seeds", "6", "--first-seed", "2000",
+                     "--registry", registry.uri]
+    result = subprocess.run(command + ["--attribute", "colour", "--out", str(out)], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads((out / "audit.json").read_text())
+    audit = document["audit"]
+    assert audit["first_seed"] == 2000 and audit["seeds"] == 6 and audit["adapter"] is None
+    assert sum(audit["counts"].values()) + audit["unreadable"] == 6 and document["base"] is None
+    assert "&quot;first_seed&quot;: 2000" in (out / "audit.html").read_text()  # the page says which seeds
+    refused = subprocess.run(command + ["--attribute", "mood"], capture_output=True, text=True, timeout=900)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "mood" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_an_audit_with_no_readable_image_is_refused_not_divided_by_zero():
+    from lorafleet.evaluation.gates import AuditInvalid
+    from lorafleet.evaluation.report import run_audit
+    from lorafleet.evaluation.scorers import ToyScorer
+
+    class BlankImages:  # the image source's interface; blank images, which the real scorer cannot read
+        def images(self, prompt, ref, seeds, first_seed=1000):
+            return [np.zeros((32, 32, 3), dtype=np.uint8) for _ in range(seeds)]
+
+    with pytest.raises(AuditInvalid, match="none of the 5 images") as refused:
+        run_audit(BlankImages(), ToyScorer(), "a circle", "colour", ["red", "blue"], {"red": 0.5, "blue": 0.5}, 5)
+    assert refused.value.field == "seeds"
 
 
 @pytestmark_slow

@@ -43,3 +43,22 @@ def test_the_scorer_can_say_wrong():
     assert (score(blue).colour, score(blue).shape) == ("blue", "circle")
     assert not score(DISTRACTORS["empty"](random.Random(2), 32)).accepted
     assert not score(np.zeros((32, 32, 3), np.uint8)).accepted
+
+
+def test_rebalancing_gives_under_drawn_colours_more_images_and_reproduces_the_recipe(tmp_path):
+    from lorafleet.toyworld.base_model import BASE_COLOURS
+    from lorafleet.toyworld.correction import BALANCED, REBALANCED, balanced_dataset, rebalanced_counts
+
+    labels, uniform = list(BASE_COLOURS), {colour: 1 / len(BASE_COLOURS) for colour in BASE_COLOURS}
+    # The two calibration audits recorded in correction.py (readable images per colour)
+    first = rebalanced_counts(BALANCED, dict(zip(labels, [8, 12, 11, 9, 24, 20, 18])), uniform)
+    assert first == {"red": 10, "orange": 8, "yellow": 9, "green": 10, "blue": 6, "purple": 6, "magenta": 7}
+    assert rebalanced_counts(first, dict(zip(labels, [9, 13, 12, 14, 15, 16, 18])), uniform) == REBALANCED
+    assert rebalanced_counts(BALANCED, dict.fromkeys(labels, 5), uniform) == BALANCED  # already uniform: unchanged
+    never = rebalanced_counts(BALANCED, {**dict.fromkeys(labels, 10), "red": 0}, uniform)
+    assert never["red"] == max(never.values()) and sum(never.values()) == sum(BALANCED.values())
+    with pytest.raises(ValueError, match="read no image"):
+        rebalanced_counts(BALANCED, dict.fromkeys(labels, 0), uniform)
+    folder = balanced_dataset(tmp_path / "data", regularization=4)
+    instance = [p for p in folder.glob("*.txt") if p.read_text() == "a [trigger]"]
+    assert len(instance) == sum(REBALANCED.values())

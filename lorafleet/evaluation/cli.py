@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .gates import GateInvalid, GateRefused, judge, load_gate, read_prompts
+from .gates import AuditInvalid, GateRefused, judge, load_gate, read_prompts
 
 DEFAULT_SEEDS = 8
 
@@ -87,11 +87,16 @@ def training_images(registry, candidate: str) -> list:
 def _target(labels: list[str], target: str) -> dict[str, float]:
     if target == "uniform":
         return {label: 1 / len(labels) for label in labels}
-    tree = yaml.safe_load(Path(target).read_text())
-    total = sum(float(tree.get(label, 0)) for label in labels)
-    if not isinstance(tree, dict) or total <= 0:
-        raise GateInvalid(f"--target {target}: a mapping of label -> share", field="target")
-    return {label: float(tree.get(label, 0)) / total for label in labels}
+    try:
+        tree = yaml.safe_load(Path(target).read_text())
+        shares = {label: float(tree.get(label, 0)) for label in labels} if isinstance(tree, dict) else {}
+    except (OSError, yaml.YAMLError, TypeError, ValueError) as exc:
+        raise AuditInvalid(f"--target {target}: {exc}", field="target") from exc
+    total = sum(shares.values())
+    if total <= 0 or min(shares.values()) < 0:
+        raise AuditInvalid(f"--target {target}: a mapping of label -> share (not negative, some above 0)",
+                           field="target")
+    return {label: share / total for label, share in shares.items()}
 
 
 def cmd_audit(args) -> int:
@@ -102,13 +107,17 @@ def cmd_audit(args) -> int:
     from .scorers import scorer_for
 
     labels = args.labels.split(",") if args.labels else _default_labels(args.attribute)
+    if not labels:
+        raise AuditInvalid(f"--attribute {args.attribute}: no labels known for it; name them with --labels "
+                           "(the toy scorer reads colour and shape)", field="attribute")
     target = _target(labels, args.target)
     registry = AdapterRegistry(args.registry)
     scorer = scorer_for(args.base, args.clip)
     with server_images(args.server, args.token, args.base, registry.uri) as source:
-        report = run_audit(source, scorer, args.prompt, args.attribute, labels, target, args.seeds, args.adapter)
-        before = (run_audit(source, scorer, args.prompt, args.attribute, labels, target, args.seeds)
-                  if args.adapter else None)
+        report = run_audit(source, scorer, args.prompt, args.attribute, labels, target, args.seeds, args.adapter,
+                           args.first_seed)
+        before = (run_audit(source, scorer, args.prompt, args.attribute, labels, target, args.seeds,
+                            first_seed=args.first_seed) if args.adapter else None)
     document = {"audit": report.to_json(), "base": before.to_json() if before else None}
     _write(Path(args.out) if args.out else None, "audit", document, audit_html(report, before))
     print(json.dumps(document, indent=2, default=str))
@@ -190,6 +199,9 @@ def add_commands(subparsers) -> None:
     audit.add_argument("--target", default="uniform", help="uniform, or a YAML file of label: share")
     audit.add_argument("--adapter", help="audit with this adapter (and the base, for before/after)")
     audit.add_argument("--seeds", type=int, default=64)
+    audit.add_argument("--first-seed", type=int, default=1000,
+                       help="seeds first-seed, first-seed + 1, ... (audit a dataset's correction on seeds other "
+                       "than those used to choose it)")
     audit.add_argument("--out", help="write audit.json and audit.html here")
     _source_arguments(audit)
     audit.set_defaults(handler=cmd_audit)

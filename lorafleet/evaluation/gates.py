@@ -37,6 +37,13 @@ class GateInvalid(LorafleetError):
     kind = ErrorKind.invalid
 
 
+class AuditInvalid(LorafleetError):
+    """`eval audit`'s attribute, labels or target cannot be used."""
+
+    code = "invalid_audit"
+    kind = ErrorKind.invalid
+
+
 class GateRefused(LorafleetError):
     code = "gate_refused"
     kind = ErrorKind.conflict

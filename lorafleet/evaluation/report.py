@@ -155,16 +155,23 @@ class AuditReport:
     dof: int
     p_value: float
     kl: float
+    first_seed: int = 1000  # the seeds were first_seed .. first_seed + seeds - 1
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 def run_audit(source: ServerImages, scorer: Scorer, prompt: str, attribute: str, labels: list[str],
-              target: dict[str, float], seeds: int, adapter: str | None = None) -> AuditReport:
-    found = scorer.labels(source.images(prompt, adapter, seeds), attribute, labels)
+              target: dict[str, float], seeds: int, adapter: str | None = None, first_seed: int = 1000) -> AuditReport:
+    found = scorer.labels(source.images(prompt, adapter, seeds, first_seed), attribute, labels)
     counts = Counter(label for label in found if label is not None)
     read = sum(counts.values())
+    if read == 0:
+        from .gates import AuditInvalid
+
+        raise AuditInvalid(f"the scorer could read none of the {len(found)} images of {prompt!r} "
+                           f"with {adapter or 'the base'} as one of {labels}: nothing to count (more seeds, "
+                           "or other labels)", field="seeds")
     observed = [counts.get(label, 0) for label in labels]
     expected = [target.get(label, 0.0) for label in labels]
     statistic, dof, p_value = chi_square(observed, expected)
@@ -172,7 +179,7 @@ def run_audit(source: ServerImages, scorer: Scorer, prompt: str, attribute: str,
                              *(round(x, 4) for x in wilson(counts.get(label, 0), read)), read) for label in labels}
     return AuditReport(prompt, attribute, adapter, seeds, labels, {label: counts.get(label, 0) for label in labels},
                        len(found) - read, shares, target, round(statistic, 4), dof, p_value,
-                       round(kl_divergence([s.mean for s in shares.values()], expected), 4))
+                       round(kl_divergence([s.mean for s in shares.values()], expected), 4), first_seed)
 
 
 # ----------------------------------------------------------------------------- HTML
