@@ -20,12 +20,16 @@ fi
 "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -m pip check
 
-# Debian packages the tests use: promtool (package prometheus) checks /metrics and alert rules.
-if ! command -v promtool >/dev/null 2>&1; then
+# Debian packages the tests use: promtool (package prometheus) checks /metrics and alert rules;
+# PostgreSQL (package postgresql) is the shared feedback database the tests start on loopback.
+debian=()
+command -v promtool >/dev/null 2>&1 || debian+=(prometheus)
+command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || debian+=(postgresql)
+if [ "${#debian[@]}" -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${debian[@]}" >/dev/null
     else
-        echo "note: promtool not found; install the Debian package 'prometheus' for the metrics tests" >&2
+        echo "note: install the Debian packages ${debian[*]} for the metrics and feedback tests" >&2
     fi
 fi
 touch "$VENV/.installed"

@@ -3,8 +3,9 @@
 Every generate response carries a request id; the gateway records which adapter versions that
 request used. `POST /v1/feedback` rates a request (1-5 stars, or thumbs up/down, optional tags
 and a comment); rating it again updates the rating. Stored in a real database through
-SQLAlchemy: SQLite by default (one file, transactions, upserts, aggregates in SQL), Postgres by
-URL when several gateways must share it. Not the registry's object storage: feedback is many
+SQLAlchemy: SQLite by default (one file, transactions, upserts, aggregates in SQL), PostgreSQL by
+URL when several gateways must share it (both tested; a rating is one upsert, so gateways rating
+the same request at once never collide). Not the registry's object storage: feedback is many
 small rows that are updated and aggregated, which an object store can neither query nor
 aggregate without reading every object.
 
@@ -25,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Float, Integer, String, Text, case, create_engine, event, func, select
+from sqlalchemy.dialects import postgresql as postgresql_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from lorafleet.errors import ErrorKind, LorafleetError
@@ -40,11 +43,23 @@ class RequestNotFound(LorafleetError):
     kind = ErrorKind.not_found
 
 
+class FeedbackDatabaseUnavailable(LorafleetError):
+    code = "feedback_database_unavailable"
+    kind = ErrorKind.unavailable
+
+
 class FeedbackSettings(BaseModel):
     enabled: bool = Field(True, description="Record request ids and accept POST /v1/feedback.")
     database_url: str = Field("sqlite:///~/.cache/lorafleet/feedback.db", description="SQLAlchemy URL: "
-                              "sqlite:///PATH (default), or postgresql+psycopg://... (pip install psycopg) when "
-                              "several gateways share it.")
+                              "sqlite:///PATH (default), or postgresql+psycopg://USER@HOST:PORT/DB "
+                              "(pip install 'lorafleet[postgres]') when several gateways share it.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, url: str) -> str:
+        if not url.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
+            raise ValueError("a sqlite:///PATH or postgresql+psycopg://... URL (the databases feedback is tested on)")
+        return url
 
 
 class _Tables(DeclarativeBase):
@@ -118,14 +133,7 @@ class RatedRequest:
 
 class FeedbackStore:
     def __init__(self, url: str):
-        if url.startswith("sqlite:///~"):
-            path = Path(url.removeprefix("sqlite:///")).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            url = f"sqlite:///{path}"
-        sqlite = url.startswith("sqlite")
-        self.engine = create_engine(url, pool_pre_ping=True, connect_args={"timeout": 30} if sqlite else {})
-        if sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine, self._upsert = _open_database(url)
         _Tables.metadata.create_all(self.engine)
         self.lock = threading.Lock()  # SQLite: one writer at a time in this process
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-feedback")
@@ -160,18 +168,17 @@ class FeedbackStore:
                 raise RequestNotFound(f"no request {body.request_id}", field="request_id")
             adapters = [(row.adapter, row.version) for row in session.scalars(
                 select(RequestAdapter).where(RequestAdapter.request_id == body.request_id))]
-            existing = session.get(Rating, body.request_id)
+            existed = session.get(Rating, body.request_id) is not None
             stars = getattr(body, "rating", None)
             thumb = getattr(body, "thumb", None)
             score = (stars - 1) / 4 if stars is not None else (1.0 if thumb == "up" else 0.0)
             values = {"score": score, "stars": stars, "thumb": thumb, "tags": json.dumps(body.tags),
                       "comment": body.comment, "updated_at": time.time()}
-            if existing is None:
-                session.add(Rating(request_id=body.request_id, **values))
-            else:
-                for key, value in values.items():
-                    setattr(existing, key, value)
-            return RatedRequest(adapters, existing is not None)
+            # One statement, so that another gateway rating the same request at once makes this an
+            # update rather than a duplicate key.
+            session.execute(self._upsert(Rating).values(request_id=body.request_id, **values)
+                            .on_conflict_do_update(index_elements=[Rating.request_id], set_=values))
+            return RatedRequest(adapters, existed)
 
     def by_version(self, adapter: str) -> dict[int, VersionFeedback]:
         with Session(self.engine) as session:
@@ -184,6 +191,27 @@ class FeedbackStore:
                 .where(RequestAdapter.adapter == adapter).group_by(RequestAdapter.version)).all()
         return {version: _aggregate(count, mean, mean_square, stars, up, down)
                 for version, count, mean, mean_square, stars, up, down in rows}
+
+
+def _open_database(url: str):
+    """(engine, the dialect's INSERT with ON CONFLICT) for a SQLite or PostgreSQL URL."""
+    if url.startswith("sqlite:///~"):
+        path = Path(url.removeprefix("sqlite:///")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{path}"
+    sqlite = url.startswith("sqlite")
+    try:
+        engine = create_engine(url, pool_pre_ping=True, connect_args={"timeout": 30} if sqlite else {})
+    except ModuleNotFoundError as exc:
+        raise FeedbackDatabaseUnavailable(f"feedback.database_url needs the {exc.name} driver: pip install "
+                                          "'lorafleet[postgres]'", field="feedback.database_url") from exc
+    dialect = {"sqlite": sqlite_dialect, "postgresql": postgresql_dialect}.get(engine.dialect.name)
+    if dialect is None:
+        raise FeedbackDatabaseUnavailable(f"{engine.dialect.name}: feedback is stored in SQLite or PostgreSQL",
+                                          field="feedback.database_url")
+    if sqlite:
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine, dialect.insert
 
 
 def _sqlite_pragmas(connection, _record) -> None:

@@ -1,9 +1,11 @@
 """User feedback through the HTTP API: every response carries a request id; ratings (stars or
-thumbs) are stored per adapter version in a real SQLite database through SQLAlchemy, update on a
-second rating, survive a restart, stay within their tenant, and show in /v1/adapters/{name} and
-in Prometheus."""
+thumbs) are stored per adapter version in a real database through SQLAlchemy (SQLite, and a
+PostgreSQL server started here), update on a second rating, survive a restart, stay within their
+tenant, and show in /v1/adapters/{name} and in Prometheus; gateways rating at once never fail."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +21,22 @@ OPERATOR = "operator-admin-0123456789abcdef012345"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_spec):
+def postgres():
+    from lorafleet.devtools.postgres import start_postgres
+
+    with start_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def database_url(request, tmp_path_factory):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'feedback.db'}"
+    return request.getfixturevalue("postgres").url
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_spec, database_url):
     root = tmp_path_factory.mktemp("feedback")
     registry = AdapterRegistry(f"file://{root / 'registry'}")
     for seed in range(2):
@@ -30,7 +47,7 @@ def setup(tmp_path_factory, tiny_spec):
             base="tiny", registry=registry.uri, cache={"disk_dir": str(root / "cache")},
             api_tokens=f"{ACME}=generate@acme,{GLOBEX}=generate@globex,{OPERATOR}=admin",
             tenants={"acme": {"namespaces": ["acme-"]}, "globex": {"namespaces": ["globex-"]}},
-            feedback={"database_url": f"sqlite:///{root / 'feedback.db'}"})
+            feedback={"database_url": database_url})
         return create_local_app(settings, registry)[0]
 
     return app
@@ -87,3 +104,45 @@ def test_unknown_or_foreign_requests_are_404_and_bad_bodies_422(setup):
         for body in ({"request_id": request_id, "rating": 6}, {"request_id": request_id, "rating": 3, "thumb": "up"},
                      {"request_id": request_id}, {"request_id": "nope", "thumb": "up"}):
             assert client.post("/v1/feedback", json=body, headers=_as(ACME)).status_code == 422, body
+
+
+def test_gateways_rating_the_same_request_at_once_all_succeed_and_keep_one_rating(database_url):
+    """Several gateway replicas share one database: a rating raced by another is an update, not an
+    integrity error."""
+    from lorafleet.serve.feedback import FeedbackStore, StarFeedback
+
+    stores = [FeedbackStore(database_url) for _ in range(2)]
+    request_id = "req-" + "ab" * 12
+    stores[0].record_request(request_id, "acme", [("race-look", 1)])
+    start, outcomes = threading.Barrier(8), []
+
+    def rate(index: int) -> None:
+        start.wait()
+        try:
+            outcomes.append(stores[index % 2].rate(StarFeedback(request_id=request_id, rating=1 + index % 5), "acme"))
+        except Exception as exc:  # what the test is about: none may fail
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=rate, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(not isinstance(outcome, Exception) for outcome in outcomes), outcomes
+    assert len(outcomes) == 8 and sum(not outcome.updated for outcome in outcomes) <= 2
+    shown = stores[1].by_version("race-look")
+    assert shown[1].count == 1, shown  # one rating per request, whoever wrote last
+    for store in stores:
+        store.engine.dispose()
+
+
+def test_an_unsupported_feedback_database_is_refused_naming_the_setting():
+    from pydantic import ValidationError
+
+    from lorafleet.serve.feedback import FeedbackDatabaseUnavailable, FeedbackStore
+
+    with pytest.raises(ValidationError, match="database_url"):
+        ServeSettings(base="tiny", feedback={"database_url": "mysql://lorafleet@127.0.0.1/feedback"})
+    with pytest.raises(FeedbackDatabaseUnavailable, match="driver") as refused:  # e.g. a gate file's URL
+        FeedbackStore("mysql+pymysql://lorafleet@127.0.0.1/feedback")
+    assert refused.value.field == "feedback.database_url"
