@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from . import positive_int
+from . import in_fresh_process, positive_int
 from .registry_bench import emit
 
 COLUMNS = ["method", "concept", "images", "train_s", "without", "with", "base_without", "base_with", "retained",
@@ -24,23 +24,29 @@ COLUMNS = ["method", "concept", "images", "train_s", "without", "with", "base_wi
 
 def run_concepts(methods: list[str], concepts: list[str], seeds: int, base: str = "toy",
                  grids: Path | None = None) -> list[dict]:
-    from lorafleet.toyworld.concepts import learn_concept
-    from lorafleet.training.reporting import save_grid
-
+    """Each method and concept in a fresh process: a run's training seconds are not slowed by the
+    threads and memory earlier runs left (measured: DreamBooth 127 s after three runs, 42 s alone)."""
     results = []
     for concept in concepts:
         for method in methods:
-            with tempfile.TemporaryDirectory() as workdir:
-                r = learn_concept(method, Path(workdir), concept, seeds=seeds, base=base)
-            if grids is not None:  # rows = the concept's prompts, columns = seeds, drawn with the adapter
-                save_grid(list(r.samples.values()), grids / f"{concept}-{method}.png", scale=2)
-            results.append({"method": method, "concept": concept, "images": r.images, "train_s": r.train_seconds,
-                            "without": round(r.target_without, 3), "with": round(r.target_with, 3),
-                            "base_without": round(r.base_without, 3), "base_with": round(r.base_with, 3),
-                            "retained": round(r.retained, 3), "drift_mean_deg": round(r.hue_drift_mean, 1),
-                            "drift_max_deg": round(r.hue_drift_max, 1)})
+            results.append(in_fresh_process(_concept_row, method, concept, seeds, base, grids))
             print(results[-1], flush=True)
     return results
+
+
+def _concept_row(method: str, concept: str, seeds: int, base: str, grids: Path | None, queue) -> None:
+    from lorafleet.toyworld.concepts import learn_concept
+    from lorafleet.training.reporting import save_grid
+
+    with tempfile.TemporaryDirectory() as workdir:
+        r = learn_concept(method, Path(workdir), concept, seeds=seeds, base=base)
+    if grids is not None:  # rows = the concept's prompts, columns = seeds, drawn with the adapter
+        save_grid(list(r.samples.values()), grids / f"{concept}-{method}.png", scale=2)
+    queue.put({"method": method, "concept": concept, "images": r.images, "train_s": r.train_seconds,
+               "without": round(r.target_without, 3), "with": round(r.target_with, 3),
+               "base_without": round(r.base_without, 3), "base_with": round(r.base_with, 3),
+               "retained": round(r.retained, 3), "drift_mean_deg": round(r.hue_drift_mean, 1),
+               "drift_max_deg": round(r.hue_drift_max, 1)})
 
 
 def run_composition(methods: list[str], seeds: int, base: str = "toy") -> list[dict]:
