@@ -21,7 +21,14 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class ServiceMetrics:
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        for group in (self._http_metrics, self._adapter_metrics, self._output_cache_metrics, self._tenant_metrics,
+                      self._version_metrics):
+            group(self.registry)
+        self.usage = UsageLedger()
+        self._cumulative_seen: dict[tuple, int] = {}
+
+    def _http_metrics(self, r: CollectorRegistry) -> None:
+        """Requests, their latency, passes and overload."""
         self.requests = Counter("lorafleet_requests", "HTTP requests by route and status.", ["route", "status"],
                                 registry=r)
         self.request_seconds = Histogram("lorafleet_request_duration_seconds", "HTTP request latency.", ["route"],
@@ -29,6 +36,16 @@ class ServiceMetrics:
         self.generation_seconds = Histogram("lorafleet_generation_duration_seconds", "Pipeline time per request.",
                                             buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("lorafleet_queue_depth", "Generation requests in flight or waiting.", registry=r)
+        self.overloads = Counter("lorafleet_overload_rejections", "Requests refused with 503 (overload).",
+                                 registry=r)
+        self.batch_images = Histogram("lorafleet_batch_images", "Images in the pipeline pass a request shared.",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.generations_by_mode = Counter("lorafleet_generations_by_mode",
+                                           "Requests by pass mode: base, active, fused, mixed, slot.",
+                                           ["mode"], registry=r)
+
+    def _adapter_metrics(self, r: CollectorRegistry) -> None:
+        """Where adapters came from, what is resident, evictions, fuses and failures."""
         self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapters fetched, by the tier that had them.",
                                      ["tier"], registry=r)
         self.adapter_load_seconds = Histogram("lorafleet_adapter_load_duration_seconds",
@@ -41,6 +58,19 @@ class ServiceMetrics:
         self.resident_bytes = Gauge("lorafleet_resident_bytes", "Bytes resident per tier and replica.",
                                     ["tier", "replica"], registry=r)
         self.evictions = Counter("lorafleet_cache_evictions", "Adapters evicted, by tier.", ["tier"], registry=r)
+        self.fuse_events = Counter("lorafleet_fuse_events", "Fuse and unfuse events.", ["event"], registry=r)
+        self.adapter_load_failures = Counter("lorafleet_adapter_load_failures",
+                                             "Adapter resolutions or fetches that failed, by error code.", ["code"],
+                                             registry=r)
+        self.disk_write_failures = Counter("lorafleet_disk_cache_write_failures",
+                                           "Adapter files the disk tier could not write (full or failing disk).",
+                                           registry=r)
+        self.disk_integrity_failures = Counter("lorafleet_disk_cache_integrity_failures",
+                                               "Disk-tier files that failed their digest on read (dropped, "
+                                               "fetched again).", registry=r)
+
+    def _output_cache_metrics(self, r: CollectorRegistry) -> None:
+        """The gateway's output cache."""
         self.output_cache_hits = Counter("lorafleet_output_cache_hits", "Seeded repeats answered from the output "
                                          "cache, by tier.", ["tier"], registry=r)
         self.output_cache_misses = Counter("lorafleet_output_cache_misses", "Cacheable requests not in the output "
@@ -49,23 +79,9 @@ class ServiceMetrics:
                                               "expired, by tier.", ["tier"], registry=r)
         self.output_cache_bytes = Gauge("lorafleet_output_cache_bytes", "Bytes in the gateway's output cache.",
                                         registry=r)
-        self.fuse_events = Counter("lorafleet_fuse_events", "Fuse and unfuse events.", ["event"], registry=r)
-        self.adapter_load_failures = Counter("lorafleet_adapter_load_failures",
-                                             "Adapter resolutions or fetches that failed, by error code.", ["code"],
-                                             registry=r)
-        self.overloads = Counter("lorafleet_overload_rejections", "Requests refused with 503 (overload).",
-                                 registry=r)
-        self.batch_images = Histogram("lorafleet_batch_images", "Images in the pipeline pass a request shared.",
-                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.generations_by_mode = Counter("lorafleet_generations_by_mode",
-                                           "Requests by pass mode: base, active, fused, mixed, slot.",
-                                           ["mode"], registry=r)
-        self.disk_write_failures = Counter("lorafleet_disk_cache_write_failures",
-                                           "Adapter files the disk tier could not write (full or failing disk).",
-                                           registry=r)
-        self.disk_integrity_failures = Counter("lorafleet_disk_cache_integrity_failures",
-                                               "Disk-tier files that failed their digest on read (dropped, "
-                                               "fetched again).", registry=r)
+
+    def _tenant_metrics(self, r: CollectorRegistry) -> None:
+        """Per-tenant metering and rate limiting."""
         self.tenant_requests = Counter("lorafleet_tenant_requests", "Generation requests admitted, by tenant ('-': "
                                        "operators).", ["tenant"], registry=r)
         self.tenant_images = Counter("lorafleet_tenant_images", "Images asked for, by tenant.", ["tenant"], registry=r)
@@ -75,6 +91,9 @@ class ServiceMetrics:
                                               "requests (a shared pass split by images).", ["tenant"], registry=r)
         self.rate_limited = Counter("lorafleet_rate_limited", "Requests refused with 429, by tenant.", ["tenant"],
                                     registry=r)
+
+    def _version_metrics(self, r: CollectorRegistry) -> None:
+        """Per adapter version: requests, latency and users' ratings (judge a canary)."""
         self.version_requests = Counter("lorafleet_adapter_version_requests", "Generation requests by adapter "
                                         "version and outcome (ok, error): judge a canary.",
                                         ["adapter", "version", "outcome"], registry=r)
@@ -82,8 +101,6 @@ class ServiceMetrics:
                                          "version.", ["adapter", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.feedback = Counter("lorafleet_feedback", "User ratings by adapter version and kind (stars, up, down).",
                                 ["adapter", "version", "kind"], registry=r)
-        self.usage = UsageLedger()
-        self._cumulative_seen: dict[tuple, int] = {}
 
     def record_tenant_request(self, tenant: str, images: int, work: float) -> None:
         self.tenant_requests.labels(tenant=tenant).inc()
