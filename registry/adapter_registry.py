@@ -16,7 +16,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,8 +29,6 @@ from lorafleet.errors import LorafleetError
 
 from .errors import (
     AdapterNotFound,
-    AliasConflict,
-    AliasNotFound,
     IntegrityError,
     InvalidAdapter,
     InvalidReference,
@@ -47,30 +44,24 @@ from .identity import (
     validate_alias,
     validate_digest,
     validate_name,
-    validate_version,
 )
 from .layout import (
-    AliasMove,
     AliasRecord,
-    PinRecord,
     YankRecord,
-    alias_key,
     blob_key,
     digest_index_entry,
     digest_index_key,
     digest_index_prefix,
     manifest_key,
-    pin_key,
     version_from_key,
     yank_key,
 )
 from .manifest import MAX_MANIFEST_BYTES, AdapterMethod, BaseRef, Manifest
+from .pointers import VersionPointers, now
 from .safetensors_io import AdapterLimits
-from .storage import ObjectExists, ObjectInfo, ObjectStore, PreconditionFailed, open_store, registry_uri_from_env
+from .storage import ObjectExists, ObjectInfo, ObjectStore, open_store, registry_uri_from_env
 
 _PUBLISH_ATTEMPTS = 200
-_ALIAS_HISTORY = 50
-MAX_SPLIT_VERSIONS = 8
 
 
 @dataclass
@@ -105,12 +96,9 @@ class Listing:
     skipped: list[str]
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class AdapterRegistry:
-    """The registry's Python API (the CLI and the server are thin layers over it)."""
+class AdapterRegistry(VersionPointers):
+    """The registry's Python API (the CLI and the server are thin layers over it). Aliases and pins:
+    ``registry/pointers.py``."""
 
     def __init__(self, uri: str | None = None, *, store: ObjectStore | None = None,
                  limits: AdapterLimits | None = None):
@@ -366,75 +354,6 @@ class AdapterRegistry:
             stream.close()
             Path(tmp_name).unlink(missing_ok=True)
 
-    # ----------------------------------------------------------------------------- aliases
-    def alias_record(self, name: str, alias: str) -> AliasRecord:
-        validate_name(name)
-        validate_alias(alias)
-        stored = self.store.read(alias_key(name, alias))
-        if stored is None:
-            raise AliasNotFound(f"{name} has no alias {alias!r}", field="ref")
-        return AliasRecord.model_validate_json(stored.data)
-
-    def aliases(self, name: str) -> dict[str, int]:
-        validate_name(name)
-        result = {}
-        for info in self.store.list(f"aliases/{name}/"):
-            alias = info.key.rsplit("/", 1)[-1].removesuffix(".json")
-            result[alias] = self.alias_record(name, alias).version
-        return result
-
-    def set_alias(self, name: str, alias: str, version: int, *, expected_version: int | None = None,
-                  evidence: str | None = None) -> AliasRecord:
-        """Point ``name:alias`` at ``version`` by compare-and-swap, retrying lost races (ending any split).
-
-        With ``expected_version`` the move happens only if the alias still points there; ``evidence``
-        (e.g. an eval report's digest) is kept in the alias's history.
-        """
-        return self._write_alias(name, alias, {version: 1.0}, expected_version, field="version", evidence=evidence)
-
-    def split_alias(self, name: str, alias: str, weights: dict[int, float], *,
-                    expected_version: int | None = None) -> AliasRecord:
-        """A canary: ``name:alias`` serves each version to its share of callers (weights sum to 1),
-        sticky per caller key. Moving the alias to one version ends the split."""
-        if not 1 <= len(weights) <= MAX_SPLIT_VERSIONS:
-            raise InvalidAdapter(f"a split names 1 to {MAX_SPLIT_VERSIONS} versions", field="weights")
-        if any(not 0 < w <= 1 for w in weights.values()) or abs(sum(weights.values()) - 1) > 1e-6:
-            raise InvalidAdapter(f"split weights must be in (0, 1] and sum to 1, got {weights}", field="weights")
-        return self._write_alias(name, alias, weights, expected_version, field="weights")
-
-    def _write_alias(self, name: str, alias: str, weights: dict[int, float], expected_version: int | None,
-                     field: str, evidence: str | None = None) -> AliasRecord:
-        validate_name(name)
-        validate_alias(alias)
-        for version in weights:
-            validate_version(version)
-            if self._read_manifest(name, version).yanked:
-                raise YankedVersion(f"{name}@{version} is yanked; an alias cannot point to it", field=field)
-        split = dict(sorted(weights.items())) if len(weights) > 1 else None
-        version = max(weights, key=lambda v: (weights[v], v))
-        for _ in range(_PUBLISH_ATTEMPTS):
-            stored = self.store.read(alias_key(name, alias))
-            current = AliasRecord.model_validate_json(stored.data) if stored else None
-            if expected_version is not None and (current is None or current.version != expected_version):
-                raise AliasConflict(f"{name}:{alias} no longer points to version {expected_version}", field="alias")
-            record = self._moved(name, alias, version, current, split, evidence)
-            try:
-                self.store.compare_and_swap(alias_key(name, alias), record.model_dump_json(indent=2).encode(),
-                                            stored.token if stored else None)
-                return record
-            except PreconditionFailed:
-                continue
-        raise AliasConflict(f"{name}:{alias} kept moving; try again", field="alias")
-
-    @staticmethod
-    def _moved(name: str, alias: str, version: int, current: AliasRecord | None,
-               split: dict[int, float] | None = None, evidence: str | None = None) -> AliasRecord:
-        history = (current.history if current else []) + [AliasMove(version=version, at=_now(), split=split,
-                                                                    evidence=evidence)]
-        return AliasRecord(name=name, alias=alias, version=version,
-                           revision=(current.revision + 1) if current else 1,
-                           updated_at=_now(), history=history[-_ALIAS_HISTORY:], split=split)
-
     # ----------------------------------------------------------------------------- evidence
     def store_evidence(self, document: dict) -> str:
         """Keep a JSON document (an eval report) content-addressed; its digest."""
@@ -452,42 +371,10 @@ class AdapterRegistry:
         stored = self.store.read(f"evals/sha256/{validate_digest(digest).split(':', 1)[1]}.json")
         return json.loads(stored.data) if stored else None
 
-    # ----------------------------------------------------------------------------- pins
-    def pin(self, name: str, version: int) -> PinRecord:
-        """Keep ``name@version`` resident on every serving replica (replaces the name's pin)."""
-        manifest = self._read_manifest(validate_name(name), validate_version(version))
-        if manifest.yanked:
-            raise YankedVersion(f"{name}@{version} is yanked; it cannot be pinned", field="version")
-        record = PinRecord(name=name, version=version, digest=manifest.digest, size=manifest.size, pinned_at=_now())
-        key = pin_key(name)
-        for _ in range(_PUBLISH_ATTEMPTS):
-            stored = self.store.read(key)
-            try:
-                self.store.compare_and_swap(key, record.model_dump_json().encode(), stored.token if stored else None)
-                return record
-            except PreconditionFailed:
-                continue
-        raise AliasConflict(f"the pin of {name} kept changing; try again", field="name")
-
-    def unpin(self, name: str) -> bool:
-        """Whether ``name`` had a pin (now removed)."""
-        key = pin_key(validate_name(name))
-        found = self.store.exists(key)
-        self.store.delete(key)
-        return found
-
-    def pins(self) -> list[PinRecord]:
-        found = []
-        for info in self.store.list("pins/"):
-            stored = self.store.read(info.key)
-            if stored is not None:
-                found.append(PinRecord.model_validate_json(stored.data))
-        return sorted(found, key=lambda p: p.name)
-
     # ----------------------------------------------------------------------------- yank, gc
     def yank(self, ref: AdapterRef | str, reason: str = "") -> Manifest:
         manifest = self.resolve(ref)
-        record = YankRecord(reason=reason[:1000], at=_now())
+        record = YankRecord(reason=reason[:1000], at=now())
         try:
             self.store.create(yank_key(manifest.name, manifest.version), record.model_dump_json().encode())
         except ObjectExists:
