@@ -8,7 +8,7 @@ from helpers import publish_lora
 
 from lorafleet.registry import AdapterRegistry
 from lorafleet.registry.errors import AdapterNotFound, AliasNotFound, VersionNotFound
-from lorafleet.serve.service import AdapterResolver
+from lorafleet.serve.resolver import AdapterResolver
 
 
 class _CountingStore:
