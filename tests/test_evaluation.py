@@ -206,6 +206,23 @@ def test_the_audit_command_reports_its_seeds_and_refuses_an_unknown_attribute(to
     assert "mood" in refused.stderr, refused.stderr[-2000:]
 
 
+def test_an_audit_target_file_is_read_or_refused_naming_the_option(tmp_path):
+    from lorafleet.evaluation.cli import _target
+    from lorafleet.evaluation.gates import AuditInvalid
+
+    good = tmp_path / "target.yaml"
+    good.write_text("red: 3\nblue: 1\ngreen: 9\n")  # green is not audited: shares over the labels only
+    assert _target(["red", "blue"], str(good)) == {"red": 0.75, "blue": 0.25}
+    for name, text in (("list.yaml", "- red\n- blue\n"), ("negative.yaml", "red: -1\nblue: 2\n"),
+                       ("zero.yaml", "red: 0\n"), ("words.yaml", "red: many\n"), ("broken.yaml", "red: [\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(AuditInvalid) as refused:
+            _target(["red", "blue"], str(tmp_path / name))
+        assert refused.value.field == "target", name
+    with pytest.raises(AuditInvalid, match="No such file"):
+        _target(["red"], str(tmp_path / "missing.yaml"))
+
+
 def test_an_audit_with_no_readable_image_is_refused_not_divided_by_zero():
     from lorafleet.evaluation.gates import AuditInvalid
     from lorafleet.evaluation.report import run_audit
