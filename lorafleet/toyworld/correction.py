@@ -39,7 +39,7 @@ CALIBRATION_FIRST_SEED, CALIBRATION_SEEDS = 5000, 128
 REBALANCE_STRENGTH = 0.5  # measured: strength 1 overshot (blue 24 -> 5 of about 100 in one round)
 BALANCED = {colour: 8 for colour in BASE_COLOURS}
 # Two rounds of `rebalanced_counts` from BALANCED, each on a calibration audit of the adapter trained
-# on the counts before it (`lorafleet bench eval --rebalance-rounds 2` repeats them):
+# on the counts before it (`lorafleet bench eval --rebalance-rounds 2` runs the same loop):
 # [8, 12, 11, 9, 24, 20, 18] of 102 readable -> {10, 8, 9, 10, 6, 6, 7};
 # [9, 13, 12, 14, 15, 16, 18] of 97 readable -> the counts below.
 REBALANCED = {"red": 12, "orange": 8, "yellow": 9, "green": 10, "blue": 6, "purple": 5, "magenta": 6}
