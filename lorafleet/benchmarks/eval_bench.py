@@ -86,8 +86,8 @@ def run_eval_bench(audit_seeds: int, eval_seeds: int, plot: Path | None, rebalan
         {"figure": "audit: chi-square p-value (uniform)", "before": f"{before.p_value:.2g}",
          "after": f"{after.p_value:.2g}"},
         {"figure": "audit: images unreadable by the scorer", "before": before.unreadable, "after": after.unreadable},
-        {"figure": f"held-out audit ({HELD_OUT_SEEDS} other seeds): counts", "before": _counts(held_out[0], labels),
-         "after": _counts(held_out[1], labels)},
+        {"figure": f"held-out audit ({HELD_OUT_SEEDS} other seeds): counts",
+         "before": _counts(held_out[0].counts, labels), "after": _counts(held_out[1].counts, labels)},
         {"figure": "held-out audit: KL / chi-square p / unreadable",
          "before": f"{held_out[0].kl} / {held_out[0].p_value:.2g} / {held_out[0].unreadable}",
          "after": f"{held_out[1].kl} / {held_out[1].p_value:.2g} / {held_out[1].unreadable}"},
@@ -104,8 +104,7 @@ def run_eval_bench(audit_seeds: int, eval_seeds: int, plot: Path | None, rebalan
     return rows
 
 
-def _counts(audit_or_counts, labels: list[str]) -> str:
-    counts = getattr(audit_or_counts, "counts", audit_or_counts)
+def _counts(counts: dict[str, int], labels: list[str]) -> str:
     return " ".join(str(counts.get(label, 0)) for label in labels)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from lorafleet.training.reporting import grid_pixels
 
+from .gates import AuditInvalid
 from .images import ServerImages
 from .scorers import Scorer
 from .stats import chi_square, kl_divergence, mean_interval, wilson
@@ -167,8 +168,6 @@ def run_audit(source: ServerImages, scorer: Scorer, prompt: str, attribute: str,
     counts = Counter(label for label in found if label is not None)
     read = sum(counts.values())
     if read == 0:
-        from .gates import AuditInvalid
-
         raise AuditInvalid(f"the scorer could read none of the {len(found)} images of {prompt!r} "
                            f"with {adapter or 'the base'} as one of {labels}: nothing to count (more seeds, "
                            "or other labels)", field="seeds")
