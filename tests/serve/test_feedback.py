@@ -146,3 +146,14 @@ def test_an_unsupported_feedback_database_is_refused_naming_the_setting():
     with pytest.raises(FeedbackDatabaseUnavailable, match="driver") as refused:  # e.g. a gate file's URL
         FeedbackStore("mysql+pymysql://lorafleet@127.0.0.1/feedback")
     assert refused.value.field == "feedback.database_url"
+
+
+def test_a_plain_postgresql_url_uses_the_driver_the_postgres_extra_installs(postgres):
+    """`postgresql://` names SQLAlchemy's default driver (psycopg2); the extra installs psycopg 3."""
+    from lorafleet.serve.feedback import FeedbackStore
+
+    plain = postgres.url.replace("postgresql+psycopg://", "postgresql://")
+    ServeSettings(base="tiny", feedback={"database_url": plain})  # accepted by the settings ...
+    store = FeedbackStore(plain)  # ... and by the store
+    assert store.by_version("nothing-here") == {}
+    store.engine.dispose()
