@@ -33,7 +33,8 @@ def training_service(settings: ServeSettings, registry: AdapterRegistry) -> Trai
     """The training service the settings ask for, on the registry's storage (None: trainings off)."""
     if settings.trainings is None:
         return None
-    return TrainingService(settings.trainings, registry.store, registry.uri)
+    return TrainingService(settings.trainings, registry.store, registry.uri,
+                           outbound=settings.webhooks)
 
 
 def create_local_app(settings: ServeSettings, registry: AdapterRegistry | None = None):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from lorafleet.errors import ErrorKind, LorafleetError
 from lorafleet.registry.storage import ObjectStore, PreconditionFailed
+from lorafleet.training.service.outbound import OutboundTargets
 from lorafleet.training.service.records import Delivery, Webhook
 from lorafleet.training.service.webhooks import RetryPolicy, WebhookSender
 
@@ -67,14 +68,16 @@ def _now() -> datetime:
 
 
 class AsyncJobs:
-    def __init__(self, store: ObjectStore, settings: AsyncJobSettings):
-        self.store, self.settings = store, settings
-        self.webhooks = WebhookSender(RetryPolicy(), self._log_delivery)
+    def __init__(self, store: ObjectStore, settings: AsyncJobSettings, outbound: OutboundTargets):
+        self.store, self.settings, self.outbound = store, settings, outbound
+        self.webhooks = WebhookSender(RetryPolicy(), self._log_delivery, outbound)
         self._secrets: dict[str, str] = {}  # job id -> webhook secret (never stored with the result)
         self._tasks: set[asyncio.Task] = set()
 
     def create(self, tenant: str | None, webhook: Webhook | None) -> JobState:
         """The job's record (blocking: storage); then ``start`` it on the event loop."""
+        if webhook is not None:
+            self.outbound.check(str(webhook.url), "webhook.url")
         now = _now()
         job = JobState(id="job-" + secrets.token_hex(12), state="running", created_at=now, updated_at=now,
                        tenant=tenant, webhook_url=str(webhook.url) if webhook else None)

@@ -171,7 +171,7 @@ class GenerationService:
         replicas = max(settings.replicas, settings.autoscaling.max_replicas if settings.autoscaling else 1)
         self._max_pending = settings.max_queued_requests + settings.max_ongoing_requests * replicas
         self.tenants = Tenants(settings.tenants)
-        self.jobs = AsyncJobs(registry.store, settings.async_jobs)
+        self.jobs = AsyncJobs(registry.store, settings.async_jobs, settings.webhooks)
         self.feedback = FeedbackStore(settings.feedback.database_url) if settings.feedback.enabled else None
         # With tenants, requests wait at the gateway in one lane each, and only what the replicas can
         # hold at once goes to them: a freed place goes to the lane served least for its share.

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from lorafleet.training.service.outbound import OutboundTargets
 from lorafleet.training.service.scheduler import TrainingServiceSettings
 
 from .async_jobs import AsyncJobSettings
@@ -180,6 +181,9 @@ class ServeSettings(BaseSettings):
                                          "(\"async\": true, or POST /v1/jobs).")
     trainings: TrainingServiceSettings | None = Field(None, description="REST trainings run as Ray jobs (scope "
                                                       "`train`); off when unset.")
+    webhooks: OutboundTargets = Field(default_factory=OutboundTargets, description="Where callers' webhooks and "
+                                      "MLflow servers may be: public addresses, plus the hosts and networks allowed "
+                                      "here.")
     auth_enabled: bool = Field(False, description="Require bearer tokens (on whenever tokens are configured).")
     insecure_no_auth: bool = Field(False, description="Allow listening on a non-loopback address with auth off "
                                    "(--insecure-no-auth): anyone who reaches the port is admin.")

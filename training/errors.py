@@ -62,3 +62,11 @@ class TrainingsUnavailable(LorafleetError):
 
     code = "trainings_unavailable"
     kind = ErrorKind.unavailable
+
+
+class OutboundTargetRefused(LorafleetError):
+    """A URL the server would call (a webhook, an MLflow server) points where it may not go:
+    a private, loopback or link-local address that the operator has not allowed."""
+
+    code = "outbound_target_refused"
+    kind = ErrorKind.invalid

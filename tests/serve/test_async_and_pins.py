@@ -47,7 +47,7 @@ def _wait_job(client, job_id, timeout_s=60):
 
 def test_async_generation_returns_a_job_whose_result_equals_the_sync_one(registry, tmp_path):
     receiver = WebhookReceiver()
-    app, _ = _app(registry, tmp_path)
+    app, _ = _app(registry, tmp_path, webhooks={"allowed_hosts": ["127.0.0.1"]})  # the receiver is on loopback
     body = {"prompt": PROMPT, "adapter": "look0:prod", "steps": 2, "seed": 3, "cache": False}
     with TestClient(app) as client:
         sync = client.post("/v1/generate", json=body)

@@ -65,6 +65,7 @@ def dataset_tar(tmp_path_factory):
 @contextmanager
 def gateway(registry_uri, address, **trainings):
     settings = load_settings(base="toy", registry=registry_uri, port=free_port(),
+                             webhooks={"allowed_hosts": ["127.0.0.1"]},  # the receiver is on loopback
                              trainings={"ray_address": address, "poll_s": 0.3, "webhook_first_delay_s": 0.2,
                                         "default_resources": {"num_cpus": 1}, **trainings})
     with serving_in_thread(settings) as url, httpx.Client(base_url=url, timeout=60) as client:

@@ -31,6 +31,7 @@ from ..errors import (
     TrainingsUnavailable,
 )
 from .datasets import DatasetLimits, DatasetReport, DatasetStore, check_digest
+from .outbound import OutboundTargets
 from .records import (
     RECENT_LOSSES,
     JobEvent,
@@ -108,10 +109,22 @@ def validated_config(tree: dict[str, Any]) -> TrainConfig:
         raise TrainingInputInvalid(exc.message, field=f"config.{exc.field}" if exc.field else "config") from exc
 
 
+def starting_order(queued: list[TrainingRecord], running: Counter, free: int) -> list[TrainingRecord]:
+    """The queued trainings to start in ``free`` slots: oldest first, but a tenant with fewer
+    trainings running (counting those this call starts) goes before one with more."""
+    running, waiting, chosen = Counter(running), list(queued), []
+    while waiting and len(chosen) < free:
+        record = min(waiting, key=lambda r: (running[r.tenant], r.created_at))
+        waiting.remove(record)
+        chosen.append(record)
+        running[record.tenant] += 1
+    return chosen
+
 class TrainingService:
     def __init__(self, settings: TrainingServiceSettings, store: ObjectStore, registry_uri: str,
-                 runner: RayJobRunner | None = None):
+                 runner: RayJobRunner | None = None, outbound: OutboundTargets | None = None):
         self.settings = settings
+        self.outbound = outbound or OutboundTargets()
         self.registry_uri = registry_uri
         self.records = TrainingRecords(store)
         self.datasets = DatasetStore(store, DatasetLimits(
@@ -120,7 +133,8 @@ class TrainingService:
         self.runner = runner or (RayJobRunner(settings.ray_address, os.environ.get(settings.ray_token_env))
                                  if settings.ray_address else None)
         self.webhooks = WebhookSender(RetryPolicy(settings.webhook_attempts, settings.webhook_first_delay_s,
-                                                  timeout_s=settings.webhook_timeout_s), self._record_delivery)
+                                                  timeout_s=settings.webhook_timeout_s), self._record_delivery,
+                                      self.outbound)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tick_lock = threading.Lock()
@@ -147,6 +161,10 @@ class TrainingService:
         if caller is not None and not caller.sees(publish.name):
             raise TrainingInputInvalid(f"{publish.name!r} is outside this tenant's namespaces "
                                        f"({', '.join(p + '*' for p in caller.namespaces)})", field="publish.name")
+        if request.webhook is not None:
+            self.outbound.check(str(request.webhook.url), "webhook.url")
+        if config.tracking.mlflow_uri is not None:  # the job reports there from the training cluster
+            self.outbound.check(config.tracking.mlflow_uri, "config.tracking.mlflow_uri")
         tenant = caller.tenant if caller is not None else None
         try:
             self.datasets.report(request.dataset)
@@ -239,12 +257,9 @@ class TrainingService:
             for record in [r for r in queued if r.cancel_requested]:
                 self._move(record.id, TrainingState.queued, TrainingState.cancelled, "cancelled while queued")
             queued = [r for r in queued if not r.cancel_requested]
-            while queued and sum(running.values()) < self.settings.max_concurrent:
-                # Oldest first, but a tenant with fewer trainings running goes before one with more.
-                record = min(queued, key=lambda r: (running[r.tenant], r.created_at))
-                queued.remove(record)
-                if self._start(record):
-                    running[record.tenant] += 1
+            free = self.settings.max_concurrent - sum(running.values())
+            for record in starting_order(queued, running, free):
+                self._start(record)  # claimed by another gateway: it runs there; the slot refills next tick
 
     def _start(self, record: TrainingRecord) -> bool:
         claimed = self._move(record.id, TrainingState.queued, TrainingState.running, "submitted as a Ray job",

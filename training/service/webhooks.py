@@ -9,7 +9,9 @@ A delivery is a POST of a JSON body with these headers:
 
 A receiver recomputes the HMAC over the timestamp, a dot and the raw body with its secret,
 compares in constant time, and refuses timestamps older than a few minutes (replays):
-``verify_signature`` does exactly that. Any 2xx is delivered; anything else is retried.
+``verify_signature`` does exactly that. Any 2xx is delivered; anything else is retried. A URL
+the outbound policy refuses (outbound.py: checked again before every attempt, since a name can
+resolve differently later) is not called: the refusal is recorded and the delivery ends.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from .outbound import OutboundTargets
 from .records import Delivery, now
 
 EVENT_HEADER = "X-Lorafleet-Event"
@@ -69,8 +72,10 @@ class RetryPolicy:
 class WebhookSender:
     """Deliveries in background threads; ``record(training_id, delivery)`` logs each attempt."""
 
-    def __init__(self, policy: RetryPolicy, record: Callable[[str, Delivery], None], workers: int = 4):
+    def __init__(self, policy: RetryPolicy, record: Callable[[str, Delivery], None], targets: OutboundTargets,
+                 workers: int = 4):
         self.policy = policy
+        self.targets = targets
         self.record = record
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorafleet-webhook")
         self.stopping = threading.Event()
@@ -82,12 +87,14 @@ class WebhookSender:
         delivery_id = "dl-" + secrets.token_hex(8)
         body = json.dumps({"event": event, "delivery": delivery_id, **payload}, default=str).encode()
         for attempt in range(1, self.policy.attempts + 1):
-            outcome = self._attempt(url, secret, event, delivery_id, body, attempt)
+            refusal = self.targets.refusal(url)
+            outcome = (Delivery(id=delivery_id, event=event, attempt=attempt, at=now(), error=f"refused: {refusal}")
+                       if refusal else self._attempt(url, secret, event, delivery_id, body, attempt))
             try:
                 self.record(training_id, outcome)
             except Exception:  # the log of a delivery must not stop its retries
                 logger.warning("could not record webhook delivery %s", delivery_id, exc_info=True)
-            if outcome.delivered or attempt == self.policy.attempts:
+            if outcome.delivered or refusal or attempt == self.policy.attempts:
                 return
             if self.stopping.wait(self.policy.delay(attempt)):
                 return
