@@ -70,7 +70,7 @@ def _check_lora_config(payload: AdapterPayload, pairs) -> list[str]:
             problems.append(f"{component}.{missing}: in the LoRA config but has no weights")
         for (c, path), pair in pairs.items():
             if c == component and "A" in pair and pair["A"].ndim:
-                declared = config.rank_pattern.get(path, config.rank)
+                declared = config.rank_of(path)  # patterns matched as peft matches them
                 if int(pair["A"].shape[0]) != declared:
                     problems.append(f"{c}.{path}: weights have rank {pair['A'].shape[0]}, config says {declared}")
         if config.alpha <= 0 or any(a <= 0 for a in config.alpha_pattern.values()):

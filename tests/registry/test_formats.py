@@ -147,3 +147,24 @@ def test_stored_metadata_is_diffusers_lora_metadata(registry, tiny_spec, diffuse
     flat = json.loads(header["__metadata__"]["lora_adapter_metadata"])
     assert flat["unet.r"] == 4 and flat["unet.lora_alpha"] == 8.0
     assert flat["text_encoder.r"] == 4
+
+
+@pytest.mark.parametrize("pattern", [{"to_v": 4}, {"attn1.to_v": 4}, {"^.*attn2\\.to_v$": 4}])
+def test_a_peft_folder_with_a_pattern_keyed_rank_is_accepted_and_means_what_peft_loads(registry, tiny_spec, pattern,
+                                                                                       tmp_path):
+    """peft matches rank_pattern keys as module-name suffixes or regexes, not only exact paths."""
+    from peft import LoraConfig, get_peft_model
+
+    unet = load_base("tiny").pipeline.unet
+    model = get_peft_model(unet, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], rank_pattern=pattern))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_()
+    model.save_pretrained(str(tmp_path / "peft"))
+    manifest = registry.publish(tmp_path / "peft", PublishRequest(name="peft-ranks", base=tiny_spec))
+    config = manifest.components["unet"]
+    ranks = {name.split(".lora_A")[0]: p.shape[0] for name, p in model.named_parameters() if "lora_A" in name}
+    assert 4 in ranks.values() and 2 in ranks.values()  # the pattern did pick some modules, not all
+    for module, rank in ranks.items():
+        path = module.split("base_model.model.")[-1]
+        assert config.rank_of(path) == rank and config.scale_of(path) == 2 / rank
