@@ -223,6 +223,7 @@ def create_api(service: GenerationService, tokens: TokenTable, trainings: Traini
     install_training_routes(app, trainings, _scope_guards(tokens, "train"), ERROR_RESPONSES,
                             lambda request: _caller(service, request))
     _install_health_routes(app, service)
+    app.router.on_shutdown.append(service.metrics.usage.close)  # the last usage reaches the storage
     if trainings is not None:
         trainings.start()
         app.router.on_shutdown.append(trainings.stop)
@@ -359,11 +360,11 @@ def _install_usage_route(app: FastAPI, service: GenerationService, admin_scope: 
     @app.get("/v1/usage", response_model=list[TenantUsage], responses=ERROR_RESPONSES, dependencies=admin_scope)
     async def usage(request: Request, tenant: Annotated[str | None, Query(pattern=TENANT_PATTERN)] = None,
                     since: Annotated[float, Query(ge=0, le=1e11, description="Unix seconds.")] = 0.0):
-        """Per-tenant usage this gateway served since ``since`` (a tenant's admin sees its own only)."""
+        """Per-tenant usage every gateway served since ``since`` (a tenant's admin sees its own only)."""
         own = _caller(service, request).tenant
         if own is not None and tenant not in (None, own):
             return []
-        return service.metrics.usage.usage(own or tenant, since)
+        return await asyncio.to_thread(service.metrics.usage.usage, own or tenant, since)  # reads storage
 
 
 def _install_health_routes(app: FastAPI, service: GenerationService) -> None:

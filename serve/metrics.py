@@ -19,12 +19,12 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServiceMetrics:
-    def __init__(self):
+    def __init__(self, usage: UsageLedger | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         for group in (self._http_metrics, self._adapter_metrics, self._output_cache_metrics, self._tenant_metrics,
                       self._version_metrics):
             group(self.registry)
-        self.usage = UsageLedger()
+        self.usage = usage or UsageLedger()  # in memory only, unless given the registry's storage
         self._cumulative_seen: dict[tuple, int] = {}
 
     def _http_metrics(self, r: CollectorRegistry) -> None:

@@ -44,6 +44,7 @@ from .resolver import AdapterResolver
 from .schemas import NOT_BLANK, GenerateRequest, GenerateResponse, ResolvedAdapter, Timings, size_multiple
 from .settings import RequestLimits, ServeSettings
 from .tenants import OPERATOR, Caller, FairAdmission, RateLimited, Tenants, request_work
+from .usage import UsageLedger
 
 BASE_MODEL_NAME = "base"
 logger = logging.getLogger(__name__)
@@ -160,7 +161,8 @@ class GenerationService:
         self.base_fingerprint: str | None = None  # learnt from a replica (the gateway loads no model)
         self.native_size = 512
         self.family: ModelFamily = _family_of_base(settings)  # a replica's health confirms it
-        self.metrics = metrics or ServiceMetrics()
+        self.metrics = metrics or ServiceMetrics(UsageLedger(registry.store, settings.usage.retention_s,
+                                                             settings.usage.flush_s))
         cache = settings.output_cache
         self.output_cache = OutputCache(cache.memory_bytes, cache.shared_uri, cache.shared_ttl_s, cache.shared_bytes,
                                         metrics=self.metrics)

@@ -19,6 +19,7 @@ from .auth import configured_tokens
 from .errors import RequestInvalid
 from .feedback import FeedbackSettings
 from .tenants import TENANT_PATTERN, TenantSettings
+from .usage import UsageSettings
 
 
 class RequestLimits(BaseModel):
@@ -181,6 +182,8 @@ class ServeSettings(BaseSettings):
                                          "(\"async\": true, or POST /v1/jobs).")
     trainings: TrainingServiceSettings | None = Field(None, description="REST trainings run as Ray jobs (scope "
                                                       "`train`); off when unset.")
+    usage: UsageSettings = Field(default_factory=UsageSettings, description="Per-tenant usage (GET /v1/usage), "
+                                 "kept in the registry's storage.")
     webhooks: OutboundTargets = Field(default_factory=OutboundTargets, description="Where callers' webhooks and "
                                       "MLflow servers may be: public addresses, plus the hosts and networks allowed "
                                       "here.")
