@@ -10,8 +10,8 @@ import torch
 
 from lorafleet.bases.spec import BaseSpec
 from lorafleet.families import family_named
-from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import AdapterFormat, ComponentLora
+from lorafleet.registry.payload import AdapterPayload
 from lorafleet.registry.validation import expected_lora_shapes
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

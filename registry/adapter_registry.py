@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from lorafleet.bases.spec import BaseSpec
 
 if TYPE_CHECKING:
-    from .formats import AdapterPayload
+    from .payload import AdapterPayload
 from lorafleet.errors import LorafleetError
 
 from .errors import (

@@ -157,7 +157,8 @@ def cmd_export(args) -> int:
 
     from lorafleet.bases import base_spec
 
-    from .formats import payload_from_stored, to_kohya
+    from .formats import payload_from_stored
+    from .kohya import to_kohya
 
     registry = _registry(args)
     manifest = registry.resolve(args.ref)

@@ -1,47 +1,38 @@
 """Adapter file layouts accepted on publish, and their conversion to the one stored layout.
 
-Stored layout (``AdapterPayload.to_bytes``) is what diffusers' ``save_lora_weights`` writes:
-keys ``<component>.<module>.lora_A.weight`` / ``lora_B.weight`` and the peft LoRA config of each
-component in the ``lora_adapter_metadata`` header entry, so that plain
-``pipe.load_lora_weights(file)`` keeps rank and alpha. Accepted inputs:
+The stored layout is ``AdapterPayload`` (payload.py): what diffusers' ``save_lora_weights`` writes,
+with each component's peft LoRA config, so plain ``pipe.load_lora_weights(file)`` keeps rank and
+alpha. Accepted inputs:
 
 - diffusers LoRA safetensors (config from the file's metadata or an adapter_config.json),
 - peft ``save_pretrained`` folders (adapter_model.safetensors + adapter_config.json),
 - ai-toolkit's diffusers-layout LoRAs (no peft config: alpha = rank, as diffusers reads them),
 - kohya / A1111 LoRA (``lora_unet_*`` / ``lora_te_*`` with ``lora_down``/``lora_up``/``alpha``; Flux's
-  with Black Forest Labs' names, fused qkv split exactly), and the family's other layouts (XLabs' Flux),
+  with Black Forest Labs' names, fused qkv split exactly: kohya.py), and the family's other layouts
+  (XLabs' Flux),
 - textual inversion embeddings (``{token: [vectors, dim]}`` or A1111's ``emb_params``),
 - a full denoiser state dict (``unet.<parameter>`` / ``transformer.<parameter>``) for full fine-tunes.
 """
 
 from __future__ import annotations
 
-# Imports inside functions: safetensors' torch API only when tensors are written.
+# Imports inside functions: safetensors' torch API only when stored bytes are read.
 import json
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lorafleet.bases.spec import BaseSpec
-from lorafleet.families import ALL_LORA_COMPONENTS, FAMILIES, families_with_components, family_named
-from lorafleet.families.flux_layout import swap_halves
+from lorafleet.families import ALL_LORA_COMPONENTS, families_with_components, family_named
 
 from .errors import AdapterIncompatible, InvalidAdapter, UnsafeFormat
+from .kohya import KOHYA_KEY, from_kohya, patterned_config
 from .manifest import AdapterFormat, ComponentLora
-from .safetensors_io import (
-    PICKLE_SUFFIXES,
-    AdapterLimits,
-    UntrustedJsonError,
-    canonical_safetensors,
-    load_tensors,
-    parse_untrusted_json,
-)
+from .payload import LORA_METADATA_KEY, LORAFLEET_METADATA_KEY, AdapterPayload, json_metadata
+from .safetensors_io import PICKLE_SUFFIXES, AdapterLimits, UntrustedJsonError, load_tensors, parse_untrusted_json
 
-LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry
-LORAFLEET_METADATA_KEY = "lorafleet"
 DIFFUSERS_LORA_KEY = re.compile(rf"^({'|'.join(ALL_LORA_COMPONENTS)})\.(.+)\.lora_([AB])\.weight$")
 """A LoRA tensor as diffusers saves it: component, module path, A (down) or B (up)."""
 _ATTN_PROCESSOR_KEY = re.compile(
@@ -49,60 +40,11 @@ _ATTN_PROCESSOR_KEY = re.compile(
 """diffusers' older layout, which its training scripts still write through convert_state_dict_to_diffusers:
 ``to_q.lora.down.weight`` (UNet), ``q_proj.lora_linear_layer.up.weight`` (text encoders)."""
 _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
-_KOHYA_KEY = re.compile(r"^lora_(unet|te1|te2|te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _DIRECTORY_FILES = (
     "pytorch_lora_weights.safetensors",
     "adapter_model.safetensors",
     "learned_embeds.safetensors",
 )
-
-
-@dataclass
-class AdapterPayload:
-    """An adapter in the stored layout, ready to validate and serialize."""
-
-    format: AdapterFormat
-    tensors: dict[str, torch.Tensor]
-    components: dict[str, ComponentLora] = field(default_factory=dict)
-    trigger_tokens: list[str] = field(default_factory=list)
-    source_format: str = "diffusers"
-    source_metadata: dict[str, str] = field(default_factory=dict)  # header of the file read
-
-    def lora_metadata(self) -> dict:
-        flat = {}
-        for component, config in sorted(self.components.items()):
-            for key, value in config.peft_config_dict().items():
-                flat[f"{component}.{key}"] = value
-        return flat
-
-    def to_bytes(self, extra_metadata: dict | None = None) -> bytes:
-        from safetensors.torch import save
-
-        metadata = {"format": "pt"}
-        if self.components:
-            metadata[LORA_METADATA_KEY] = json.dumps(self.lora_metadata(), indent=2, sort_keys=True)
-        info = {"format": self.format.value, "trigger_tokens": self.trigger_tokens, **(extra_metadata or {})}
-        metadata[LORAFLEET_METADATA_KEY] = json.dumps(info, sort_keys=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
-        return canonical_safetensors(save(tensors, metadata=metadata))
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
-
-
-def json_metadata(metadata: dict[str, str], key: str) -> dict:
-    """A JSON object stored under ``key`` in safetensors metadata ({} when absent)."""
-    raw = metadata.get(key)
-    if not raw:
-        return {}
-    try:
-        value = parse_untrusted_json(raw)
-    except UntrustedJsonError as exc:
-        raise InvalidAdapter(f"safetensors metadata {key!r} is not valid JSON ({exc})", field="path") from exc
-    if not isinstance(value, dict):
-        raise InvalidAdapter(f"safetensors metadata {key!r} must be a JSON object", field="path")
-    return value
 
 
 def find_weights_file(path: Path) -> tuple[Path, dict | None]:
@@ -187,7 +129,7 @@ def _from_diffusers(tensors, metadata: dict[str, str], adapter_config: dict | No
         elif adapter_config is not None:
             config = adapter_config
         elif _written_by_ai_toolkit(metadata):
-            components[component] = _patterned_config(ranks, {module: float(r) for module, r in ranks.items()})
+            components[component] = patterned_config(ranks, {module: float(r) for module, r in ranks.items()})
             continue
         else:
             raise InvalidAdapter(
@@ -235,33 +177,6 @@ def _from_peft(tensors, adapter_config: dict | None, spec: BaseSpec) -> AdapterP
     return AdapterPayload(AdapterFormat.diffusers_lora, renamed, {component: config}, source_format="peft")
 
 
-@dataclass(frozen=True)
-class _KohyaModule:
-    """What one kohya module name means for a base: the component and the module paths whose outputs
-    it stacks (one path for most; Flux's fused qkv three), and whether its output halves are swapped."""
-
-    component: str
-    paths: tuple[str, ...]
-    swap_halves: bool = False
-
-    @property
-    def one_to_one(self) -> bool:
-        return len(self.paths) == 1 and not self.swap_halves
-
-
-def _kohya_module_table(spec: BaseSpec) -> dict[tuple[str, str], _KohyaModule]:
-    """(kohya prefix, flattened name) -> module, for every base module, named as the base's family
-    names them (SDXL: SGM UNet names, te1/te2; Flux: BFL names, some fused)."""
-    family = family_named(spec.family)
-    if not family.kohya_prefixes:
-        return {}
-    table = {(family.kohya_prefix(component), flat): _KohyaModule(component, (path,))
-             for component, names in spec.kohya_names.items() for flat, path in names.items()}
-    table.update({(family.kohya_prefix(component), flat): _KohyaModule(component, tuple(paths), swap)
-                  for component, groups in spec.kohya_groups.items() for flat, (paths, swap) in groups.items()})
-    return table
-
-
 def check_family(components, spec: BaseSpec) -> None:
     """Refuse an adapter whose components say it was made for another model family, naming both."""
     foreign = sorted(set(components) - set(spec.lora_components))
@@ -271,93 +186,6 @@ def check_family(components, spec: BaseSpec) -> None:
     raise AdapterIncompatible(
         f"the adapter targets {', '.join(foreign)}: it is made for {made_for}, but base {spec.id!r} is "
         f"{family_named(spec.family).title} ({', '.join(spec.lora_components)})", field="base")
-
-
-def _kohya_family_check(prefixes: set[str], spec: BaseSpec) -> None:
-    """A kohya file's prefixes say its family (te: one text encoder; te1/te2: SDXL; te1 alone: SDXL or Flux)."""
-    family = family_named(spec.family)
-    if prefixes <= {prefix for _, prefix in family.kohya_prefixes}:
-        return
-    made_for = " or ".join(f.title for f in FAMILIES.values() if prefixes <= {p for _, p in f.kohya_prefixes})
-    raise AdapterIncompatible(
-        f"the kohya LoRA's prefixes ({', '.join(f'lora_{p}_' for p in sorted(prefixes))}) say it is made for "
-        f"{made_for or 'an unknown model family'}, but base {spec.id!r} is {family.title}", field="base")
-
-
-def _from_kohya(tensors, spec: BaseSpec) -> AdapterPayload:
-    _kohya_family_check({_KOHYA_KEY.match(k).group(1) for k in tensors}, spec)
-    table = _kohya_module_table(spec)
-    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    problems = []
-    for key, tensor in tensors.items():
-        match = _KOHYA_KEY.match(key)
-        if not match:
-            problems.append(f"{key}: not a kohya LoRA key")
-            continue
-        grouped.setdefault((match.group(1), match.group(2)), {})[match.group(3)] = tensor
-    converted, alphas, ranks = {}, {}, {}
-    for (prefix, flat), parts in sorted(grouped.items()):
-        target = table.get((prefix, flat))
-        if target is None:
-            problems.append(f"lora_{prefix}_{flat}: no module of the base has this name")
-            continue
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            problems.append(f"lora_{prefix}_{flat}: needs both lora_down and lora_up")
-            continue
-        down = parts["lora_down.weight"]
-        rank = int(down.shape[0])
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
-        for path, part_down, part_up in _split_kohya_up(target, down, parts["lora_up.weight"], spec):
-            converted[f"{target.component}.{path}.lora_A.weight"] = part_down
-            converted[f"{target.component}.{path}.lora_B.weight"] = part_up
-            ranks.setdefault(target.component, {})[path] = int(part_down.shape[0])
-            alphas.setdefault(target.component, {})[path] = alpha * part_down.shape[0] / rank  # the same alpha/rank
-    if problems:
-        raise InvalidAdapter("kohya LoRA file does not fit the base", field="path", problems=problems)
-    components = {c: _patterned_config(ranks[c], alphas[c]) for c in ranks}
-    return AdapterPayload(AdapterFormat.diffusers_lora, converted, components, source_format="kohya")
-
-
-def _split_kohya_up(target: _KohyaModule, down: torch.Tensor, up: torch.Tensor,
-                    spec: BaseSpec) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(module path, down, up) per diffusers module of a kohya module. A fused module's up-projection
-    is split by output rows; each part keeps only the rank columns its rows use (a block-diagonal
-    LoRA, as lorafleet's export writes, gets its parts' own ranks back), else the whole shared
-    down-projection. Exact either way: the columns left out are zero in that part's rows."""
-    if target.one_to_one:
-        return [(target.paths[0], down, up)]
-    up = swap_halves(up) if target.swap_halves else up
-    sizes = [_out_features(spec, target.component, path) for path in target.paths]
-    if sum(sizes) != up.shape[0]:
-        raise InvalidAdapter(f"{target.paths[0]}: a fused kohya up-projection of {up.shape[0]} rows does not fit the "
-                             f"base's {sum(sizes)}", field="path")
-    parts = []
-    for path, rows in zip(target.paths, torch.split(up, sizes, dim=0)):
-        used = rows.abs().sum(dim=0) > 0
-        if not used.any():
-            continue  # this part's update is zero
-        parts.append((path, down[used].clone(), rows[:, used].contiguous()))
-    return parts
-
-
-def _out_features(spec: BaseSpec, component: str, path: str) -> int:
-    shape = spec.module(component, path)
-    if shape is None:
-        raise AdapterIncompatible(f"{component}.{path}: no module of base {spec.id!r} has this name", field="base")
-    return int(shape.weight_shape[0])
-
-
-def _patterned_config(ranks: dict[str, int], alphas: dict[str, float]) -> ComponentLora:
-    """The most common rank/alpha as defaults, every other module in rank/alpha patterns."""
-    rank = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    return ComponentLora(
-        rank=rank,
-        alpha=alpha,
-        target_modules=sorted(ranks),
-        rank_pattern={m: r for m, r in ranks.items() if r != rank},
-        alpha_pattern={m: a for m, a in alphas.items() if a != alpha},
-    )
 
 
 def embeddings_by_encoder(payload: AdapterPayload, family) -> list[tuple[str, str, torch.Tensor]]:
@@ -441,7 +269,7 @@ def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -
     foreign = family_named(spec.family).foreign_lora_as_kohya(keys)
     if foreign is not None:
         renamed, source_format = foreign
-        payload = _from_kohya({renamed[k]: t for k, t in tensors.items()}, spec)
+        payload = from_kohya({renamed[k]: t for k, t in tensors.items()}, spec)
         payload.source_format = source_format
         return payload
     if all(DIFFUSERS_LORA_KEY.match(k) or _ATTN_PROCESSOR_KEY.match(k) for k in keys):
@@ -450,8 +278,8 @@ def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -
         return payload
     if all(_PEFT_KEY.match(k) for k in keys):
         return _from_peft(tensors, adapter_config, spec)
-    if all(_KOHYA_KEY.match(k) for k in keys):
-        return _from_kohya(tensors, spec)
+    if all(KOHYA_KEY.match(k) for k in keys):
+        return from_kohya(tensors, spec)
     if _is_textual_inversion(tensors):
         return _from_textual_inversion(tensors, weights, spec)
     if all(k.startswith(f"{family_named(spec.family).denoiser}.") and ".lora" not in k for k in keys):
@@ -462,59 +290,6 @@ def _convert(tensors, metadata, adapter_config, spec: BaseSpec, weights: Path) -
         "LoRA, kohya LoRA, textual inversion or a full UNet state dict",
         field="path",
     )
-
-
-def to_kohya(payload: AdapterPayload, spec: BaseSpec) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The kohya/A1111 layout of a LoRA payload for ``spec``'s family, with the true alpha of every
-    module (what kohya's sd-scripts write, and diffusers' kohya loader reads). A module kohya fuses
-    (Flux's qkv) gets one LoRA: the parts' down-projections stacked, their scaled up-projections on
-    the block diagonal, alpha = rank (exact)."""
-    if payload.format != AdapterFormat.diffusers_lora:
-        raise InvalidAdapter(f"only LoRA adapters export to kohya, not {payload.format.value}")
-    family = family_named(spec.family)
-    if not family.kohya_prefixes:
-        raise InvalidAdapter(f"lorafleet has no kohya layout for {family.title}", field="format")
-    by_path: dict[tuple[str, str], tuple[str, _KohyaModule]] = {}
-    for (_, flat), module in _kohya_module_table(spec).items():
-        for path in module.paths:
-            by_path.setdefault((module.component, path), (flat, module))  # the first name of a path is kohya's own
-    out: dict[str, torch.Tensor] = {}
-    fused: dict[str, _KohyaModule] = {}
-    for component, config in payload.components.items():
-        for path in config.target_modules:
-            if (component, path) not in by_path:
-                raise AdapterIncompatible(f"{component}.{path}: no module of base {spec.id!r} has this name",
-                                          field="base")
-            flat, module = by_path[component, path]
-            name = f"lora_{family.kohya_prefix(component)}_{flat}"
-            if not module.one_to_one:
-                fused[name] = module
-                continue
-            out[f"{name}.lora_down.weight"] = payload.tensors[f"{component}.{path}.lora_A.weight"]
-            out[f"{name}.lora_up.weight"] = payload.tensors[f"{component}.{path}.lora_B.weight"]
-            out[f"{name}.alpha"] = torch.tensor(config.alpha_of(path))
-    for name, module in fused.items():
-        out.update(_fused_kohya_lora(name, module, payload, spec))
-    return out, {"format": "pt", "ss_network_module": "networks.lora", "ss_base_model_version": family.name}
-
-
-def _fused_kohya_lora(name: str, module: _KohyaModule, payload: AdapterPayload, spec: BaseSpec) -> dict:
-    config = payload.components[module.component]
-    downs, ups = [], []
-    for path in module.paths:
-        key = f"{module.component}.{path}.lora_"
-        rows = _out_features(spec, module.component, path)
-        if f"{key}A.weight" in payload.tensors:
-            downs.append(payload.tensors[f"{key}A.weight"])
-            ups.append(payload.tensors[f"{key}B.weight"].float() * config.scale_of(path))
-        else:
-            ups.append(torch.zeros(rows, 0))
-    rank = sum(down.shape[0] for down in downs)
-    up = torch.block_diag(*ups)
-    dtype = downs[0].dtype
-    return {f"{name}.lora_down.weight": torch.cat(downs).contiguous(),
-            f"{name}.lora_up.weight": (swap_halves(up) if module.swap_halves else up).to(dtype).contiguous(),
-            f"{name}.alpha": torch.tensor(float(rank))}
 
 
 def payload_from_stored(data: bytes) -> AdapterPayload:

@@ -12,15 +12,9 @@ from lorafleet.bases.spec import BaseSpec, ModuleShape
 from lorafleet.families import family_named
 
 from .errors import AdapterIncompatible, InvalidAdapter
-from .formats import (
-    DIFFUSERS_LORA_KEY,
-    LORAFLEET_METADATA_KEY,
-    AdapterPayload,
-    check_family,
-    embeddings_by_encoder,
-    json_metadata,
-)
+from .formats import DIFFUSERS_LORA_KEY, check_family, embeddings_by_encoder
 from .manifest import AdapterFormat
+from .payload import LORAFLEET_METADATA_KEY, AdapterPayload, json_metadata
 from .safetensors_io import AdapterLimits
 
 

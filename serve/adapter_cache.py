@@ -25,9 +25,10 @@ from typing import Generic, TypeVar
 from lorafleet.bases.spec import BaseSpec
 from lorafleet.errors import LorafleetError
 from lorafleet.registry.errors import AdapterIncompatible, IntegrityError
-from lorafleet.registry.formats import AdapterPayload, payload_from_stored
+from lorafleet.registry.formats import payload_from_stored
 from lorafleet.registry.identity import sha256_bytes, validate_digest
 from lorafleet.registry.manifest import Manifest
+from lorafleet.registry.payload import AdapterPayload
 from lorafleet.registry.validation import validate_payload
 
 from .residency import Residency, Tier, TierResidency

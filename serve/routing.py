@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafleet.registry.errors import AdapterIncompatible
-from lorafleet.registry.formats import AdapterPayload
+from lorafleet.registry.payload import AdapterPayload
 from lorafleet.registry.validation import lora_pairs
 
 

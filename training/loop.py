@@ -22,7 +22,7 @@ from diffusers.training_utils import EMAModel
 
 from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import load_base
-from lorafleet.registry.formats import AdapterPayload
+from lorafleet.registry.payload import AdapterPayload
 
 from .batches import Batch, BatchSource, ClassBatchSource, TextEncoder, step_generator
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint

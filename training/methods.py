@@ -22,8 +22,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from lorafleet.families import family_of_pipeline
-from lorafleet.registry.formats import AdapterPayload
 from lorafleet.registry.manifest import AdapterFormat, AdapterMethod, ComponentLora
+from lorafleet.registry.payload import AdapterPayload
 
 from .config import Method, TrainConfig
 from .errors import TrainingInputInvalid

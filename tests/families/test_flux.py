@@ -19,7 +19,8 @@ from lorafleet.errors import BaseModelError
 from lorafleet.families.flux_layout import to_bfl
 from lorafleet.registry import AdapterRegistry, PublishRequest
 from lorafleet.registry.errors import AdapterIncompatible
-from lorafleet.registry.formats import payload_from_stored, to_kohya
+from lorafleet.registry.formats import payload_from_stored
+from lorafleet.registry.kohya import to_kohya
 from lorafleet.serve.adapter_cache import AdapterFetcher
 from lorafleet.serve.engine import PipelineEngine
 from lorafleet.serve.jobs import AdapterUse, BatchRequest, GenerationJob
@@ -277,7 +278,7 @@ def test_kohya_names_mean_what_diffusers_converter_says_at_real_flux_widths():
 
     from lorafleet.bases.spec import BaseSpec, ModuleShape
     from lorafleet.families import FLUX
-    from lorafleet.registry.formats import _from_kohya
+    from lorafleet.registry.kohya import from_kohya
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(guidance_embeds=True)
@@ -295,7 +296,7 @@ def test_kohya_names_mean_what_diffusers_converter_says_at_real_flux_widths():
         kohya[f"lora_unet_{name}.lora_down.weight"] = torch.randn(4, 3072, generator=generator)
         kohya[f"lora_unet_{name}.lora_up.weight"] = torch.randn(rows, 4, generator=generator)
         kohya[f"lora_unet_{name}.alpha"] = torch.tensor(2.0)
-    ours = _from_kohya(dict(kohya), spec)
+    ours = from_kohya(dict(kohya), spec)
     theirs = _convert_kohya_flux_lora_to_diffusers(dict(kohya))
     config = ours.components["transformer"]
     assert len(config.target_modules) == 3 + 4 + 1 + 1

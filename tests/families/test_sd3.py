@@ -105,7 +105,8 @@ def test_the_engine_serves_sd3_like_plain_diffusers(sd3_registry):
 
 def test_embeddings_and_kohya_export_are_refused_naming_why(sd3_registry, tmp_path):
     from lorafleet.registry.errors import InvalidAdapter
-    from lorafleet.registry.formats import payload_from_stored, to_kohya
+    from lorafleet.registry.formats import payload_from_stored
+    from lorafleet.registry.kohya import to_kohya
 
     registry, _ = sd3_registry
     path = tmp_path / "tok.safetensors"

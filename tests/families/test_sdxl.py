@@ -18,7 +18,8 @@ from lorafleet.accelerator import resolve_placement
 from lorafleet.bases import base_spec, export_base, load_base
 from lorafleet.registry import AdapterRegistry, PublishRequest
 from lorafleet.registry.errors import AdapterIncompatible
-from lorafleet.registry.formats import payload_from_stored, to_kohya
+from lorafleet.registry.formats import payload_from_stored
+from lorafleet.registry.kohya import to_kohya
 from lorafleet.serve.adapter_cache import AdapterFetcher
 from lorafleet.serve.engine import PipelineEngine
 from lorafleet.serve.jobs import AdapterUse, BatchRequest, GenerationJob

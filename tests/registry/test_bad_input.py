@@ -25,7 +25,7 @@ from lorafleet.registry.errors import (
     InvalidReference,
     UnsafeFormat,
 )
-from lorafleet.registry.formats import LORAFLEET_METADATA_KEY
+from lorafleet.registry.payload import LORAFLEET_METADATA_KEY
 from lorafleet.registry.safetensors_io import AdapterLimits
 from lorafleet.synthetic import synthetic_lora
 

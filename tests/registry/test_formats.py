@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from lorafleet.bases import load_base
 from lorafleet.registry import AdapterFormat, PublishRequest
 from lorafleet.registry.errors import AdapterIncompatible
-from lorafleet.registry.formats import payload_from_stored, to_kohya
+from lorafleet.registry.formats import payload_from_stored
+from lorafleet.registry.kohya import to_kohya
 
 PROMPT = "a red circle on the left"
 
