@@ -89,3 +89,20 @@ def test_the_ledger_keeps_its_retention_skips_damaged_objects_and_outlives_a_fai
     failing.add("acme", requests=1)
     failing.flush()  # logged, kept in memory, retried at the next flush
     assert failing.usage("acme", time.time() - MINUTE)[0].requests == 1
+
+
+def test_gateways_share_usage_on_either_registry_backend(registry_uri):
+    """The same ledger over the file store and a real S3 server (SeaweedFS): list, read, CAS."""
+    first, second = (UsageLedger(open_store(registry_uri), flush_s=0) for _ in range(2))
+    first.add("acme", requests=2, images=4, work=1.5)
+    second.add("acme", requests=1, images=1, replica_seconds=0.25)
+    second.add("globex", requests=1)
+    for ledger in (first, second):
+        ledger.flush()
+    first.add("acme", requests=1)  # not flushed yet: the first answers it from memory, the second not
+    answers = [{u.tenant: u for u in ledger.usage(None, time.time() - 3600)} for ledger in (first, second)]
+    assert answers[0]["acme"].requests == 4 and answers[1]["acme"].requests == 3
+    assert all(a["acme"].images == 5 and a["acme"].replica_seconds == 0.25 and a["globex"].requests == 1
+               for a in answers)
+    first.flush()  # a second flush of the same hour replaces the object (compare-and-swap on its token)
+    assert {u.tenant: u for u in second.usage("acme", 0)}["acme"].requests == 4
