@@ -19,9 +19,12 @@ from lorafleet.serve.tenants import FairAdmission, RateLimited
 
 ACME, GLOBEX = "acme-token-0123456789abcdef0123456789", "globex-token-0123456789abcdef012345678"
 ACME_ADMIN, OPERATOR = "acme-admin-0123456789abcdef0123456789", "operator-admin-0123456789abcdef012345"
-TOKENS = f"{ACME}=generate+train@acme,{GLOBEX}=generate@globex,{ACME_ADMIN}=admin@acme,{OPERATOR}=admin"
+INITECH, INITECH_ADMIN = "initech-token-0123456789abcdef01234567", "initech-admin-0123456789abcdef0123456"
+TOKENS = (f"{ACME}=generate+train@acme,{GLOBEX}=generate@globex,{ACME_ADMIN}=admin@acme,{OPERATOR}=admin,"
+          f"{INITECH}=generate@initech,{INITECH_ADMIN}=admin@initech")
 TENANTS = {"acme": {"namespaces": ["acme-"], "requests_per_s": 0.5, "request_burst": 6},
-           "globex": {"namespaces": ["globex-"], "work_per_s": 0.01, "work_burst": 0.05}}
+           "globex": {"namespaces": ["globex-"], "work_per_s": 0.01, "work_burst": 0.05},
+           "initech": {"namespaces": ["initech-"]}}  # only the usage test sends as initech
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +95,24 @@ def test_request_and_work_rates_answer_429_with_retry_after(client):
     over = _generate(client, GLOBEX, num_images=2, steps=20, cache=False)
     assert heavy.status_code == 200 and over.status_code == 429
     assert "image-steps-megapixels" in over.json()["error"]["message"]
+    samples = metric_samples(client.get("/metrics", headers=_as(OPERATOR)).text)
+    assert samples[('lorafleet_rate_limited_total', (('tenant', 'acme'),))] >= len(limited)
+    assert samples[('lorafleet_rate_limited_total', (('tenant', 'globex'),))] >= 1
 
 
 def test_usage_is_metered_per_tenant_and_in_prometheus(client):
-    _generate(client, GLOBEX, adapter="globex-style", seed=5, cache=False)
+    for seed in (5, 6):
+        assert _generate(client, INITECH, seed=seed, cache=False).status_code == 200
     usage = {u["tenant"]: u for u in client.get("/v1/usage", headers=_as(OPERATOR)).json()}
-    assert usage["acme"]["requests"] >= 2 and usage["acme"]["images"] >= 2
-    assert usage["globex"]["steps_megapixels"] > 0 and usage["globex"]["replica_seconds"] > 0
-    own = client.get("/v1/usage", headers=_as(ACME_ADMIN)).json()
-    assert [u["tenant"] for u in own] == ["acme"]
-    assert client.get("/v1/usage", params={"tenant": "globex"}, headers=_as(ACME_ADMIN)).json() == []
-    assert client.get("/v1/usage", headers=_as(ACME)).status_code == 403
+    assert usage["initech"]["requests"] == 2 and usage["initech"]["images"] == 2
+    assert usage["initech"]["steps_megapixels"] > 0 and usage["initech"]["replica_seconds"] > 0
+    own = client.get("/v1/usage", headers=_as(INITECH_ADMIN)).json()
+    assert [u["tenant"] for u in own] == ["initech"]
+    assert client.get("/v1/usage", params={"tenant": "acme"}, headers=_as(INITECH_ADMIN)).json() == []
+    assert client.get("/v1/usage", headers=_as(INITECH)).status_code == 403
     samples = metric_samples(client.get("/metrics", headers=_as(OPERATOR)).text)
-    assert samples[('lorafleet_tenant_requests_total', (('tenant', 'acme'),))] >= 2
-    assert samples[('lorafleet_rate_limited_total', (('tenant', 'acme'),))] >= 1
+    assert samples[('lorafleet_tenant_requests_total', (('tenant', 'initech'),))] == 2
+    assert samples[('lorafleet_tenant_images_total', (('tenant', 'initech'),))] == 2
 
 
 def test_trainings_belong_to_their_tenant(client):
