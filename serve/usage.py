@@ -22,7 +22,7 @@ from dataclasses import astuple, dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorafleet.errors import LorafleetError
-from lorafleet.registry.storage import ObjectStore, PreconditionFailed
+from lorafleet.registry.storage import ObjectStore
 
 MINUTE, HOUR = 60, 3600
 PREFIX = "usage/"
@@ -74,7 +74,6 @@ class UsageLedger:
         self.buckets: Buckets = {}
         self.lock = threading.Lock()
         self._dirty: set[int] = set()  # hours changed since they were last written
-        self._tokens: dict[int, str] = {}  # hour -> CAS token of this gateway's object
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if store is not None and flush_s > 0:
@@ -139,14 +138,8 @@ class UsageLedger:
 
     def _write(self, hour: int, data: bytes) -> None:
         key = f"{PREFIX}{hour:010d}/{self.owner}.json"
-        try:
-            self.store.compare_and_swap(key, data, self._tokens.get(hour))
-        except PreconditionFailed:  # our own object, written by an earlier attempt that seemed to fail
-            current = self.store.read(key)
-            self.store.compare_and_swap(key, data, current.token if current else None)
-        stored = self.store.read(key)
-        if stored is not None:
-            self._tokens[hour] = stored.token
+        current = self.store.read(key)  # this gateway's own object: no other writer races it
+        self.store.compare_and_swap(key, data, current.token if current else None)
         with self.lock:  # hours before the current one are complete once stored: answered from the store
             current_hour = int(time.time() // HOUR)
             if hour < current_hour and hour not in self._dirty:

@@ -120,6 +120,7 @@ def starting_order(queued: list[TrainingRecord], running: Counter, free: int) ->
         running[record.tenant] += 1
     return chosen
 
+
 class TrainingService:
     def __init__(self, settings: TrainingServiceSettings, store: ObjectStore, registry_uri: str,
                  runner: RayJobRunner | None = None, outbound: OutboundTargets | None = None):
