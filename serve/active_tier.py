@@ -94,6 +94,10 @@ class ActiveTier:
             self.pipe.set_adapters(list(lora_set.names), adapter_weights=list(lora_set.weights))
             self._applied = lora_set
 
+    def holds_tokens(self) -> bool:
+        """Whether a textual-inversion token is loaded (it changes every prompt spelling it)."""
+        return any(injected.kind == AdapterFormat.textual_inversion for injected in self._entries.values())
+
     def _holds_lora(self) -> bool:
         return any(injected.kind == AdapterFormat.diffusers_lora for injected in self._entries.values())
 

@@ -41,7 +41,8 @@ def create_local_app(settings: ServeSettings, registry: AdapterRegistry | None =
     """The whole service in this process (no Ray): for tests and a single-process server."""
     registry = registry or AdapterRegistry(settings.registry)
     replica = GeneratorReplica(settings, registry)
-    backend = LocalGeneratorBackend(replica, settings.max_ongoing_requests, settings.max_queued_requests)
+    backend = LocalGeneratorBackend(replica, settings.max_ongoing_requests + settings.cut_in_places,
+                                    settings.max_queued_requests)
     service = GenerationService(settings, backend, registry)
     return create_api(service, TokenTable.from_settings(settings), training_service(settings, registry)), service
 
@@ -83,7 +84,7 @@ class GatewayDeployment:
 def generator_options(settings: ServeSettings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
-        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_ongoing_requests": settings.max_ongoing_requests + settings.cut_in_places,
         "max_queued_requests": settings.max_queued_requests,
     }
     if settings.autoscaling:

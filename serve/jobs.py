@@ -92,3 +92,4 @@ class EngineResult:
     mode: PassMode = PassMode.base
     batch_images: int = 1  # images in the pipeline pass this request shared
     active: TierResidency | None = None  # the active tier right after the pass (a snapshot)
+    cut_in: bool = False  # its pass ran between two steps of another tenant's (serve/batching.py)

@@ -43,6 +43,8 @@ class ServiceMetrics:
         self.generations_by_mode = Counter("lorafleet_generations_by_mode",
                                            "Requests by pass mode: base, active, fused, mixed, slot.",
                                            ["mode"], registry=r)
+        self.cut_ins = Counter("lorafleet_cut_in_requests", "Requests whose pass ran between two denoising steps of "
+                               "another tenant's pass (serve/batching.py).", registry=r)
 
     def _adapter_metrics(self, r: CollectorRegistry) -> None:
         """Where adapters came from, what is resident, evictions, fuses and failures."""
@@ -128,6 +130,8 @@ class ServiceMetrics:
         self.generation_seconds.observe(output.generation_ms / 1000)
         self.batch_images.observe(output.batch_images)
         self.generations_by_mode.labels(mode=output.mode).inc()
+        if output.cut_in:
+            self.cut_ins.inc()
         for fetch in output.fetches:
             self.adapter_loads.labels(tier=fetch.tier).inc()
             self.adapter_load_seconds.labels(tier=fetch.tier).observe(fetch.seconds)

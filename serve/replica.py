@@ -41,6 +41,7 @@ class GenerationTask:
     adapters: tuple[tuple[Manifest, float], ...]
     job: GenerationJob
     set_id: str
+    lane: str = ""  # the caller's tenant: another tenant's pass may host it between steps ("": none)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class GenerationOutput:
     resident: Residency = field(default_factory=dict)
     mode: PassMode = PassMode.base  # how the pass applied adapters
     batch_images: int = 1  # images in the pass this request shared
+    cut_in: bool = False  # that pass ran between two steps of another tenant's
     replica_ms: float = 0.0  # from the replica's receiving the task to its result (fetch, wait, pass)
 
 
@@ -90,8 +92,9 @@ class GeneratorReplica:
         # Measured on 2 cores: once a second thread that has run torch ops is alive, OpenMP's
         # workers stop spinning and every parallel region pays a futex wake-up, and the tiny
         # base generates 3x slower (0.18 s -> 0.55 s), whichever thread calls.
-        self.scheduler = BatchScheduler(lambda requests: self.engine.run_batch(requests),
-                                        settings.batching.max_batch_images, settings.batching.wait_ms)
+        self.scheduler = BatchScheduler(lambda requests, between_steps: self.engine.run_batch(requests, between_steps),
+                                        settings.batching.max_batch_images, settings.batching.wait_ms,
+                                        host=lambda: self.engine)
         self.scheduler.call(self._load_pipeline)
         self.prewarmed = self._prewarm()  # before the replica is ready (Ray routes to it once built)
         self._pins_stop = threading.Event()
@@ -159,22 +162,25 @@ class GeneratorReplica:
             fetches.append(AdapterFetch(manifest.digest, Tier.active if active else result.tier, result.seconds))
         return uses, fetches
 
-    def _submit(self, uses: list[AdapterUse], job: GenerationJob):
-        return self.scheduler.submit(self.engine.batch_key(uses, job), BatchRequest(tuple(uses), job), len(job.seeds))
+    def _submit(self, uses: list[AdapterUse], task: GenerationTask):
+        job = task.job
+        cost = len(job.seeds) * job.steps * job.width * job.height
+        return self.scheduler.submit(self.engine.batch_key(uses, job), BatchRequest(tuple(uses), job),
+                                     len(job.seeds), task.lane, cost)
 
     def generate(self, task: GenerationTask) -> GenerationOutput:
         """Blocking: fetch the adapters, then wait for the pass this request joins."""
         started = time.perf_counter()
         uses, fetches = self._fetch(task)
         fetch_ms = 1000 * (time.perf_counter() - started)
-        return self._output(self._submit(uses, task.job).result(), fetches, fetch_ms, started)
+        return self._output(self._submit(uses, task).result(), fetches, fetch_ms, started)
 
     async def generate_async(self, task: GenerationTask) -> GenerationOutput:
         """The same without holding a thread while the request waits for its pass."""
         started = time.perf_counter()
         uses, fetches = await asyncio.to_thread(self._fetch, task)
         fetch_ms = 1000 * (time.perf_counter() - started)
-        result = await asyncio.wrap_future(self._submit(uses, task.job))
+        result = await asyncio.wrap_future(self._submit(uses, task))
         return self._output(result, fetches, fetch_ms, started)
 
     def _output(self, result: EngineResult, fetches: list[AdapterFetch], fetch_ms: float,
@@ -184,7 +190,7 @@ class GeneratorReplica:
             images=result.images, fetches=fetches, fetch_ms=fetch_ms, activate_ms=result.activate_ms,
             generation_ms=result.generation_ms, replica=self.replica_id, evicted_active=result.evicted,
             fuse_events=result.fuse_events, resident=self.resident(), mode=result.mode,
-            batch_images=result.batch_images, replica_ms=1000 * (time.perf_counter() - started),
+            batch_images=result.batch_images, cut_in=result.cut_in, replica_ms=1000 * (time.perf_counter() - started),
         )
 
     def resident(self) -> Residency:

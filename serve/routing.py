@@ -127,6 +127,7 @@ class LoraRouter:
         self.row_weights_bytes = row_weights_bytes
         self.last_forms: dict[str, str | None] = {}  # per routed layer, how its last call ran
         self._linears: dict[str, torch.nn.Linear] = {}
+        self._routing: list[dict[str, _RoutedLinear]] = []  # the routes entered, innermost last
 
     def _module(self, layer: str) -> torch.nn.Linear:
         """The Linear layer named ``layer`` (peft's injection and removal keep the same object)."""
@@ -151,6 +152,7 @@ class LoraRouter:
         layer_names = sorted({layer for image in images for adapter, _ in image for layer in adapter.layers})
         budget = _Budget(self.row_weights_bytes)
         routed: dict[str, _RoutedLinear] = {}
+        self._routing.append(routed)
         try:
             for name in layer_names:
                 linear = self._module(name)
@@ -159,7 +161,21 @@ class LoraRouter:
         finally:
             for name in routed:
                 del self._module(name).forward
+            self._routing.pop()
             self.last_forms = {name: layer.form for name, layer in routed.items()}
+
+    @contextmanager
+    def suspended(self):
+        """Within the block, no layer is routed; the routing under way (if any) resumes after it,
+        so another pass can run between two steps of a routed one."""
+        current = self._routing[-1] if self._routing else {}
+        for name in current:
+            del self._module(name).forward
+        try:
+            yield
+        finally:
+            for name, layer in current.items():
+                self._module(name).forward = layer
 
 
 class _Budget:

@@ -14,6 +14,8 @@ guidance is on; a transformer with a guidance embedding one row per image per ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -24,15 +26,17 @@ __all__ = ["BatchShape", "ImageSpec", "sample_images"]
 
 
 @torch.inference_mode()
-def sample_images(pipe, shape: BatchShape, images: list[ImageSpec]) -> np.ndarray:
-    """Images ``[n, height, width, 3]`` float32 in [0, 1], one per spec, from one batched loop."""
+def sample_images(pipe, shape: BatchShape, images: list[ImageSpec],
+                  between_steps: Callable[[], None] | None = None) -> np.ndarray:
+    """Images ``[n, height, width, 3]`` float32 in [0, 1], one per spec, from one batched loop;
+    ``between_steps`` is called at every step boundary (another pass may run there)."""
     device = pipe._execution_device
     family = family_of_pipeline(pipe)
     negatives = [image.negative_prompt for image in images] if shape.guided else None
     conditioning = family.encode(pipe, [image.prompt for image in images], negatives, device, shape.height,
                                  shape.width)
     generators = seeded_generators([image.seed for image in images])
-    latents = family.denoise(pipe, shape, images, conditioning, generators)
+    latents = family.denoise(pipe, shape, images, conditioning, generators, between_steps)
     decoded = family.decode(pipe, latents, shape.height, shape.width)
     output = pipe.image_processor.postprocess(decoded, output_type="np", do_denormalize=[True] * len(images))
     return np.asarray(output, dtype=np.float32)

@@ -104,6 +104,8 @@ class Timings(BaseModel):
     batch_images: int = Field(1, description="Images in the pipeline pass this request shared.")
     adapter_mode: str = Field("base", description="How the pass applied adapters: base, active, fused or mixed "
                               "(cache: answered from the output cache).")
+    cut_in: bool = Field(False, description="The pass ran between two denoising steps of another tenant's pass "
+                         "instead of waiting for it to end.")
     breakdown: dict[str, float] = Field(default_factory=dict, description="Milliseconds per hand-off inside the "
                                         "server: checks, resolve, output_cache, backend (the call to a replica, Ray "
                                         "included), replica (inside it: fetch, wait for a pass, the pass), "

@@ -171,13 +171,15 @@ class GenerationService:
         self._in_flight = 0
         self.resident_by_replica: dict[str, Residency] = {}
         replicas = max(settings.replicas, settings.autoscaling.max_replicas if settings.autoscaling else 1)
-        self._max_pending = settings.max_queued_requests + settings.max_ongoing_requests * replicas
+        self._max_pending = (settings.max_queued_requests + settings.max_ongoing_requests * replicas
+                             + settings.cut_in_places)
         self.tenants = Tenants(settings.tenants)
         self.jobs = AsyncJobs(registry.store, settings.async_jobs, settings.webhooks)
         self.feedback = FeedbackStore(settings.feedback.database_url) if settings.feedback.enabled else None
         # With tenants, requests wait at the gateway in one lane each, and only what the replicas can
         # hold at once goes to them: a freed place goes to the lane served least for its share.
-        self.fair = FairAdmission(settings.max_ongoing_requests * replicas) if self.tenants.enabled else None
+        self.fair = (FairAdmission(settings.max_ongoing_requests * replicas, settings.cut_in_places)
+                     if self.tenants.enabled else None)
 
     def _resolve(self, request: GenerateRequest, caller: Caller = OPERATOR,
                  user: str | None = None) -> list[tuple[str, Manifest, float]]:
@@ -204,14 +206,16 @@ class GenerationService:
             merged[manifest.digest] = (ref, manifest, weight + item.weight)
         return list(merged.values())
 
-    def _task(self, request: GenerateRequest, resolved, size: tuple[int, int, int]) -> tuple[GenerationTask, list[int]]:
+    def _task(self, request: GenerateRequest, resolved, size: tuple[int, int, int],
+              caller: Caller = OPERATOR) -> tuple[GenerationTask, list[int]]:
         steps, width, height = size
         seed = request.seed if request.seed is not None else int.from_bytes(np.random.bytes(4), "little")
         seeds = [(seed + i) % 2**32 for i in range(request.num_images)]
         job = GenerationJob(request.prompt, request.negative_prompt, steps, self._guidance(request), width, height,
                             tuple(seeds), true_cfg_scale=request.true_cfg_scale or 1.0)
         adapters = tuple((m, w) for _, m, w in resolved)
-        return GenerationTask(adapters=adapters, job=job, set_id=adapter_set_id(list(adapters))), seeds
+        lane = caller.label if self.tenants.enabled else ""  # tenants cut into each other's passes
+        return GenerationTask(adapters=adapters, job=job, set_id=adapter_set_id(list(adapters)), lane=lane), seeds
 
     def _guidance(self, request: GenerateRequest) -> float:
         """The request's, else the server's default, else the base's family's own."""
@@ -263,7 +267,7 @@ class GenerationService:
         self.metrics.record_tenant_request(caller.label, request.num_images, work)
         clock.lap("checks")
         resolved[:] = await asyncio.to_thread(self._resolve, request, caller, user)
-        task, seeds = self._task(request, resolved, size)
+        task, seeds = self._task(request, resolved, size, caller)
         clock.lap("resolve")
         key = self._output_key(request, task, caller)
         cached = await asyncio.to_thread(self._cached_output, key) if key else None
@@ -320,7 +324,8 @@ class GenerationService:
                      "replica_wait": round(max(0.0, output.replica_ms - load_ms - output.generation_ms), 3)}
         timings = Timings(queue_ms=max(0.0, clock.total_ms - load_ms - output.generation_ms), adapter_load_ms=load_ms,
                           generation_ms=output.generation_ms, total_ms=clock.total_ms,
-                          batch_images=output.batch_images, adapter_mode=output.mode, breakdown=breakdown)
+                          batch_images=output.batch_images, adapter_mode=output.mode, cut_in=output.cut_in,
+                          breakdown=breakdown)
         response = self._response(request, task, resolved, seeds, images, key, hit=False, timings=timings)
         response.replica = output.replica
         return response

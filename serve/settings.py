@@ -196,6 +196,13 @@ class ServeSettings(BaseSettings):
     config_file: Path | None = Field(None, description="YAML file these settings were read from.")
 
     @property
+    def cut_in_places(self) -> int:
+        """Places a generator replica holds beyond ``max_ongoing_requests``: one per lane (the
+        tenants and the operator), for a lane's first request to run between two steps of another
+        lane's pass (serve/batching.py). None without tenants: one queue, nothing cuts in."""
+        return len(self.tenants) + 1 if self.tenants else 0
+
+    @property
     def auth_required(self) -> bool:
         """Auth is on when asked for, and whenever tokens exist (it never fails open)."""
         return self.auth_enabled or bool(self.api_tokens) or self.tokens_file is not None

@@ -155,10 +155,15 @@ class FairAdmission:
     """At most ``capacity`` requests with the replicas at once; the rest wait in one lane per
     tenant, and a freed place goes to the waiting lane that has been served least for its share
     (weighted fair queuing). One tenant's burst therefore delays another's request by at most
-    the requests already with the replicas: about one pass."""
+    the requests already with the replicas: about one pass.
 
-    def __init__(self, capacity: int):
+    A lane with nothing in flight or waiting goes at once, over ``capacity`` if need be, within
+    ``cut_in`` more places (the replicas hold that many more): at the replica its request runs
+    between two steps of the pass under way (serve/batching.py) rather than after it."""
+
+    def __init__(self, capacity: int, cut_in: int = 0):
         self.capacity = capacity
+        self.cut_in = cut_in
         self.in_flight = 0
         self.lanes: dict[str, _Lane] = {}
 
@@ -174,6 +179,9 @@ class FairAdmission:
         lane = self._lane(key, share)
         if self.in_flight < self.capacity and not any(other.waiting for other in self.lanes.values()):
             self._grant(lane)
+            return
+        if not lane.in_flight and not lane.waiting and self.in_flight < self.capacity + self.cut_in:
+            self._grant(lane)  # its first request: it cuts into the pass under way
             return
         if max_queued is not None and len(lane.waiting) >= max_queued:
             raise RateLimited(f"{len(lane.waiting)} requests of this tenant are already waiting", 1.0)

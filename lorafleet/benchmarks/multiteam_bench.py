@@ -1,9 +1,11 @@
 """`lorafleet bench multiteam`: several teams on one server, through its HTTP API (tiny base).
 
-- Fairness: tenant A floods at 5x the replicas' capacity while tenant B sends one request at a
-  time; B's p50/p95 against B alone, with tenants (one fair lane each) and without (one queue),
-  and B's p95 counted in full passes (a pass of `capacity` images under the flood): 2 means B
-  waited one pass and then rode the next one.
+- Fairness: tenant A floods at 5x the replicas' capacity (from a process of its own) while
+  tenant B sends one request at a time; B's p50/p95 against B alone, with tenants (one fair
+  lane each) and without (one queue), and B's p95 counted in full passes (a pass of `capacity`
+  images under the flood): 2 means B waited one pass and then rode the next one. With tenants,
+  B's requests cut into A's passes between two denoising steps (serve/batching.py); "B cut in"
+  counts those that did.
 - Canary: an alias split 90/10 over 1,000 sticky caller keys (the observed share of the canary).
 - Pre-warm: the first request with an adapter on a fresh server, cold vs pre-warmed, in rounds.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 # Imports inside functions: each benchmark's heavy imports wait for its run.
 import json
+import multiprocessing
 import statistics
 import tempfile
 import threading
@@ -42,13 +45,15 @@ def _settings(registry: str, workdir: Path, tenants: bool, capacity: int, **extr
 
 
 def _request(client: httpx.Client, token: str, steps: int, seed: int, adapter: str | None = None,
-             passes: list | None = None) -> float:
+             passes: list | None = None, cut_ins: list | None = None) -> float:
     started = time.perf_counter()
     body = {"prompt": "a red circle", "steps": steps, "seed": seed, **({"adapter": adapter} if adapter else {})}
     response = client.post("/v1/generate", json=body, headers={"Authorization": f"Bearer {token}"})
     response.raise_for_status()
     if passes is not None:
         passes.append(response.json()["timings"]["generation_ms"] / 1000)
+    if cut_ins is not None:
+        cut_ins.append(response.json()["timings"]["cut_in"])
     return time.perf_counter() - started
 
 
@@ -57,38 +62,53 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
 
 
-def fairness(registry: str, workdir: Path, tenants: bool, capacity: int, requests: int, steps: int, queue) -> None:
-    from lorafleet.serve.server import serving_in_thread
+def flood(url: str, clients: int, steps: int, stop, queue) -> None:
+    """Tenant A: ``clients`` threads in a loop until ``stop``; then (requests served, each pass's
+    seconds) on ``queue``. In a process of its own, like a real client: its threads do not share
+    the server's interpreter lock."""
+    done, passes = Counter(), []
 
-    with serving_in_thread(_settings(registry, workdir, tenants, capacity)) as url, \
-            httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=256)) as client:
-        for seed in range(3):  # warm-up
-            _request(client, B_TOKEN, steps, seed)
-        alone = [_request(client, B_TOKEN, steps, 100 + i) for i in range(requests)]
-        stop, flood_done, passes = threading.Event(), Counter(), []
-
-        def flood(index: int) -> None:
-            seed = 10_000 * (index + 1)
+    def client_loop(index: int) -> None:
+        seed = 10_000 * (index + 1)
+        with httpx.Client(base_url=url, timeout=600) as client:
             while not stop.is_set():
                 seed += 1
                 _request(client, A_TOKEN, steps, seed, passes=passes)
-                flood_done["a"] += 1
+                done["a"] += 1
 
-        threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(5 * capacity)]
-        for thread in threads:
-            thread.start()
-        time.sleep(2.0)  # the flood fills the queue
-        loaded = [_request(client, B_TOKEN, steps, 500 + i) for i in range(requests)]
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    queue.put((done["a"], passes))
+
+
+def fairness(registry: str, workdir: Path, tenants: bool, capacity: int, requests: int, steps: int, queue) -> None:
+    from lorafleet.serve.server import serving_in_thread
+
+    context = multiprocessing.get_context("spawn")
+    with serving_in_thread(_settings(registry, workdir, tenants, capacity)) as url, \
+            httpx.Client(base_url=url, timeout=600) as client:
+        for seed in range(3):  # warm-up
+            _request(client, B_TOKEN, steps, seed)
+        alone = [_request(client, B_TOKEN, steps, 100 + i) for i in range(requests)]
+        stop, flooded = context.Event(), context.Queue()
+        flooding = context.Process(target=flood, args=(url, 5 * capacity, steps, stop, flooded))
+        flooding.start()
+        time.sleep(4.0)  # the flood's process starts and fills the queue
+        cut_ins: list[bool] = []
+        loaded = [_request(client, B_TOKEN, steps, 500 + i, cut_ins=cut_ins) for i in range(requests)]
         stop.set()
-        for thread in threads:
-            thread.join(timeout=600)
+        served, passes = flooded.get(timeout=600)
+        flooding.join()
     (alone_p50, alone_p95), (loaded_p50, loaded_p95) = _percentiles(alone), _percentiles(loaded)
     full_pass = statistics.median(passes)  # a pass under the flood: capacity images
     queue.put({"queueing": "fair lane per tenant" if tenants else "one queue", "B alone p50 s": round(alone_p50, 3),
             "B alone p95 s": round(alone_p95, 3), "B under A's flood p50 s": round(loaded_p50, 3),
             "B under A's flood p95 s": round(loaded_p95, 3), "p95 ratio": round(loaded_p95 / alone_p95, 2),
             "full pass s": round(full_pass, 3), "B p95 in full passes": round(loaded_p95 / full_pass, 2),
-            "A requests served": flood_done["a"]})
+            "B cut in": f"{sum(cut_ins)}/{len(cut_ins)}", "A requests served": served})
 
 
 def canary_share(registry_uri: str, keys: int) -> dict:
@@ -158,7 +178,7 @@ def cmd_bench_multiteam(args) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--capacity", type=positive_int, default=4, help="max_ongoing_requests of the one replica")
-    parser.add_argument("--requests", type=positive_int, default=20, help="tenant B's requests per scenario")
+    parser.add_argument("--requests", type=positive_int, default=40, help="tenant B's requests per scenario")
     parser.add_argument("--steps", type=positive_int, default=4)
     parser.add_argument("--rounds", type=positive_int, default=2, help="pre-warm rounds (cold and warm each)")
     parser.add_argument("--prewarm-base", default="small", help="the base of the pre-warm scenario")

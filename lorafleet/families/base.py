@@ -6,6 +6,7 @@ from __future__ import annotations
 
 # Imports inside functions: diffusers only when a pipeline class is needed (families are asked for
 # names at start-up).
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lorafleet.errors import BaseModelError
@@ -82,6 +83,18 @@ class TrainingObjective:
 
     def predict(self, noisy, timesteps, hidden, pooled, time_ids):
         raise NotImplementedError
+
+
+def between(timesteps, between_steps: Callable[[], None] | None):
+    """``timesteps``, calling ``between_steps`` at every step boundary (before the first step,
+    between two, after the last): another pass may run there (serve/batching.py), so a loop
+    keeps its state in locals and re-reads ``pipe.scheduler``."""
+    for t in timesteps:
+        if between_steps is not None:
+            between_steps()
+        yield t
+    if between_steps is not None:
+        between_steps()
 
 
 def per_image(values: list[float], like):
@@ -186,9 +199,11 @@ class ModelFamily:
         whatever else the denoiser takes for images of ``height`` x ``width``, as the pipeline does."""
         raise NotImplementedError
 
-    def denoise(self, pipe, shape: BatchShape, images: list[ImageSpec], conditioning: Conditioning, generators):
+    def denoise(self, pipe, shape: BatchShape, images: list[ImageSpec], conditioning: Conditioning, generators,
+                between_steps: Callable[[], None] | None = None):
         """The final latents of one batch, one image per spec, in the order the pipeline's own loop
-        runs its pieces (prepare latents, scheduler, denoiser, guidance), with per-image guidance."""
+        runs its pieces (prepare latents, scheduler, denoiser, guidance), with per-image guidance;
+        ``between_steps`` is called at every step boundary (``between``)."""
         raise NotImplementedError
 
     def encode_for_training(self, pipe, captions: list[str], device):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .base import BatchShape, Conditioning, ImageSpec, ObjectiveOptions, UnknownFamily, per_image
+from .base import BatchShape, Conditioning, ImageSpec, ObjectiveOptions, UnknownFamily, between, per_image
 from .flux_layout import bfl_groups
 from .transformer import TransformerFamily
 
@@ -48,7 +48,8 @@ class Flux(TransformerFamily):
                                                       max_sequence_length=self.max_sequence_length(pipe))
         return Conditioning(embeds, {"pooled_projections": pooled, "txt_ids": text_ids})
 
-    def denoise(self, pipe, shape: BatchShape, images: list[ImageSpec], conditioning: Conditioning, generators):
+    def denoise(self, pipe, shape: BatchShape, images: list[ImageSpec], conditioning: Conditioning, generators,
+                between_steps=None):
         """``FluxPipeline.__call__``'s loop, with per-image guidance and true-CFG scales."""
         import numpy as np
         import torch
@@ -69,7 +70,7 @@ class Flux(TransformerFamily):
             guidance = torch.tensor([image.guidance_scale for image in images], dtype=torch.float32, device=device)
         true_cfg = per_image([image.true_cfg_scale for image in images], latents)
         pipe.scheduler.set_begin_index(0)
-        for t in timesteps:
+        for t in between(timesteps, between_steps):
             timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
             noise = self._transformer(transformer, latents, timestep, guidance, conditioning, image_ids)
             if shape.guided:

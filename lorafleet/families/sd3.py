@@ -10,7 +10,7 @@ from __future__ import annotations
 # Imports inside functions: torch and diffusers only when a pipeline samples or trains.
 from dataclasses import dataclass
 
-from .base import BatchShape, Conditioning, ImageSpec, ObjectiveOptions, per_image
+from .base import BatchShape, Conditioning, ImageSpec, ObjectiveOptions, between, per_image
 from .transformer import TransformerFamily
 
 
@@ -34,7 +34,8 @@ class StableDiffusion3(TransformerFamily):
             embeds, pooled = torch.cat([negative_embeds, embeds]), torch.cat([negative_pooled, pooled])
         return Conditioning(embeds, {"pooled_projections": pooled})
 
-    def denoise(self, pipe, shape: BatchShape, images: list[ImageSpec], conditioning: Conditioning, generators):
+    def denoise(self, pipe, shape: BatchShape, images: list[ImageSpec], conditioning: Conditioning, generators,
+                between_steps=None):
         """``StableDiffusion3Pipeline.__call__``'s loop with per-image guidance (no skip-layer guidance)."""
         import torch
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
@@ -49,7 +50,7 @@ class StableDiffusion3(TransformerFamily):
             options["mu"] = inference_mu(pipe.scheduler.config, self.image_sequence_length(latents), max_shift=1.16)
         timesteps, _ = retrieve_timesteps(pipe.scheduler, shape.steps, device, **options)
         guidance = per_image([image.guidance_scale for image in images], latents)
-        for t in timesteps:
+        for t in between(timesteps, between_steps):
             model_input = torch.cat([latents] * 2) if shape.guided else latents
             noise = pipe.transformer(hidden_states=model_input, timestep=t.expand(model_input.shape[0]),
                                      encoder_hidden_states=conditioning.prompt_embeds, joint_attention_kwargs=None,

@@ -21,13 +21,15 @@ from .base import (
     Noised,
     ObjectiveOptions,
     TrainingObjective,
+    between,
     per_image,
 )
 
 
 @dataclass(frozen=True)
 class UNetFamily(ModelFamily):
-    def denoise(self, pipe, shape: BatchShape, images: list[ImageSpec], conditioning: Conditioning, generators):
+    def denoise(self, pipe, shape: BatchShape, images: list[ImageSpec], conditioning: Conditioning, generators,
+                between_steps=None):
         import torch
 
         device = pipe._execution_device
@@ -38,7 +40,7 @@ class UNetFamily(ModelFamily):
         step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
         timestep_cond = _timestep_condition(pipe, images, latents)
         guidance = per_image([image.guidance_scale for image in images], latents)
-        for t in pipe.scheduler.timesteps:
+        for t in between(pipe.scheduler.timesteps, between_steps):
             model_input = torch.cat([latents] * 2) if shape.guided else latents
             model_input = pipe.scheduler.scale_model_input(model_input, t)
             noise = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond,

@@ -31,6 +31,10 @@ class RoutedCopies:
     def image_adapters(self, request: BatchRequest) -> ImageAdapters:
         return tuple((self.get(use.adapter), float(use.weight)) for use in lora_uses(request.uses))
 
+    def per_image(self, requests: list[BatchRequest]) -> list[ImageAdapters]:
+        """One entry per image: a request may ask for several seeds."""
+        return [image for request in requests for image in [self.image_adapters(request)] * len(request.job.seeds)]
+
 
 class RoutedRunner:
     def __init__(self, tier: ActiveTier, router: LoraRouter, copies: RoutedCopies):
@@ -39,8 +43,7 @@ class RoutedRunner:
         self.copies = copies
 
     def prepare(self, requests: list[BatchRequest], lora_set: LoraSet | None) -> PreparedPass:
-        images = [image for request in requests  # one entry per image: a request may ask for several seeds
-                  for image in [self.copies.image_adapters(request)] * len(request.job.seeds)]
+        images = self.copies.per_image(requests)
         change = self.tier.ensure(loaded_uses(requests[0].uses))  # the batch key makes tokens uniform
         self.tier.apply(LoraSet())
         return PreparedPass(PassMode.mixed, change, self.router.route(images))

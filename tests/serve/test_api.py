@@ -57,7 +57,8 @@ def test_generate_returns_png_images_resolved_adapters_and_timings(client, adapt
     image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
     assert image.format == "PNG" and image.size == (32, 32)
     assert set(body["timings"]) == {"queue_ms", "adapter_load_ms", "generation_ms", "total_ms", "batch_images",
-                                    "adapter_mode", "breakdown"}
+                                    "adapter_mode", "cut_in", "breakdown"}
+    assert body["timings"]["cut_in"] is False  # no tenants: nothing cuts in
     stages = body["timings"]["breakdown"]
     assert set(stages) == {"checks", "resolve", "output_cache", "backend", "encode", "replica", "replica_wait"}
     assert stages["replica"] <= stages["backend"] and sum(v for k, v in stages.items()

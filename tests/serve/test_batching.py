@@ -146,7 +146,7 @@ def test_the_oldest_request_is_always_in_the_next_pass():
     passes: list[list[str]] = []
     gate, started = threading.Semaphore(0), threading.Semaphore(0)
 
-    def run_batch(requests):
+    def run_batch(requests, between_steps):
         passes.append(list(requests))
         started.release()  # a pass began: the test may add arrivals, then let it finish
         gate.acquire()
@@ -184,7 +184,7 @@ def test_the_batching_window_applies_only_while_the_replica_is_busy():
     ``wait_ms`` for others to share its pass."""
     import time
 
-    def run(requests):
+    def run(requests, between_steps):
         time.sleep(0.05)
         return [len(requests)] * len(requests)
 
@@ -205,7 +205,7 @@ def test_the_batching_window_applies_only_while_the_replica_is_busy():
 
 
 def test_a_failing_pass_fails_only_its_own_requests():
-    def run_batch(requests):
+    def run_batch(requests, between_steps):
         if "bad" in requests:
             raise ValueError("boom")
         return requests

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -20,6 +21,11 @@ from lorafleet.registry import AdapterRegistry, PublishRequest
 pytestmark = pytest.mark.slow
 ADMIN = {"Authorization": "Bearer admin-token-0123456789abcdef0123456789"}
 GENERATE = {"Authorization": "Bearer gen-token-0123456789abcdef0123456789"}
+TEAM_A = {"Authorization": "Bearer team-a-token-0123456789abcdef01234567"}
+TEAM_B = {"Authorization": "Bearer team-b-token-0123456789abcdef01234567"}
+TOKENS = ",".join(["gen-token-0123456789abcdef0123456789=generate", "admin-token-0123456789abcdef0123456789=admin",
+                   "team-a-token-0123456789abcdef01234567=generate@team-a",
+                   "team-b-token-0123456789abcdef01234567=generate@team-b"])
 RAY_PROCESS_NAMES = ("raylet", "gcs_server")
 
 
@@ -63,7 +69,8 @@ def live(s3_server, tiny_spec, tmp_path_factory):
     files = {f"look{i}": registry.pull(f"look{i}", root / "pulled")[1] for i in range(7)}
     settings = ServeSettings(
         base="tiny", registry=registry.uri, port=free_port(), replicas=2, replica_num_cpus=0.5, fuse_after=3,
-        resolution_ttl_s=1.0, auth_enabled=True, api_tokens="gen-token-0123456789abcdef0123456789=generate,admin-token-0123456789abcdef0123456789=admin",
+        resolution_ttl_s=1.0, auth_enabled=True, api_tokens=TOKENS,
+        tenants={"team-a": {"namespaces": ["look"]}, "team-b": {"namespaces": ["look"]}},
         cache={"disk_dir": str(root / "cache"), "active_max_adapters": 1},
     )
     server = start_server(settings, num_cpus=2)
@@ -156,6 +163,24 @@ def test_metrics_from_the_ray_app_pass_promtool(live):
     assert 'lorafleet_adapter_loads_total{tier="registry"}' in text
     result = subprocess.run([shutil.which("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_tenants_request_cuts_into_another_tenants_passes_on_the_ray_app(live):
+    """Team A fills both replicas with long passes; team B's request runs between two of their
+    denoising steps (serve/batching.py) and is answered before those passes end."""
+    _, url, _ = live
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        flood = [pool.submit(_generate, url, TEAM_A, steps=30, seed=seed) for seed in range(16)]
+        time.sleep(2.0)  # both replicas are in the flood's passes
+        quiet = _generate(url, TEAM_B, adapter="look0", steps=2, seed=3)
+        flooded = [future.result() for future in flood]
+    assert quiet.status_code == 200, quiet.text
+    assert all(r.status_code == 200 for r in flooded)
+    timings = quiet.json()["timings"]
+    assert timings["cut_in"] and timings["adapter_mode"] == "mixed"
+    assert timings["total_ms"] < max(r.json()["timings"]["generation_ms"] for r in flooded)
+    samples = metric_samples(httpx.get(f"{url}/metrics", headers=ADMIN).text)
+    assert samples[("lorafleet_cut_in_requests_total", ())] >= 1
 
 
 def test_registry_outage_cached_adapters_keep_serving(live, s3_server, record):

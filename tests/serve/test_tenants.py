@@ -6,6 +6,8 @@ serves a quiet tenant before a noisy one's backlog."""
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,11 +22,14 @@ from lorafleet.serve.tenants import FairAdmission, RateLimited
 ACME, GLOBEX = "acme-token-0123456789abcdef0123456789", "globex-token-0123456789abcdef012345678"
 ACME_ADMIN, OPERATOR = "acme-admin-0123456789abcdef0123456789", "operator-admin-0123456789abcdef012345"
 INITECH, INITECH_ADMIN = "initech-token-0123456789abcdef01234567", "initech-admin-0123456789abcdef0123456"
+HOOLI, UMBRELLA = "hooli-token-0123456789abcdef0123456789", "umbrella-token-0123456789abcdef01234567"
 TOKENS = (f"{ACME}=generate+train@acme,{GLOBEX}=generate@globex,{ACME_ADMIN}=admin@acme,{OPERATOR}=admin,"
-          f"{INITECH}=generate@initech,{INITECH_ADMIN}=admin@initech")
+          f"{INITECH}=generate@initech,{INITECH_ADMIN}=admin@initech,{HOOLI}=generate@hooli,"
+          f"{UMBRELLA}=generate@umbrella")
 TENANTS = {"acme": {"namespaces": ["acme-"], "requests_per_s": 0.5, "request_burst": 6},
            "globex": {"namespaces": ["globex-"], "work_per_s": 0.01, "work_burst": 0.05},
-           "initech": {"namespaces": ["initech-"]}}  # only the usage test sends as initech
+           "initech": {"namespaces": ["initech-"]},  # only the usage test sends as initech
+           "hooli": {"namespaces": ["hooli-"]}, "umbrella": {"namespaces": ["umbrella-"]}}  # the cut-in test
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +118,24 @@ def test_usage_is_metered_per_tenant_and_in_prometheus(client):
     samples = metric_samples(client.get("/metrics", headers=_as(OPERATOR)).text)
     assert samples[('lorafleet_tenant_requests_total', (('tenant', 'initech'),))] == 2
     assert samples[('lorafleet_tenant_images_total', (('tenant', 'initech'),))] == 2
+
+
+def test_a_quiet_tenant_cuts_into_a_busy_tenants_pass(client):
+    """Hooli fills the replica with one long pass; umbrella's request, sent while it runs, runs
+    between two of its steps (serve/batching.py) and is answered before that pass ends."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        flood = [pool.submit(_generate, client, HOOLI, seed=seed, steps=40, cache=False) for seed in range(8)]
+        time.sleep(0.5)  # the flood's pass is under way
+        quiet = _generate(client, UMBRELLA, seed=1, steps=2, cache=False)
+        flooded = [future.result() for future in flood]
+    assert quiet.status_code == 200 and all(r.status_code == 200 for r in flooded)
+    timings = quiet.json()["timings"]
+    assert timings["cut_in"] and timings["batch_images"] == 1
+    longest = max(r.json()["timings"]["generation_ms"] for r in flooded)
+    assert timings["total_ms"] < longest  # answered within the pass it cut into
+    assert not any(r.json()["timings"]["cut_in"] for r in flooded)
+    samples = metric_samples(client.get("/metrics", headers=_as(OPERATOR)).text)
+    assert samples[("lorafleet_cut_in_requests_total", ())] >= 1
 
 
 def test_trainings_belong_to_their_tenant(client):
