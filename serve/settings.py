@@ -199,7 +199,7 @@ class ServeSettings(BaseSettings):
     def cut_in_places(self) -> int:
         """Places a generator replica holds beyond ``max_ongoing_requests``: one per lane (the
         tenants and the operator), for a lane's first request to run between two steps of another
-        lane's pass (serve/batching.py). None without tenants: one queue, nothing cuts in."""
+        lane's pass (serve/batching.py). 0 without tenants: one queue, nothing cuts in."""
         return len(self.tenants) + 1 if self.tenants else 0
 
     @property
