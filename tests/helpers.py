@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -50,6 +51,19 @@ def metric_samples(text: str) -> dict:
 
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def wait_until_in_flight(metrics_text, requests, timeout_s: float = 60.0) -> None:
+    """Until the gateway's queue-depth gauge (read by ``metrics_text()``) counts every one of
+    ``requests`` (futures) in flight. A fixed sleep made cut-in tests depend on the machine's
+    speed: in one CI run the flood had ended before the quiet request came."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not any(r.done() for r in requests):
+        if metric_samples(metrics_text()).get(("lorafleet_queue_depth", ()), 0) >= len(requests):
+            return
+        time.sleep(0.05)
+    answered = [r.result().status_code for r in requests if r.done()]
+    raise AssertionError(f"the flood was never all in flight at once (answered meanwhile: {answered})")
 
 
 def soak_scaled(ci_value, soak_value):

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from helpers import metric_samples
+from helpers import metric_samples, wait_until_in_flight
 from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
 
 from lorafleet.registry import AdapterRegistry, PublishRequest
@@ -170,8 +170,9 @@ def test_a_tenants_request_cuts_into_another_tenants_passes_on_the_ray_app(live)
     denoising steps (serve/batching.py) and is answered before those passes end."""
     _, url, _ = live
     with ThreadPoolExecutor(max_workers=16) as pool:
-        flood = [pool.submit(_generate, url, TEAM_A, steps=30, seed=seed) for seed in range(16)]
-        time.sleep(2.0)  # both replicas are in the flood's passes
+        flood = [pool.submit(_generate, url, TEAM_A, steps=50, seed=seed) for seed in range(16)]
+        wait_until_in_flight(lambda: httpx.get(f"{url}/metrics", headers=ADMIN).text, flood)  # in both replicas' passes
+        time.sleep(0.3)
         quiet = _generate(url, TEAM_B, adapter="look0", steps=2, seed=3)
         flooded = [future.result() for future in flood]
     assert quiet.status_code == 200, quiet.text

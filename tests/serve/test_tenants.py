@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import metric_samples, publish_lora
+from helpers import metric_samples, publish_lora, wait_until_in_flight
 from serve_setup import PROMPT
 
 from lorafleet.serve.app import create_local_app
@@ -125,7 +125,8 @@ def test_a_quiet_tenant_cuts_into_a_busy_tenants_pass(client):
     between two of its steps (serve/batching.py) and is answered before that pass ends."""
     with ThreadPoolExecutor(max_workers=8) as pool:
         flood = [pool.submit(_generate, client, HOOLI, seed=seed, steps=40, cache=False) for seed in range(8)]
-        time.sleep(0.5)  # the flood's pass is under way
+        wait_until_in_flight(lambda: client.get("/metrics", headers=_as(OPERATOR)).text, flood)
+        time.sleep(0.2)  # the flood's pass is under way
         quiet = _generate(client, UMBRELLA, seed=1, steps=2, cache=False)
         flooded = [future.result() for future in flood]
     assert quiet.status_code == 200 and all(r.status_code == 200 for r in flooded)
