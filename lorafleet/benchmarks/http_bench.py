@@ -8,6 +8,8 @@ started server (Ray Serve: proxy, gateway, replica).
   total (its excess over the server's total is HTTP and the proxy), at idle and under load; the
   idle latency over a direct pipeline call in the client's process, both made just before each
   idle request (the same machine: Ray Serve idle in the background) and before Ray started.
+- Ray Serve's own floor beside it (benchmarks/ray_floor.py): a trivial FastAPI deployment through
+  the same proxy, one Serve handle hop, plain and multiplexed, and a plain Ray actor call.
 - The output cache: prompts drawn from a Zipf distribution so that about 30 % of requests repeat
   an earlier one, with the cache and without (``"cache": false``), interleaved.
 """
@@ -108,6 +110,7 @@ def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tup
 
 
 def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path, concurrency: int = 8) -> dict:
+    from .ray_floor import measure_ray_floor
     from .serve_bench import DirectCall
     from .throughput_bench import _naive_rate, _Setup, _traffic
 
@@ -122,6 +125,7 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
         for index in range(8):  # warm-up: the base, and adapters into the host tier
             traffic.one(None), traffic.one(index)
         idle, direct_beside = _idle_pairs(traffic, direct, 10)
+        floor = measure_ray_floor(server.url)
         rates: dict[int, list[float]] = {n: [] for n in SCENARIOS}
         loaded: dict[int, list[dict]] = {n: [] for n in SCENARIOS}
         cache_rates: dict[bool, list[float]] = {True: [], False: []}
@@ -138,8 +142,8 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
                 cache_rows[cached] += rows
     finally:
         server.stop()
-    return _report(base, steps, requests, rounds, concurrency, (direct_without_ray, direct_beside), naive, idle,
-                   rates, loaded, cache_rates, cache_rows, repeat_share)
+    return {**_report(base, steps, requests, rounds, concurrency, (direct_without_ray, direct_beside), naive, idle,
+                      rates, loaded, cache_rates, cache_rows, repeat_share), **floor}
 
 
 def _idle_pairs(traffic: _Traffic, direct, pairs: int) -> tuple[list[dict], float]:
