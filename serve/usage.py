@@ -74,6 +74,7 @@ class UsageLedger:
         self.buckets: Buckets = {}
         self.lock = threading.Lock()
         self._dirty: set[int] = set()  # hours changed since they were last written
+        self._expired_below: int | None = None  # the oldest kept hour at the last expiry (none yet)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if store is not None and flush_s > 0:
@@ -146,12 +147,17 @@ class UsageLedger:
                 self.buckets = {k: v for k, v in self.buckets.items() if k[1] * MINUTE // HOUR != hour}
 
     def _expire(self) -> None:
+        """Delete every gateway's hours past retention: on the first flush, then whenever the
+        oldest kept hour moves on (an idle gateway does not list the store every flush)."""
         oldest_hour = self._oldest_minute() * MINUTE // HOUR
+        if oldest_hour == self._expired_below:
+            return
         try:
             for info in list(self.store.list(PREFIX)):
                 hour, _ = _parse_key(info.key)
                 if hour is not None and hour < oldest_hour:
                     self.store.delete(info.key)
+            self._expired_below = oldest_hour
         except (LorafleetError, OSError) as exc:
             logger.warning("expiring old usage failed (retried at the next flush): %s", exc)
         with self.lock:

@@ -80,8 +80,8 @@ def test_the_ledger_keeps_its_retention_skips_damaged_objects_and_outlives_a_fai
     store.create(f"usage/{int(time.time() // 3600)}/gw-other.json",
                  json.dumps({"buckets": {"acme": {"x": [1, 1, 1, 1]}}}).encode())  # a bad minute
     assert UsageLedger(store).usage(None, 0)[0].requests == 2
-    old.flush()  # a flush expires what is past retention, whoever wrote it
-    assert not any(o.key.startswith("usage/0000000001/") for o in store.list("usage/"))  # past retention: removed
+    UsageLedger(store, retention_s=3600, flush_s=0).flush()  # a first flush expires what is past retention,
+    assert not any(o.key.startswith("usage/0000000001/") for o in store.list("usage/"))  # whoever wrote it
 
     failing = UsageLedger(open_store(f"file://{tmp_path / 'blocked'}"), flush_s=0)
     (tmp_path / "blocked").mkdir()
@@ -89,6 +89,40 @@ def test_the_ledger_keeps_its_retention_skips_damaged_objects_and_outlives_a_fai
     failing.add("acme", requests=1)
     failing.flush()  # logged, kept in memory, retried at the next flush
     assert failing.usage("acme", time.time() - MINUTE)[0].requests == 1
+
+
+class _CountingStore:
+    """The real file store, counting the calls that reach it."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, []
+
+    def __getattr__(self, name):
+        method = getattr(self.store, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return method(*args, **kwargs)
+        return counted
+
+
+def test_an_idle_gateway_leaves_the_store_alone(tmp_path):
+    """Flushes run every few seconds: with nothing served since the last one they write nothing,
+    and retention is enforced (a listing of every gateway's objects) on the first flush, then only
+    when the oldest kept hour moves on."""
+    store = _CountingStore(open_store(f"file://{tmp_path / 'store'}"))
+    ledger = UsageLedger(store, retention_s=3600, flush_s=0)
+    ledger.add("acme", requests=1)
+    ledger.flush()
+    assert "list" in store.calls and "compare_and_swap" in store.calls
+    store.calls.clear()
+    for _ in range(3):
+        ledger.flush()
+    assert store.calls == []
+    ledger.add("acme", requests=1)
+    ledger.flush()
+    assert "compare_and_swap" in store.calls and "list" not in store.calls
+    assert UsageLedger(store.store).usage("acme", 0)[0].requests == 2
 
 
 def test_gateways_share_usage_on_either_registry_backend(registry_uri):
