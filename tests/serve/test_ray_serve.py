@@ -187,14 +187,14 @@ def test_a_tenants_request_cuts_into_another_tenants_passes_on_the_ray_app(live)
 def test_the_ray_floor_bench_measures_every_hop_beside_the_app_and_removes_itself(live):
     """benchmarks/ray_floor.py deploys its trivial app into the running Serve instance, times each
     path through the same proxy, and deletes it: lorafleet keeps answering on every route."""
-    from lorafleet.benchmarks.ray_floor import FLOOR_PREFIX, PATHS, measure_ray_floor
+    from lorafleet.benchmarks.ray_floor import FLOOR_PREFIX, HOPS, PATHS, measure_ray_floor
 
     _, url, _ = live
     floor = measure_ray_floor(url, rounds=1, per_round=3)
     assert set(floor) == {f"floor_{name}_client_ms" for name in (*PATHS, "lorafleet_healthz")} | {
-        f"floor_{name}_hop_ms" for name in PATHS[1:]}
+        f"floor_{name}_hop_ms" for name in HOPS}
     assert all(value > 0 for value in floor.values())
-    assert all(floor[f"floor_{name}_client_ms"] > floor[f"floor_{name}_hop_ms"] for name in PATHS[1:])
+    assert all(floor[f"floor_{name}_client_ms"] > floor[f"floor_{name}_hop_ms"] for name in HOPS)
     assert httpx.post(f"{url}{FLOOR_PREFIX}/proxy").status_code in (401, 404)  # lorafleet's app answers it now
     assert _generate(url, adapter="look1").status_code == 200
 
