@@ -177,5 +177,6 @@ def add_arguments(parser) -> None:
                         help="throughput: interleaved rounds of the limit and every scenario (medians reported)")
     parser.add_argument("--sections", default=None, help="overhead, throughput, http (default overhead,throughput)")
     parser.add_argument("--http", action="store_true", help="through the public HTTP API of a started server: "
-                        "throughput scenarios, where the time goes, the output cache (benchmarks/http_bench.py)")
+                        "throughput scenarios, where the time goes, Ray Serve's own floor beside it, the output cache "
+                        "(benchmarks/http_bench.py)")
     parser.set_defaults(handler=cmd_bench_serve)
