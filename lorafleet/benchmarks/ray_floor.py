@@ -122,22 +122,20 @@ def measure_ray_floor(url: str, rounds: int = 5, per_round: int = 30) -> dict:
     hop_ms: dict[str, list[float]] = {name: [] for name in HOPS}
     try:
         with httpx.Client(base_url=url, timeout=30) as http:
-            for name in PATHS:  # warm-up: connections, the multiplexed model, the actor
+            calls = {name: (lambda name=name: http.post(f"{FLOOR_PREFIX}/{name}", json=BODY)) for name in PATHS}
+            calls["lorafleet_healthz"] = lambda: http.get("/healthz")
+            for call in calls.values():  # warm-up: connections, the multiplexed model, the actor
                 for _ in range(5):
-                    http.post(f"{FLOOR_PREFIX}/{name}", json=BODY).raise_for_status()
+                    call().raise_for_status()
             for _ in range(rounds):
-                for name in PATHS:
+                for name, call in calls.items():
                     for _ in range(per_round):
                         started = time.perf_counter()
-                        response = http.post(f"{FLOOR_PREFIX}/{name}", json=BODY)
+                        response = call()
                         client_ms[name].append(1000 * (time.perf_counter() - started))
                         response.raise_for_status()
                         if name in HOPS:
                             hop_ms[name].append(response.json()["hop_ms"])
-                for _ in range(per_round):
-                    started = time.perf_counter()
-                    http.get("/healthz").raise_for_status()
-                    client_ms["lorafleet_healthz"].append(1000 * (time.perf_counter() - started))
     finally:
         serve.delete(FLOOR_APP)
     result = {f"floor_{name}_client_ms": round(statistics.median(values), 2) for name, values in client_ms.items()}
