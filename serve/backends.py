@@ -8,6 +8,7 @@ import asyncio
 from lorafleet.errors import LorafleetError
 
 from .errors import Overloaded, ServiceUnavailable
+from .ingress import IN_PROCESS, ingress_in_force
 from .replica import GenerationOutput, GenerationTask, GeneratorReplica
 
 
@@ -32,6 +33,9 @@ class LocalGeneratorBackend:
 
     async def health(self) -> dict:
         return self.replica.health()
+
+    def ingress(self) -> str:
+        return IN_PROCESS
 
 
 class RayGeneratorBackend:
@@ -60,6 +64,9 @@ class RayGeneratorBackend:
 
     async def health(self) -> dict:
         return await self.handle.health.remote()
+
+    def ingress(self) -> str:
+        return ingress_in_force().value
 
 
 def _platform_failure(error: BaseException | None) -> bool:

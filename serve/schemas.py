@@ -235,3 +235,4 @@ class HealthResponse(BaseModel):
     registry: str | None = None
     registry_reachable: bool | None = None
     mode: str | None = None
+    ingress: str | None = None  # how HTTP reaches the gateway: haproxy, ray-proxy or in-process

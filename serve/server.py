@@ -18,6 +18,7 @@ from lorafleet.local_cluster import free_port, secure_local_ray
 
 from .app import APP_NAME, build_app
 from .errors import ServiceUnavailable
+from .ingress import HAPROXY_METRICS_PORT, HAPROXY_STATS_PORT, ray_serve_environment
 from .settings import ServeSettings
 
 
@@ -66,6 +67,7 @@ def start_server(settings: ServeSettings, ray_address: str | None = None, num_cp
         local = address == "local"
         if local:
             secure_local_ray()
+            os.environ.update(local_ray_serve_environment(settings))
         context = ray.init(address=address, num_cpus=(num_cpus or os.cpu_count()) if local else None,
                            include_dashboard=job_server and local, dashboard_host="127.0.0.1",
                            dashboard_port=free_port(), log_to_driver=False)
@@ -91,6 +93,14 @@ def start_server(settings: ServeSettings, ray_address: str | None = None, num_cp
         server.stop()
         raise
     return server
+
+
+def local_ray_serve_environment(settings: ServeSettings) -> dict[str, str]:
+    """The Serve switches for a Ray cluster started on this machine: the settings' ingress, with
+    HAProxy's own metrics and stats on free ports (Ray's fixed defaults would clash between two
+    servers on one machine)."""
+    return {**ray_serve_environment(settings.ingress, settings.ingress_drain_s),
+            HAPROXY_METRICS_PORT: str(free_port()), HAPROXY_STATS_PORT: str(free_port())}
 
 
 def serve_in_process(settings: ServeSettings) -> None:

@@ -55,6 +55,8 @@ class GeneratorBackend(Protocol):
 
     async def health(self) -> dict: ...
 
+    def ingress(self) -> str: ...  # how HTTP reaches the gateway (serve.ingress)
+
 
 def _caller_key(caller: Caller, user: str | None) -> str | None:
     """What a canary split is sticky on: the end user, within the calling tenant."""
@@ -437,4 +439,5 @@ class GenerationService:
             reachable, mode = False, "cached-only"
         return {"status": "ready", "base": health.get("base"), "family": health.get("family"),
                 "base_fingerprint": health.get("base_fingerprint"),
-                "registry": self.registry.uri, "registry_reachable": reachable, "mode": mode}
+                "registry": self.registry.uri, "registry_reachable": reachable, "mode": mode,
+                "ingress": self.backend.ingress()}

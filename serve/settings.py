@@ -18,6 +18,7 @@ from .async_jobs import AsyncJobSettings
 from .auth import configured_tokens
 from .errors import RequestInvalid
 from .feedback import FeedbackSettings
+from .ingress import Ingress
 from .tenants import TENANT_PATTERN, TenantSettings
 from .usage import UsageSettings
 
@@ -150,6 +151,13 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     proxy_location: ProxyLocation = Field(ProxyLocation.every_node, description="Where Ray Serve's HTTP proxies "
                                           "run: EveryNode or HeadOnly.")
+    ingress: Ingress = Field(Ingress.haproxy, description="How HTTP reaches the gateway on Ray Serve: haproxy "
+                             "(Ray Serve's direct ingress behind HAProxy, throughput-optimized) or ray-proxy (Ray "
+                             "Serve's Python proxy). A switch of the whole Ray cluster: applied to a cluster "
+                             "lorafleet starts; a cluster started elsewhere needs the environment in "
+                             "k8s/base/rayservice.yaml.")
+    ingress_drain_s: float = Field(2.0, ge=0, le=300, description="How long a stopping gateway replica keeps "
+                                   "answering (haproxy ingress) so HAProxy takes it out of rotation first.")
     gateway_on_head: bool = Field(True, description="Run the gateway on the Ray head node (worker nodes that "
                                   "scale away or are preempted then hold generator replicas only).")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")

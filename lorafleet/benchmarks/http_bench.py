@@ -27,7 +27,7 @@ SCENARIOS = (0, 1, 10, 100)
 PROMPT = "a red circle on the left"
 
 
-def _start(base: str, registry_uri: str, workdir: Path, max_batch_images: int):
+def _start(base: str, registry_uri: str, workdir: Path, max_batch_images: int, ingress: str):
     from lorafleet.local_cluster import free_port
     from lorafleet.serve.server import start_server
     from lorafleet.serve.settings import ServeSettings
@@ -36,7 +36,8 @@ def _start(base: str, registry_uri: str, workdir: Path, max_batch_images: int):
         settings = ServeSettings(base=base, registry=registry_uri, port=free_port(), replicas=1, replica_num_cpus=2,
                                  max_ongoing_requests=max_batch_images, max_queued_requests=256,
                                  batching={"max_batch_images": max_batch_images},
-                                 cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), "host_bytes": 4 * 1024**3})
+                                 cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), "host_bytes": 4 * 1024**3},
+                                 ingress=ingress)
         try:
             return start_server(settings, num_cpus=2)
         except Exception as exc:
@@ -109,7 +110,8 @@ def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tup
     return [(None, f"{PROMPT} {seed} {index}", 1000 + index) for index in drawn], share  # new prompts each round
 
 
-def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path, concurrency: int = 8) -> dict:
+def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path, concurrency: int = 8,
+               ingress: str = "haproxy") -> dict:
     from .ray_floor import measure_ray_floor
     from .serve_bench import DirectCall
     from .throughput_bench import _naive_rate, _Setup, _traffic
@@ -119,7 +121,7 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
     direct = DirectCall(base, steps)
     direct_without_ray = direct.median_ms(5)
     naive = _naive_rate(setup, _traffic(100, min(requests, 16)))
-    server = _start(base, setup.registry_uri, workdir, max_batch_images=concurrency)
+    server = _start(base, setup.registry_uri, workdir, max_batch_images=concurrency, ingress=ingress)
     try:
         traffic = _Traffic(server.url, steps, names)
         for index in range(8):  # warm-up: the base, and adapters into the host tier

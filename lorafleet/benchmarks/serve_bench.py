@@ -20,8 +20,11 @@ from pathlib import Path
 
 import httpx
 
+from lorafleet.serve.ingress import Ingress
+
 from . import positive_int
 
+INGRESSES = tuple(ingress.value for ingress in Ingress)  # the default first
 PROMPT = "a red circle on the left"
 
 
@@ -90,7 +93,7 @@ def _tier_costs(client: _Client, generation_ms: float, repeats: int) -> dict:
     return {f"{tier}_extra_per_generation": round((ms - base_ms) / generation_ms, 3) for tier, ms in costs.items()}
 
 
-def _with_server(base: str, registry_uri: str, workdir: Path, cache: dict, fn):
+def _with_server(base: str, registry_uri: str, workdir: Path, cache: dict, fn, ingress: str):
     from lorafleet.local_cluster import free_port
     from lorafleet.serve.server import start_server
     from lorafleet.serve.settings import ServeSettings
@@ -98,7 +101,8 @@ def _with_server(base: str, registry_uri: str, workdir: Path, cache: dict, fn):
     for attempt in range(3):  # a port free when chosen can be taken by Ray's own processes meanwhile
         settings = ServeSettings(base=base, registry=registry_uri, port=free_port(), replicas=1,
                                  replica_num_cpus=2, max_ongoing_requests=4, max_queued_requests=64,
-                                 cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), **cache})
+                                 cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), **cache},
+                                 ingress=ingress)
         try:
             server = start_server(settings, num_cpus=2)
             break
@@ -111,7 +115,7 @@ def _with_server(base: str, registry_uri: str, workdir: Path, cache: dict, fn):
         server.stop()
 
 
-def bench_overhead(base: str, steps: int, repeats: int, workdir: Path) -> dict:
+def bench_overhead(base: str, steps: int, repeats: int, workdir: Path, ingress: str = INGRESSES[0]) -> dict:
     from lorafleet.bases import base_spec
     from lorafleet.registry import AdapterRegistry
 
@@ -128,7 +132,7 @@ def bench_overhead(base: str, steps: int, repeats: int, workdir: Path) -> dict:
         http_ms = _median_ms(lambda: client.generate(), repeats)
         return {"http_ms": http_ms, **_tier_costs(client, direct_ms, repeats)}
 
-    costs = _with_server(base, registry.uri, workdir, {"active_max_adapters": 1}, single_slot)
+    costs = _with_server(base, registry.uri, workdir, {"active_max_adapters": 1}, single_slot, ingress)
     http_ms = costs.pop("http_ms")
     return {
         "base": base, "steps": steps, "direct_generation_ms": round(direct_ms, 1),
@@ -139,22 +143,22 @@ def bench_overhead(base: str, steps: int, repeats: int, workdir: Path) -> dict:
 
 
 def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, sections: list[str],
-                    rounds: int = 3) -> list[dict]:
+                    rounds: int = 3, ingress: str = INGRESSES[0]) -> list[dict]:
     from .throughput_bench import bench_throughput
 
     results = []
     with tempfile.TemporaryDirectory(prefix="lorafleet-serve-bench-") as tmp:
         for base in bases:
-            row: dict = {"base": base}
+            row: dict = {"base": base, "ingress": ingress}
             if "overhead" in sections:
-                row.update(bench_overhead(base, steps, repeats, Path(tmp) / "overhead"))
+                row.update(bench_overhead(base, steps, repeats, Path(tmp) / "overhead", ingress))
             if "throughput" in sections:
                 row.update(bench_throughput(base, steps, requests, repeats, Path(tmp) / "throughput" / base,
                                               rounds=rounds))
             if "http" in sections:
                 from .http_bench import bench_http
 
-                row.update(bench_http(base, steps, requests, rounds, Path(tmp) / "http" / base))
+                row.update(bench_http(base, steps, requests, rounds, Path(tmp) / "http" / base, ingress=ingress))
             results.append(row)
             print(json.dumps(row), flush=True)  # each base as soon as it is done
     return results
@@ -164,7 +168,8 @@ def cmd_bench_serve(args) -> int:
     from .registry_bench import emit
 
     sections = ["http"] if args.http and args.sections is None else (args.sections or "overhead,throughput").split(",")
-    results = run_serve_bench(args.bases.split(","), args.steps, args.requests, args.repeats, sections, args.rounds)
+    results = run_serve_bench(args.bases.split(","), args.steps, args.requests, args.repeats, sections, args.rounds,
+                              args.ingress)
     return emit(results, transpose=True)
 
 
@@ -179,4 +184,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--http", action="store_true", help="through the public HTTP API of a started server: "
                         "throughput scenarios, where the time goes, Ray Serve's own floor beside it, the output cache "
                         "(benchmarks/http_bench.py)")
+    parser.add_argument("--ingress", choices=INGRESSES, default=INGRESSES[0],
+                        help="how HTTP reaches the gateway on the started server (serve setting ingress)")
     parser.set_defaults(handler=cmd_bench_serve)

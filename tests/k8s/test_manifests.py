@@ -254,6 +254,22 @@ def test_every_pod_is_hardened_and_uses_ray_token_auth(overlay):
         assert "/tmp" in mounted, f"{where}: a read-only root needs a writable /tmp (Ray's session dir)"
 
 
+def test_every_serve_pod_starts_ray_with_the_serve_configs_ingress(overlay):
+    from lorafleet.serve.ingress import ray_serve_environment
+    from lorafleet.serve.settings import ServeSettings
+
+    _, documents = overlay
+    [config] = serve_configs(documents)
+    settings = ServeSettings(**config["applications"][0]["args"])
+    wanted = ray_serve_environment(settings.ingress, settings.ingress_drain_s)
+    serve_pods = {where: t for where, t in _pod_templates(documents).items() if where.startswith("RayService/")}
+    assert len(serve_pods) >= 2, serve_pods.keys()
+    for where, template in serve_pods.items():
+        for container in template["spec"]["containers"]:
+            env = {name: entry.get("value") for name, entry in _env_names(container).items()}
+            assert {name: env.get(name) for name in wanted} == wanted, where
+
+
 def test_each_pod_gets_only_the_secrets_it_uses(overlay):
     _, documents = overlay
     secrets = {d["metadata"]["name"] for d in documents if d["kind"] == "Secret"}

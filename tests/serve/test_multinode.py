@@ -9,6 +9,7 @@ and a worker raylet, each with its own CPU), the registry on a real S3 server sh
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter, defaultdict
@@ -31,17 +32,12 @@ def two_nodes(seaweed, tiny_spec, tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
-    from lorafleet.serve.server import start_server
+    from lorafleet.serve.server import local_ray_serve_environment, start_server
 
     root = tmp_path_factory.mktemp("multinode")
     registry = AdapterRegistry(f"s3://{S3_BUCKET}/multinode")
     for index in range(4):
         publish_lora(registry, tiny_spec, root, name=f"node-look{index}", seed=index, aliases=["prod"])
-    secure_local_ray()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    cluster.wait_for_nodes()
     # Both raylets share this machine's address, so proxies on every node would share one port and the
     # kernel would hand some connections to the worker's proxy, which dies with it: on real machines a
     # load balancer stops sending to a lost node. Here the clients enter through the head's proxy.
@@ -49,6 +45,12 @@ def two_nodes(seaweed, tiny_spec, tmp_path_factory):
                              proxy_location="HeadOnly",
                              api_tokens=f"{ADMIN}=admin", request_timeout_s=60, retry_after_s=2,
                              output_cache={"enabled": False}, cache={"disk_dir": str(root / "cache")})
+    secure_local_ray()
+    os.environ.update(local_ray_serve_environment(settings))  # the cluster is started here, not by start_server
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
     server = start_server(settings)
     try:
         yield server.url, cluster, worker

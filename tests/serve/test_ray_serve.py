@@ -127,6 +127,21 @@ def test_correctness_invariant_over_routed_active_fused_and_evicted_states_2_rep
     assert not missing, f"states never reached: {missing}"
 
 
+def _listener(port: int) -> str:
+    """The name of the process listening on ``port`` on this machine."""
+    [pid] = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    return psutil.Process(pid).name()
+
+
+def test_http_enters_through_haproxy_to_the_gateways_own_server(live):
+    _, url, _ = live
+    ready = httpx.get(f"{url}/readyz", headers=ADMIN).json()
+    assert ready["ingress"] == "haproxy"  # as the gateway's Serve process read Ray's switches
+    assert _listener(int(url.rsplit(":", 1)[1])) == "haproxy"  # not Ray's Python proxy
+    response = _generate(url, adapter="look0")
+    assert response.status_code == 200, response.text
+
+
 def test_errors_over_http(live):
     _, url, _ = live
     assert _generate(url, adapter="nope").status_code == 404
