@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray import serve
@@ -19,6 +20,7 @@ from lorafleet.training.service.scheduler import TrainingService
 from .api import create_api
 from .auth import TokenTable
 from .backends import LocalGeneratorBackend, RayGeneratorBackend
+from .ingress import ingress_in_force
 from .replica import GenerationTask, GeneratorReplica
 from .service import GenerationService
 from .settings import ServeSettings
@@ -26,6 +28,7 @@ from .settings import ServeSettings
 GATEWAY_NAME = "Gateway"
 GENERATOR_NAME = "Generator"
 APP_NAME = "lorafleet"
+logger = logging.getLogger(__name__)
 MULTIPLEX_SLOTS = 64  # adapter-set ids remembered per replica for routing (cheap markers)
 
 
@@ -75,6 +78,10 @@ class GatewayDeployment:
         self.settings = ServeSettings(**settings)
         self.registry = AdapterRegistry(self.settings.registry)
         self.service = GenerationService(self.settings, RayGeneratorBackend(generator), self.registry)
+        if (in_force := ingress_in_force()) is not self.settings.ingress:
+            logger.warning("ingress %s is set, but this Ray cluster was started with %s: set its environment "
+                           "(lorafleet.serve.ingress.ray_serve_environment) where Ray starts",
+                           self.settings.ingress.value, in_force.value)
 
     def __serve_build_asgi_app__(self):
         return create_api(self.service, TokenTable.from_settings(self.settings),

@@ -30,7 +30,7 @@ def test_settings_precedence_file_then_env_then_flags(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [{"port": 70000}, {"device": "tpu"}, {"unknown_key": 1}, {"dtype": "float8"},
-                                 {"cache": {"active_max_adapters": 0}}])
+                                 {"cache": {"active_max_adapters": 0}}, {"ingress": "nginx"}])
 def test_bad_settings_are_refused_naming_the_key(tmp_path, bad):
     from lorafleet.serve.errors import RequestInvalid
 
@@ -39,6 +39,20 @@ def test_bad_settings_are_refused_naming_the_key(tmp_path, bad):
     with pytest.raises(RequestInvalid) as caught:
         load_settings(config)
     assert caught.value.field.split(".")[0] == next(iter(bad))
+
+
+def test_each_ingress_spells_out_every_ray_switch_and_a_local_cluster_gets_its_own_haproxy_ports():
+    from lorafleet.serve.ingress import HAPROXY_METRICS_PORT, HAPROXY_STATS_PORT, Ingress, ray_serve_environment
+    from lorafleet.serve.server import local_ray_serve_environment
+
+    fast, classic = (ray_serve_environment(ingress, 2.5) for ingress in (Ingress.haproxy, Ingress.ray_proxy))
+    assert fast.keys() == classic.keys()  # a process that started one cluster can start the other
+    assert fast["RAY_SERVE_ENABLE_HA_PROXY"] == fast["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert classic["RAY_SERVE_ENABLE_HA_PROXY"] == classic["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert fast["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2.5"
+    local = local_ray_serve_environment(ServeSettings(ingress="ray-proxy", ingress_drain_s=1))
+    assert local.items() >= ray_serve_environment(Ingress.ray_proxy, 1).items()
+    assert local[HAPROXY_METRICS_PORT] != local[HAPROXY_STATS_PORT]
 
 
 def test_auth_without_tokens_refuses_to_start(tmp_path):
@@ -74,10 +88,12 @@ def test_app_builder_accepts_the_config_args():
 
 @pytest.mark.slow
 def test_lorafleet_serve_starts_answers_and_stops_cleanly(tmp_path):
+    """Through Ray's Python proxy (the other ingress; the Ray app tests run behind HAProxy)."""
     from lorafleet.local_cluster import free_port
 
     port = free_port()
-    env = {**os.environ, "LORAFLEET_CACHE__DISK_DIR": str(tmp_path / "cache")}  # Ray token auth: the default
+    env = {**os.environ, "LORAFLEET_CACHE__DISK_DIR": str(tmp_path / "cache"),  # Ray token auth: the default
+           "LORAFLEET_INGRESS": "ray-proxy"}
     process = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", "--registry", f"file://{tmp_path}",
                                 "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                text=True, start_new_session=True)
@@ -92,6 +108,7 @@ def test_lorafleet_serve_starts_answers_and_stops_cleanly(tmp_path):
                 break
             time.sleep(0.5)
         assert ready, process.stdout.read() if process.poll() is not None else "not ready"
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()["ingress"] == "ray-proxy"
         while "serving" not in process.stdout.readline():  # handlers are installed before this line
             assert process.poll() is None
         response = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "a red circle", "steps": 2},
