@@ -108,7 +108,8 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node one uni
 def gateway_options(settings: ServeSettings) -> dict[str, Any]:
     """The gateway takes no CPU; on the head node by default, which lives as long as the cluster.
 
-    Ray's proxy answers a request in flight on a lost gateway replica with a bare 500; a lost
+    The ingress (HAProxy or Ray's proxy) answers a request in flight on a lost gateway replica with a
+    bare 5xx; a lost
     generator replica is the gateway's to answer (503 with Retry-After). So a worker node scaled
     away or preempted should hold generators only.
     """
