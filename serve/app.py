@@ -109,9 +109,8 @@ def gateway_options(settings: ServeSettings) -> dict[str, Any]:
     """The gateway takes no CPU; on the head node by default, which lives as long as the cluster.
 
     The ingress (HAProxy or Ray's proxy) answers a request in flight on a lost gateway replica with a
-    bare 5xx; a lost
-    generator replica is the gateway's to answer (503 with Retry-After). So a worker node scaled
-    away or preempted should hold generators only.
+    bare 5xx; a lost generator replica is the gateway's to answer (503 with Retry-After). So a
+    worker node scaled away or preempted should hold generators only.
     """
     actor: dict[str, Any] = {"num_cpus": 0}
     if settings.gateway_on_head:
