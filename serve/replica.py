@@ -179,7 +179,7 @@ class GeneratorReplica:
     async def generate_async(self, task: GenerationTask) -> GenerationOutput:
         """The same without holding a thread while the request waits for its pass."""
         started = time.perf_counter()
-        uses, fetches = await asyncio.to_thread(self._fetch, task)
+        uses, fetches = await asyncio.to_thread(self._fetch, task) if task.adapters else ([], [])
         fetch_ms = 1000 * (time.perf_counter() - started)
         result = await asyncio.wrap_future(self._submit(uses, task))
         return self._output(result, fetches, fetch_ms, started)

@@ -123,6 +123,16 @@ def encode_images(images: np.ndarray, output_format: str) -> list[str]:
     return [encode_image(image, output_format) for image in images]
 
 
+INLINE_ENCODE_VALUES = 64 * 64 * 3  # up to one 64 px image: encoding it costs less than a thread hand-off
+
+
+async def _encoded(images: np.ndarray, output_format: str) -> list[str]:
+    """The images encoded: on the event loop when they are small, else off it."""
+    if images.size <= INLINE_ENCODE_VALUES:
+        return encode_images(images, output_format)
+    return await asyncio.to_thread(encode_images, images, output_format)
+
+
 class _Stopwatch:
     """Milliseconds per named stage of one request, and in all."""
 
@@ -268,7 +278,8 @@ class GenerationService:
             raise
         self.metrics.record_tenant_request(caller.label, request.num_images, work)
         clock.lap("checks")
-        resolved[:] = await asyncio.to_thread(self._resolve, request, caller, user)
+        if request.adapter_weights():  # resolving may read the registry: off the event loop
+            resolved[:] = await asyncio.to_thread(self._resolve, request, caller, user)
         task, seeds = self._task(request, resolved, size, caller)
         clock.lap("resolve")
         key = self._output_key(request, task, caller)
@@ -316,7 +327,7 @@ class GenerationService:
         self.metrics.record_tenant_replica_time(caller.label, output.replica_ms / 1000 * len(task.job.seeds)
                                                 / max(1, output.batch_images))
         self.resident_by_replica[output.replica] = output.resident
-        images = await asyncio.to_thread(encode_images, output.images, request.output_format)  # off the event loop
+        images = await _encoded(output.images, request.output_format)
         clock.lap("encode")
         if key:
             versions = tuple(AdapterVersion(m.name, m.version, m.digest) for _, m, _ in resolved)
