@@ -19,4 +19,4 @@ def test_the_breakdown_separates_http_and_ray_from_the_server_stages():
              "breakdown": {"checks": 0.1, "backend": 95.0, "replica": 90.0, "encode": 1.0}}] * 3
     out = _breakdown(rows)
     assert out["http_and_proxy"] == 20.0 and out["ray_handle"] == 5.0 and out["pass"] == 80.0
-    assert out["client_total"] == 120.0 and out["checks"] == 0.1
+    assert out["client_total"] == 120.0 and out["checks"] == 0.1 and out["outside_pass"] == 40.0

@@ -83,8 +83,8 @@ def _scenario_calls(adapters: int, requests: int, seed: int) -> list[tuple]:
 
 
 def _breakdown(rows: list[dict]) -> dict:
-    """Median ms per stage, and what HTTP (client minus server total) and Ray (the backend call minus
-    the replica's own time) add."""
+    """Median ms per stage, what HTTP (client minus server total) and Ray (the backend call minus
+    the replica's own time) add, and the whole request path outside the pass (client minus pass)."""
     stages = sorted({stage for row in rows for stage in row["breakdown"]})
     out = {stage: round(statistics.median(row["breakdown"].get(stage, 0.0) for row in rows), 2) for stage in stages}
     out["pass"] = round(statistics.median(row["generation_ms"] for row in rows), 2)
@@ -92,6 +92,7 @@ def _breakdown(rows: list[dict]) -> dict:
     out["ray_handle"] = round(statistics.median(row["breakdown"]["backend"] - row["breakdown"]["replica"]
                                                 for row in rows), 2)
     out["client_total"] = round(statistics.median(row["client_ms"] for row in rows), 2)
+    out["outside_pass"] = round(statistics.median(row["client_ms"] - row["generation_ms"] for row in rows), 2)
     return out
 
 
