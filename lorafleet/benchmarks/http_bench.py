@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lorafleet.serve.ingress import Ingress
+
 SCENARIOS = (0, 1, 10, 100)
 PROMPT = "a red circle on the left"
 
@@ -112,7 +114,7 @@ def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tup
 
 
 def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path, concurrency: int = 8,
-               ingress: str = "haproxy") -> dict:
+               ingress: str = Ingress.haproxy.value) -> dict:
     from .ray_floor import measure_ray_floor
     from .serve_bench import DirectCall
     from .throughput_bench import _naive_rate, _Setup, _traffic
