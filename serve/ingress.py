@@ -25,6 +25,7 @@ class Ingress(str, Enum):
     ray_proxy = "ray-proxy"
 
 
+DEFAULT_INGRESS = Ingress.haproxy
 IN_PROCESS = "in-process"  # the whole service in one process (uvicorn, no Ray): no ingress to choose
 
 THROUGHPUT_OPTIMIZED = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
@@ -43,9 +44,8 @@ def ray_serve_environment(ingress: Ingress, drain_s: float) -> dict[str, str]:
     rotation first (Ray's default, 30 s, suits external load balancers; HAProxy learns of a
     stopping replica from Ray within a fraction of a second).
     """
-    fast = ingress is Ingress.haproxy
-    return {THROUGHPUT_OPTIMIZED: "1" if fast else "0", HAPROXY: "1" if fast else "0",
-            DIRECT_INGRESS: "1" if fast else "0", DRAIN_PERIOD: f"{drain_s:g}"}
+    on = "1" if ingress is Ingress.haproxy else "0"
+    return {THROUGHPUT_OPTIMIZED: on, HAPROXY: on, DIRECT_INGRESS: on, DRAIN_PERIOD: f"{drain_s:g}"}
 
 
 def ingress_in_force() -> Ingress:

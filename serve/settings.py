@@ -18,7 +18,7 @@ from .async_jobs import AsyncJobSettings
 from .auth import configured_tokens
 from .errors import RequestInvalid
 from .feedback import FeedbackSettings
-from .ingress import Ingress
+from .ingress import DEFAULT_INGRESS, Ingress
 from .tenants import TENANT_PATTERN, TenantSettings
 from .usage import UsageSettings
 
@@ -151,7 +151,7 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     proxy_location: ProxyLocation = Field(ProxyLocation.every_node, description="Where Ray Serve's HTTP proxies "
                                           "run: EveryNode or HeadOnly.")
-    ingress: Ingress = Field(Ingress.haproxy, description="How HTTP reaches the gateway on Ray Serve: haproxy "
+    ingress: Ingress = Field(DEFAULT_INGRESS, description="How HTTP reaches the gateway on Ray Serve: haproxy "
                              "(Ray Serve's direct ingress behind HAProxy, throughput-optimized) or ray-proxy (Ray "
                              "Serve's Python proxy). A switch of the whole Ray cluster: applied to a cluster "
                              "lorafleet starts; a cluster started elsewhere needs the environment in "

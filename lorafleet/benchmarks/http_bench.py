@@ -23,29 +23,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lorafleet.serve.ingress import Ingress
+from lorafleet.serve.ingress import DEFAULT_INGRESS
 
 SCENARIOS = (0, 1, 10, 100)
 PROMPT = "a red circle on the left"
 
 
 def _start(base: str, registry_uri: str, workdir: Path, max_batch_images: int, ingress: str):
-    from lorafleet.local_cluster import free_port
-    from lorafleet.serve.server import start_server
-    from lorafleet.serve.settings import ServeSettings
+    from .serve_bench import start_bench_server
 
-    for attempt in range(3):  # a port free when chosen can be taken by Ray's own processes meanwhile
-        settings = ServeSettings(base=base, registry=registry_uri, port=free_port(), replicas=1, replica_num_cpus=2,
-                                 max_ongoing_requests=max_batch_images, max_queued_requests=256,
-                                 batching={"max_batch_images": max_batch_images},
-                                 cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), "host_bytes": 4 * 1024**3},
-                                 ingress=ingress)
-        try:
-            return start_server(settings, num_cpus=2)
-        except Exception as exc:
-            if "bind" not in str(exc).lower() or attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    return start_bench_server(base=base, registry=registry_uri, replicas=1, replica_num_cpus=2,
+                              max_ongoing_requests=max_batch_images, max_queued_requests=256, ingress=ingress,
+                              batching={"max_batch_images": max_batch_images},
+                              cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), "host_bytes": 4 * 1024**3})
 
 
 class _Traffic:
@@ -114,7 +104,7 @@ def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tup
 
 
 def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path, concurrency: int = 8,
-               ingress: str = Ingress.haproxy.value) -> dict:
+               ingress: str = DEFAULT_INGRESS.value) -> dict:
     from .ray_floor import measure_ray_floor
     from .serve_bench import DirectCall
     from .throughput_bench import _naive_rate, _Setup, _traffic

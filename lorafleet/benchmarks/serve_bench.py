@@ -20,11 +20,11 @@ from pathlib import Path
 
 import httpx
 
-from lorafleet.serve.ingress import Ingress
+from lorafleet.serve.ingress import DEFAULT_INGRESS, Ingress
 
 from . import positive_int
 
-INGRESSES = tuple(ingress.value for ingress in Ingress)  # the default first
+INGRESSES = tuple(ingress.value for ingress in Ingress)
 PROMPT = "a red circle on the left"
 
 
@@ -93,29 +93,32 @@ def _tier_costs(client: _Client, generation_ms: float, repeats: int) -> dict:
     return {f"{tier}_extra_per_generation": round((ms - base_ms) / generation_ms, 3) for tier, ms in costs.items()}
 
 
-def _with_server(base: str, registry_uri: str, workdir: Path, cache: dict, fn, ingress: str):
+def start_bench_server(**fields):
+    """A started server (a local Ray cluster of 2 CPUs) with these settings on a free port."""
     from lorafleet.local_cluster import free_port
     from lorafleet.serve.server import start_server
     from lorafleet.serve.settings import ServeSettings
 
     for attempt in range(3):  # a port free when chosen can be taken by Ray's own processes meanwhile
-        settings = ServeSettings(base=base, registry=registry_uri, port=free_port(), replicas=1,
-                                 replica_num_cpus=2, max_ongoing_requests=4, max_queued_requests=64,
-                                 cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), **cache},
-                                 ingress=ingress)
         try:
-            server = start_server(settings, num_cpus=2)
-            break
+            return start_server(ServeSettings(port=free_port(), **fields), num_cpus=2)
         except Exception as exc:
             if "bind" not in str(exc).lower() or attempt == 2:
                 raise
+    raise AssertionError("unreachable")
+
+
+def _with_server(base: str, registry_uri: str, workdir: Path, cache: dict, fn, ingress: str):
+    server = start_bench_server(base=base, registry=registry_uri, replicas=1, replica_num_cpus=2,
+                                max_ongoing_requests=4, max_queued_requests=64, ingress=ingress,
+                                cache={"disk_bytes": 0, "disk_dir": str(workdir / "cache"), **cache})
     try:
-        return fn(_Client(server.url, settings.limits.default_steps))
+        return fn(_Client(server.url, server.settings.limits.default_steps))
     finally:
         server.stop()
 
 
-def bench_overhead(base: str, steps: int, repeats: int, workdir: Path, ingress: str = INGRESSES[0]) -> dict:
+def bench_overhead(base: str, steps: int, repeats: int, workdir: Path, ingress: str = DEFAULT_INGRESS.value) -> dict:
     from lorafleet.bases import base_spec
     from lorafleet.registry import AdapterRegistry
 
@@ -143,7 +146,7 @@ def bench_overhead(base: str, steps: int, repeats: int, workdir: Path, ingress: 
 
 
 def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, sections: list[str],
-                    rounds: int = 3, ingress: str = INGRESSES[0]) -> list[dict]:
+                    rounds: int = 3, ingress: str = DEFAULT_INGRESS.value) -> list[dict]:
     from .throughput_bench import bench_throughput
 
     results = []
@@ -184,6 +187,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--http", action="store_true", help="through the public HTTP API of a started server: "
                         "throughput scenarios, where the time goes, Ray Serve's own floor beside it, the output cache "
                         "(benchmarks/http_bench.py)")
-    parser.add_argument("--ingress", choices=INGRESSES, default=INGRESSES[0],
+    parser.add_argument("--ingress", choices=INGRESSES, default=DEFAULT_INGRESS.value,
                         help="how HTTP reaches the gateway on the started server (serve setting ingress)")
     parser.set_defaults(handler=cmd_bench_serve)
