@@ -20,4 +20,4 @@ class FusedRunner:
         if self.tier.fused is None:
             self.tier.apply(lora_set)
             change.events += self.tier.fuse(lora_set)
-        return PreparedPass(PassMode.fused, change)
+        return PreparedPass(PassMode.fused, change, self.tier.beneath_peft())

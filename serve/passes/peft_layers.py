@@ -17,4 +17,6 @@ class PeftLayersRunner:
     def prepare(self, requests: list[BatchRequest], lora_set: LoraSet | None) -> PreparedPass:
         change = self.tier.ensure(list(requests[0].uses))
         self.tier.apply(lora_set)
-        return PreparedPass(PassMode.active if lora_set.names else PassMode.base, change)
+        if lora_set.names:
+            return PreparedPass(PassMode.active, change)
+        return PreparedPass(PassMode.base, change, self.tier.beneath_peft())

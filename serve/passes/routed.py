@@ -3,6 +3,9 @@ sets in one pass, and nothing injected, so a cold adapter costs a tensor copy.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from lorafleet.accelerator import Placement
 
 from ..active_tier import ActiveTier
@@ -46,4 +49,9 @@ class RoutedRunner:
         images = self.copies.per_image(requests)
         change = self.tier.ensure(loaded_uses(requests[0].uses))  # the batch key makes tokens uniform
         self.tier.apply(LoraSet())
-        return PreparedPass(PassMode.mixed, change, self.router.route(images))
+        return PreparedPass(PassMode.mixed, change, self._routed_beneath_peft(images))
+
+    @contextmanager
+    def _routed_beneath_peft(self, images: list[ImageAdapters]) -> Iterator[None]:
+        with self.tier.beneath_peft(), self.router.route(images):
+            yield

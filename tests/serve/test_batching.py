@@ -122,6 +122,33 @@ def test_policy_routes_until_a_set_is_due_to_fuse_and_routes_again_after(adapter
     assert not never.tier.residency().digests
 
 
+def _peft_layer_calls(engine) -> list[int]:
+    """A counter of forward calls into the pipeline's peft LoRA layers, from now on."""
+    from peft.tuners.lora import LoraLayer
+
+    calls = [0]
+    for component in engine.tier.components:
+        for module in getattr(engine.pipe, component).modules():
+            if isinstance(module, LoraLayer):
+                module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_passes_that_need_no_peft_layer_run_without_their_per_call_cost(adapter_registry, fetcher):
+    """Once a set was fused its peft layers stay injected; base, fused and routed passes run on the
+    base layers beneath them (a disabled peft layer still costs a call per forward)."""
+    engine = _engine(max_active=4, fuse_after=1)
+    style0 = _request(fetcher, adapter_registry, [("style0", 1.0)])  # UNet and text-encoder LoRA
+    assert engine.run_batch([style0])[0].mode == "fused"
+    calls = _peft_layer_calls(engine)
+    assert engine.run_batch([style0])[0].mode == "fused"
+    assert engine.run_batch(_mixed_requests(fetcher, adapter_registry))[0].mode == "mixed"
+    assert engine.run_batch([_request(fetcher, adapter_registry, [])])[0].mode == "base"
+    assert calls[0] == 0
+    layers = [m for c in engine.tier.components for m in getattr(engine.pipe, c).modules()]
+    assert any(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in layers)  # put back after each pass
+
+
 def test_a_non_routable_adapter_splits_the_batch_by_adapter_set(adapter_registry, fetcher, tiny_spec, tmp_path):
     """A convolution LoRA cannot be routed per row; its requests run as their own pass."""
     from helpers import write_lora
