@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorafleet.benchmarks.http_bench import _breakdown, _zipf_calls
+from lorafleet.benchmarks.http_bench import _breakdown, _idle_overheads, _ratio_within_rounds, _zipf_calls
 
 
 def test_zipf_traffic_repeats_about_the_asked_share_and_repeats_are_identical_requests():
@@ -20,3 +20,20 @@ def test_the_breakdown_separates_http_and_ray_from_the_server_stages():
     out = _breakdown(rows)
     assert out["http_and_proxy"] == 20.0 and out["ray_handle"] == 5.0 and out["pass"] == 80.0
     assert out["client_total"] == 120.0 and out["checks"] == 0.1 and out["outside_pass"] == 40.0
+
+
+def test_the_idle_overhead_beside_ray_is_the_median_difference_within_pairs():
+    """One pair met a slow moment of the machine: the difference of medians would call it
+    lorafleet's (60 ms), the median within pairs does not (10 ms)."""
+    rows = [{"client_ms": client, "direct_ms": direct} for client, direct in ((110, 100), (305, 300), (260, 200))]
+    out = _idle_overheads(rows, without_ray=150.0)
+    assert out["http_idle_overhead_beside_ray_ms"] == 10.0 and out["direct_beside_ray_ms"] == 200.0
+    assert out["http_idle_overhead_beside_ray_pct"] == 5.0 and out["http_idle_pairs"] == 3
+    assert out["http_idle_overhead_without_ray_ms"] == 110.0 and out["ray_idle_slows_direct_pct"] == 33.3
+
+
+def test_throughput_ratios_are_taken_within_rounds():
+    """The machine ran 30 % slower in the second round, and one round was noisy: each round's ratio
+    is 0.95, 0.95, 0.84, so 0.95; the ratio of the medians over rounds (8.0 / 9.5) would say 0.84."""
+    assert _ratio_within_rounds([9.5, 6.65, 8.0], [10.0, 7.0, 9.5]) == 0.95
+    assert _ratio_within_rounds([10.0, 7.0], [10.0, 7.0]) == 1.0

@@ -2,12 +2,14 @@
 started server (Ray Serve: proxy, gateway, replica).
 
 - Throughput: concurrent clients, no adapter / one / 10 / 100 adapters, interleaved in rounds
-  (medians and ranges), beside the in-process naive diffusers loop over 100 adapters.
+  (the order reversed every other round; medians and ranges, ratios to no adapter taken within
+  each round), beside the in-process naive diffusers loop over 100 adapters.
 - Where the time goes: each response's own ``timings.breakdown`` (checks, resolve, output cache,
   backend call, inside the replica, waiting for a pass, the pass, encoding) and the client's own
   total (its excess over the server's total is HTTP and the proxy), at idle and under load; the
-  idle latency over a direct pipeline call in the client's process, both made just before each
-  idle request (the same machine: Ray Serve idle in the background) and before Ray started.
+  idle latency over a direct pipeline call in the client's process: the median difference within
+  pairs (a direct call just before or just after each idle request: the same machine, Ray Serve
+  idle in the background), and over the direct call's p50 before Ray started.
 - Ray Serve's own floor beside it (benchmarks/ray_floor.py): a trivial FastAPI deployment through
   the same proxy, one Serve handle hop, plain and multiplexed, and a plain Ray actor call.
 - The output cache: prompts drawn from a Zipf distribution so that about 30 % of requests repeat
@@ -104,7 +106,7 @@ def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tup
 
 
 def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path, concurrency: int = 8,
-               ingress: str = DEFAULT_INGRESS.value) -> dict:
+               ingress: str = DEFAULT_INGRESS.value, idle_pairs: int = 24) -> dict:
     from .ray_floor import measure_ray_floor
     from .serve_bench import DirectCall
     from .throughput_bench import _naive_rate, _Setup, _traffic
@@ -119,14 +121,14 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
         traffic = _Traffic(server.url, steps, names)
         for index in range(8):  # warm-up: the base, and adapters into the host tier
             traffic.one(None), traffic.one(index)
-        idle, direct_beside = _idle_pairs(traffic, direct, 10)
+        idle = _idle_pairs(traffic, direct, idle_pairs)
         floor = measure_ray_floor(server.url)
         rates: dict[int, list[float]] = {n: [] for n in SCENARIOS}
         loaded: dict[int, list[dict]] = {n: [] for n in SCENARIOS}
         cache_rates: dict[bool, list[float]] = {True: [], False: []}
         cache_rows: dict[bool, list[dict]] = {True: [], False: []}
         for round_index in range(rounds):
-            for adapters in SCENARIOS:
+            for adapters in SCENARIOS if round_index % 2 == 0 else SCENARIOS[::-1]:  # a drift moves all alike
                 rate, rows = traffic.burst(_scenario_calls(adapters, requests, round_index), concurrency)
                 rates[adapters].append(rate)
                 loaded[adapters] += rows
@@ -137,40 +139,59 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
                 cache_rows[cached] += rows
     finally:
         server.stop()
-    return {**_report(base, steps, requests, rounds, concurrency, (direct_without_ray, direct_beside), naive, idle,
+    return {**_report(base, steps, requests, rounds, concurrency, direct_without_ray, naive, idle,
                       rates, loaded, cache_rates, cache_rows, repeat_share), **floor}
 
 
-def _idle_pairs(traffic: _Traffic, direct, pairs: int) -> tuple[list[dict], float]:
-    """Idle requests, each beside a direct pipeline call in this process made just before it, so
-    both meet the same machine (Ray Serve idle in the background): (the requests, the direct p50)."""
-    rows, direct_ms = [], []
-    for _ in range(pairs):
-        direct_ms.append(direct.ms())
-        rows.append(traffic.one(None))
-    return rows, statistics.median(direct_ms)
+def _idle_pairs(traffic: _Traffic, direct, pairs: int) -> list[dict]:
+    """Idle requests, each paired with a direct pipeline call in this process made just before or
+    just after it (alternately), so both meet the same machine (Ray Serve idle in the background);
+    each row carries its pair's ``direct_ms``."""
+    rows = []
+    for index in range(pairs):
+        if index % 2:
+            row = traffic.one(None)
+            rows.append({**row, "direct_ms": direct.ms()})
+        else:
+            direct_ms = direct.ms()
+            rows.append({**traffic.one(None), "direct_ms": direct_ms})
+    return rows
 
 
-def _overhead(label: str, idle_p50: float, direct_ms: float) -> dict:
+def _overhead(label: str, overhead_ms: float, direct_ms: float) -> dict:
     return {f"direct_{label}_ms": round(direct_ms, 1),
-            f"http_idle_overhead_{label}_ms": round(idle_p50 - direct_ms, 1),
-            f"http_idle_overhead_{label}_pct": round(100 * (idle_p50 - direct_ms) / direct_ms, 1)}
+            f"http_idle_overhead_{label}_ms": round(overhead_ms, 1),
+            f"http_idle_overhead_{label}_pct": round(100 * overhead_ms / direct_ms, 1)}
 
 
-def _report(base, steps, requests, rounds, concurrency, direct, naive, idle, rates, loaded, cache_rates,
-            cache_rows, repeat_share) -> dict:
-    """``direct``: the direct call's p50 before Ray started, and beside the idle requests."""
-    median = {n: statistics.median(values) for n, values in rates.items()}
+def _idle_overheads(idle: list[dict], without_ray: float) -> dict:
+    """Beside Ray: the median of each pair's difference (a machine whose speed drifts moves both
+    halves of a pair alike); before Ray: the idle p50 over the direct p50 measured then."""
     idle_p50 = statistics.median(row["client_ms"] for row in idle)
-    without_ray, beside = direct
+    beside = statistics.median(row["direct_ms"] for row in idle)
+    paired = statistics.median(row["client_ms"] - row["direct_ms"] for row in idle)
+    return {"http_idle_p50_ms": round(idle_p50, 1), "http_idle_pairs": len(idle),
+            **_overhead("beside_ray", paired, beside), **_overhead("without_ray", idle_p50 - without_ray, without_ray),
+            "ray_idle_slows_direct_pct": round(100 * (beside - without_ray) / without_ray, 1)}
+
+
+def _ratio_within_rounds(rates: list[float], references: list[float]) -> float:
+    """The median over rounds of each round's ratio: the machine's speed drifts between rounds."""
+    return round(statistics.median(rate / reference for rate, reference in zip(rates, references)), 3)
+
+
+def _report(base, steps, requests, rounds, concurrency, direct_without_ray, naive, idle, rates, loaded, cache_rates,
+            cache_rows, repeat_share) -> dict:
+    """``direct_without_ray``: the direct call's p50 before Ray started."""
+    median = {n: statistics.median(values) for n, values in rates.items()}
     result = {
         "base": base, "steps": steps, "http_requests_per_scenario": requests, "http_rounds": rounds,
-        "http_concurrency": concurrency, "http_idle_p50_ms": round(idle_p50, 1),
-        **_overhead("beside_ray", idle_p50, beside), **_overhead("without_ray", idle_p50, without_ray),
-        "ray_idle_slows_direct_pct": round(100 * (beside - without_ray) / without_ray, 1),
+        "http_concurrency": concurrency, **_idle_overheads(idle, direct_without_ray),
         **{f"http_{n}_images_per_s": round(median[n], 3) for n in SCENARIOS},
         **{f"http_{n}_range": [round(min(rates[n]), 3), round(max(rates[n]), 3)] for n in SCENARIOS},
-        "http_1_to_0": round(median[1] / median[0], 3), "http_100_to_0": round(median[100] / median[0], 3),
+        "http_1_to_0": _ratio_within_rounds(rates[1], rates[0]),
+        "http_10_to_0": _ratio_within_rounds(rates[10], rates[0]),
+        "http_100_to_0": _ratio_within_rounds(rates[100], rates[0]),
         "naive_100_images_per_s_in_process": round(naive, 3),
         "http_100_over_naive": round(median[100] / naive, 2),
         "breakdown_idle_ms": _breakdown(idle),

@@ -146,7 +146,7 @@ def bench_overhead(base: str, steps: int, repeats: int, workdir: Path, ingress: 
 
 
 def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, sections: list[str],
-                    rounds: int = 3, ingress: str = DEFAULT_INGRESS.value) -> list[dict]:
+                    rounds: int = 3, ingress: str = DEFAULT_INGRESS.value, idle_pairs: int = 24) -> list[dict]:
     from .throughput_bench import bench_throughput
 
     results = []
@@ -161,7 +161,8 @@ def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, s
             if "http" in sections:
                 from .http_bench import bench_http
 
-                row.update(bench_http(base, steps, requests, rounds, Path(tmp) / "http" / base, ingress=ingress))
+                row.update(bench_http(base, steps, requests, rounds, Path(tmp) / "http" / base, ingress=ingress,
+                                      idle_pairs=idle_pairs))
             results.append(row)
             print(json.dumps(row), flush=True)  # each base as soon as it is done
     return results
@@ -172,7 +173,7 @@ def cmd_bench_serve(args) -> int:
 
     sections = ["http"] if args.http and args.sections is None else (args.sections or "overhead,throughput").split(",")
     results = run_serve_bench(args.bases.split(","), args.steps, args.requests, args.repeats, sections, args.rounds,
-                              args.ingress)
+                              args.ingress, args.idle_pairs)
     return emit(results, transpose=True)
 
 
@@ -189,4 +190,7 @@ def add_arguments(parser) -> None:
                         "(benchmarks/http_bench.py)")
     parser.add_argument("--ingress", choices=INGRESSES, default=DEFAULT_INGRESS.value,
                         help="how HTTP reaches the gateway on the started server (serve setting ingress)")
+    parser.add_argument("--idle-pairs", type=positive_int, default=24,
+                        help="http: idle requests, each paired with a direct pipeline call (the overhead is their "
+                             "median difference)")
     parser.set_defaults(handler=cmd_bench_serve)
