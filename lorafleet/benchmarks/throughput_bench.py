@@ -238,6 +238,7 @@ def _pass_costs(setup: _Setup, batch: int, repeats: int) -> dict:
         return run
 
     plain, fusing, updates_only = engine(), engine(fuse_after=1), engine(row_weights_bytes=0)
+    injected = engine(fuse_after=1)
     all_different = lambda r: requests([(r * batch + i) % len(adapters) for i in range(batch)])  # noqa: E731
     cold = iter(range(batch, len(adapters)))
     modes = {
@@ -247,6 +248,8 @@ def _pass_costs(setup: _Setup, batch: int, repeats: int) -> dict:
         "routed_one_adapter": runs(plain, lambda _: requests([next(cold)] * batch), "mixed"),
         "peft_layers_one_adapter": _peft_layers_pass(setup, batch),
         "fused_one_adapter": runs(fusing, lambda _: requests([0] * batch), "fused"),
+        # the warm-up fuses adapter 0 (its peft layers stay injected); then passes with no adapter
+        "base_peft_layers_injected": runs(injected, lambda r: requests([None if r else 0] * batch), "base"),
     }
     for run in modes.values():  # warm-up; the process's first passes run slower
         run(0, warm_up=True), run(0, warm_up=True)

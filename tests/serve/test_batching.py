@@ -207,8 +207,7 @@ def test_the_oldest_request_is_always_in_the_next_pass():
 
 
 def test_the_batching_window_applies_only_while_the_replica_is_busy():
-    """A request reaching an idle replica starts at once; right after a pass, a request waits up to
-    ``wait_ms`` for others to share its pass."""
+    """A request reaching an idle replica starts at once."""
     import time
 
     def run(requests, between_steps):
@@ -217,18 +216,69 @@ def test_the_batching_window_applies_only_while_the_replica_is_busy():
 
     scheduler = BatchScheduler(run, max_batch_images=8, wait_ms=400)
     try:
-        started = time.perf_counter()
-        assert scheduler.submit("k", 1).result() == 1
-        assert time.perf_counter() - started < 0.3  # no 400 ms window at idle
-        first = scheduler.submit("k", 1)  # a pass ended just now: the replica counts as busy
-        time.sleep(0.1)
-        second = scheduler.submit("k", 1)
-        assert first.result() == 2 and second.result() == 2  # the window let them share a pass
-        time.sleep(0.5)  # idle again
-        started = time.perf_counter()
-        assert scheduler.submit("k", 1).result() == 1 and time.perf_counter() - started < 0.3
+        for _ in range(2):
+            started = time.perf_counter()
+            assert scheduler.submit("k", 1).result() == 1
+            assert time.perf_counter() - started < 0.3  # no 400 ms window at idle
+            time.sleep(0.5)  # idle again
     finally:
         scheduler.close()
+
+
+def _closed_loop(scheduler, clients: int, requests: int, think_s: float) -> None:
+    """``clients`` callers, each sending its next request ``think_s`` after its last answer."""
+    import time
+
+    def client(_):
+        for _ in range(requests):
+            scheduler.submit("k", 1).result(timeout=30)
+            time.sleep(think_s)
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+
+
+def test_a_sequential_caller_never_waits_for_the_window():
+    """Its request after a pass is the only one that pass's callers will send: nothing to wait for."""
+    import time
+
+    starts = []
+
+    def run(requests, between_steps):
+        starts.append(time.monotonic())
+        time.sleep(0.05)
+        return requests
+
+    scheduler = BatchScheduler(run, max_batch_images=8, wait_ms=1000)
+    try:
+        started = time.monotonic()
+        _closed_loop(scheduler, clients=1, requests=4, think_s=0.02)
+        assert time.monotonic() - started < 0.9  # 4 x (50 + 20) ms; a waited window would be 1 s each
+    finally:
+        scheduler.close()
+
+
+def test_after_a_pass_the_window_waits_for_its_callers_to_come_back():
+    """Closed-loop callers come back a round trip after their answers: the next pass waits for them
+    (up to ``wait_ms``) instead of starting with whoever came back first and leaving the rest for a
+    pass of their own, and starts as soon as they are all there, not at the end of the window."""
+    import time
+
+    passes = []
+
+    def run(requests, between_steps):
+        passes.append((time.monotonic(), len(requests)))
+        time.sleep(0.05)
+        return requests
+
+    scheduler = BatchScheduler(run, max_batch_images=8, wait_ms=1000)
+    try:
+        _closed_loop(scheduler, clients=4, requests=5, think_s=0.03)
+    finally:
+        scheduler.close()
+    sizes = [size for _, size in passes]
+    assert sizes[:5] == [1, 4, 4, 4, 4], sizes  # an idle start, then every caller in each pass
+    assert passes[4][0] - passes[1][0] < 0.9, passes  # three rounds of 50 + 30 ms, not three windows
 
 
 def test_a_failing_pass_fails_only_its_own_requests():
