@@ -10,7 +10,8 @@ Right after a pass (within ``wait_ms`` of its end) the next one of the same key 
 ``wait_ms``, for as many images as that pass held plus those of its key already waiting then
 (the batch's cap at most):
 callers answered by a pass tend to come back a round trip later (HTTP, the gateway, Ray), and a
-pass that started without them left them a pass of their own. Measured through HTTP on
+pass that started without them left them a pass of their own (a tenant that waited out another's
+pass does not wait for that tenant's callers: they would not share its pass). Measured through HTTP on
 `small` with 8 closed-loop clients and a 5 ms window that did not wait for them: passes settled
 into 1 image, then 7, for good. A caller that sends one request at a time never waits: its pass
 held one image, and its next request is that one.
@@ -122,7 +123,7 @@ class BatchScheduler(Generic[R, T]):
             if not self._queue:
                 return None
             busy = time.monotonic() - self._last_pass_end < self.wait_s
-            if busy and not isinstance(self._queue[0].request, _Call):
+            if busy and not isinstance(self._queue[0].request, _Call) and not self._waited_out(self._queue[0]):
                 deadline = time.monotonic() + self.wait_s
                 key, expected = self._expected
                 while (self._queue[0].key == key and self._fill(key) < expected
@@ -130,13 +131,17 @@ class BatchScheduler(Generic[R, T]):
                     self._ready.wait(timeout=max(0.0, deadline - time.monotonic()))
             return self._take()
 
+    def _waited_out(self, item: _Waiting[R, T]) -> bool:
+        """Whether ``item``'s lane waited out the last pass (it had none of its requests)."""
+        return bool(item.lane) and item.lane not in self._pass_lanes
+
     def _fill(self, key: Hashable) -> int:
         return sum(item.images for item in self._queue if item.key == key)
 
     def _take(self) -> list[_Waiting[R, T]]:
         head = self._queue[0]
         # A lane that waited out another's pass gets a pass without that lane's requests.
-        behind = self._pass_lanes if head.lane and head.lane not in self._pass_lanes else set()
+        behind = self._pass_lanes if self._waited_out(head) else set()
         batch, images = [], 0
         for item in list(self._queue):
             if item.key != head.key or isinstance(item.request, _Call) or item.lane in behind:

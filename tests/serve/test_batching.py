@@ -281,6 +281,27 @@ def test_after_a_pass_the_window_waits_for_its_callers_to_come_back():
     assert passes[4][0] - passes[1][0] < 0.9, passes  # three rounds of 50 + 30 ms, not three windows
 
 
+def test_a_tenant_that_waited_out_another_s_pass_does_not_wait_for_its_callers():
+    """Tenant b waited out a's pass; a's callers, when they come back, would not share b's pass
+    (a lane that waited out another's pass gets one without it), so b's pass starts at once."""
+    import time
+
+    def run(requests, between_steps):
+        time.sleep(0.1)
+        return requests
+
+    scheduler = BatchScheduler(run, max_batch_images=8, wait_ms=1000)
+    try:
+        first = scheduler.submit("k", "a1", lane="a")
+        time.sleep(0.03)  # a1's pass is under way
+        started = time.monotonic()
+        assert scheduler.submit("k", "b1", lane="b").result(timeout=30) == "b1"
+        assert time.monotonic() - started < 0.6  # the rest of a's pass and its own, not a 1 s window
+        assert first.result() == "a1"
+    finally:
+        scheduler.close()
+
+
 def test_a_failing_pass_fails_only_its_own_requests():
     def run_batch(requests, between_steps):
         if "bad" in requests:
