@@ -8,13 +8,12 @@ arrive during a pass form the next one. A request reaching an idle replica start
 (measured: a window for everyone was 5.5 ms of a 200 ms idle request on `tiny` through HTTP).
 Right after a pass (within ``wait_ms`` of its end) the next one of the same key waits, up to
 ``wait_ms``, for as many images as that pass held plus those of its key already waiting then
-(the batch's cap at most):
-callers answered by a pass tend to come back a round trip later (HTTP, the gateway, Ray), and a
-pass that started without them left them a pass of their own (a tenant that waited out another's
-pass does not wait for that tenant's callers: they would not share its pass). Measured through HTTP on
-`small` with 8 closed-loop clients and a 5 ms window that did not wait for them: passes settled
-into 1 image, then 7, for good. A caller that sends one request at a time never waits: its pass
-held one image, and its next request is that one.
+(the batch's cap at most): callers answered by a pass tend to come back a round trip later
+(HTTP, the gateway, Ray), and a pass that started without them left them a pass of their own.
+Measured through HTTP on `small` with 8 closed-loop clients and a 5 ms window that did not wait
+for them: passes settled into 1 image, then 7, for good. A caller that sends one request at a
+time never waits (its pass held one image, and its next request is that one), nor does a tenant
+that waited out another's pass (that tenant's callers would not share its pass).
 
 Fairness: the oldest request is always in the next pass, whatever its adapter, so a request
 waits for at most as many passes as there are requests ahead of it: a hot adapter cannot
