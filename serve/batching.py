@@ -11,7 +11,9 @@ Right after a pass (within ``wait_ms`` of its end) the next one of the same key 
 (the batch's cap at most): callers answered by a pass tend to come back a round trip later
 (HTTP, the gateway, Ray), and a pass that started without them left them a pass of their own.
 Measured through HTTP on `small` with 8 closed-loop clients and a 5 ms window that did not wait
-for them: passes settled into 1 image, then 7, for good. A caller that sends one request at a
+for them: passes settled into 1 image, then 7, for good. A 50 ms window, shorter than the round
+trip of `tiny`'s callers under load with adapters, cost every pass the whole window and still
+left them behind (docs/benchmarks.md), so the default stays 5 ms. A caller that sends one request at a
 time never waits (its pass held one image, and its next request is that one), nor does a tenant
 that waited out another's pass (that tenant's callers would not share its pass).
 

@@ -100,7 +100,7 @@ class Batching(BaseModel):
     """How a replica groups concurrent requests into pipeline passes (serve/batching.py)."""
 
     max_batch_images: int = Field(8, ge=1, description="Most images in one pipeline pass.")
-    wait_ms: float = Field(50.0, ge=0, le=1000, description="How long, right after a pass, the next one waits for "
+    wait_ms: float = Field(5.0, ge=0, le=1000, description="How long, right after a pass, the next one waits for "
                            "that pass's callers to come back (serve/batching.py).")
     row_weights_bytes: int | None = Field(None, ge=0, description="Memory for per-image merged weights of small "
                                           "layers in a mixed pass (default: 64 MiB on CPU, 0 on CUDA).")
