@@ -7,9 +7,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
+from helpers import assert_same_model
 
 from lorafleet.bases import base_spec, export_base, load_base
 from lorafleet.errors import BaseModelError
@@ -44,7 +44,7 @@ def test_exported_tiny_loads_in_plain_diffusers_with_the_same_fingerprint(tmp_pa
         return p("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
                  output_type="np").images[0]
 
-    assert np.array_equal(image(pipe), image(exported.pipeline))
+    assert_same_model(pipe, exported.pipeline, image(pipe), image(exported.pipeline))
 
 
 def test_export_refuses_a_non_empty_destination(tmp_path):
