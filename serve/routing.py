@@ -9,11 +9,14 @@ one row. Here every routed Linear layer computes, per row,
 where ``A[row]`` stacks the down-projections of that row's adapters along the rank axis and
 ``B[row]`` their up-projections scaled by ``weight * alpha / rank``, zero-padded to the batch's
 largest total rank (zeros add nothing, so padding is exact); a row with no adapter gets zeros.
-For the length of a batch each routed layer's forward is replaced; a call runs in one of two
-forms, chosen by its shape:
+For the length of a batch each routed layer's forward is replaced; a call runs in one of three
+forms, chosen by the pass's adapters and the call's shape:
 
 - update: the base product plus two batched products, whatever the number of distinct
   adapters. Costs ``R * (in + out)`` per token.
+- merged: when every image of the pass has the same weighted set, ``W + B A`` merged once per
+  pass, then the plain product: each step costs what the base product costs. ``in * out`` of
+  memory, from the same budget as row weights.
 - row weights: ``W + B[row] A[row]`` merged once per pass, then one batched product with
   per-row weights in place of the base one: no extra work per step, but ``rows * in * out`` of
   memory. Chosen while the pass's ``row_weights_bytes`` lasts, for a layer whose per-row weights
@@ -151,12 +154,14 @@ class LoraRouter:
         """Within the block, row r of every routed layer uses image ``r % n``'s adapters."""
         layer_names = sorted({layer for image in images for adapter, _ in image for layer in adapter.layers})
         budget = _Budget(self.row_weights_bytes)
+        uniform = _one_set(images)
         routed: dict[str, _RoutedLinear] = {}
         self._routing.append(routed)
         try:
             for name in layer_names:
                 linear = self._module(name)
-                routed[name] = linear.forward = _RoutedLinear(linear, *stack_layer(name, images), budget)
+                stacks = stack_layer(name, images[:1] if uniform else images)
+                routed[name] = linear.forward = _RoutedLinear(linear, *stacks, budget, uniform)
             yield
         finally:
             for name in routed:
@@ -178,6 +183,14 @@ class LoraRouter:
                 self._module(name).forward = layer
 
 
+def _one_set(images: list[ImageAdapters]) -> bool:
+    """Whether every image has the same adapters with the same weights."""
+    first = images[0]
+    return all(len(image) == len(first) and all(adapter is other and weight == other_weight
+                                                for (adapter, weight), (other, other_weight) in zip(image, first))
+               for image in images[1:])
+
+
 class _Budget:
     def __init__(self, bytes_left: int):
         self.bytes_left = bytes_left
@@ -195,12 +208,18 @@ ROW_WEIGHTS_CACHE_BYTES = 1024**2  # per-row weights this small stay in a CPU co
 class _RoutedLinear:
     """One Linear layer's forward for the length of a batch, in either form (module docstring)."""
 
-    def __init__(self, linear: torch.nn.Linear, down: torch.Tensor, up: torch.Tensor, budget: _Budget):
+    def __init__(self, linear: torch.nn.Linear, down: torch.Tensor, up: torch.Tensor, budget: _Budget,
+                 uniform: bool = False):
+        """``uniform``: every image has the same set (``down`` and ``up`` may then hold one image)."""
         self.linear, self.budget = linear, budget
+        self.uniform = uniform
+        if uniform:
+            down, up = down[:1], up[:1]  # one image's stacks serve every row
         self.images = down.shape[0]
         self.down, self.up = down.transpose(1, 2), up.transpose(1, 2)  # [n, in, R], [n, R, out]
         self.calls: dict[tuple[int, int], Callable] = {}  # by (rows, tokens)
         self.weights_by_rows: dict[int, torch.Tensor] = {}
+        self.merged: torch.Tensor | None = None
         self.form: str | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,14 +241,37 @@ class _RoutedLinear:
         return small and self.budget.take(nbytes)
 
     def _prepare(self, rows: int, tokens: int) -> Callable:
-        weights = self.weights_by_rows.get(rows)  # merged once per row count, whatever the tokens
+        call = self._merged_call() if self.uniform else None
+        if call is None:
+            weights = self._row_weights(rows, tokens)
+            call = self._with_update(rows) if weights is None else self._with_row_weights(weights)
+        self.calls[rows, tokens] = call
+        return call
+
+    def _merged_call(self) -> Callable | None:
+        """The one set merged into the weight, once per pass (None: over the budget)."""
+        weight = self.linear.weight
+        if self.merged is None and self.budget.take(weight.numel() * weight.element_size()):
+            self.merged = torch.addmm(weight, self.up[0].T, self.down[0].T)  # W + B A: [out, in]
+        return None if self.merged is None else self._with_merged(self.merged)
+
+    def _row_weights(self, rows: int, tokens: int) -> torch.Tensor | None:
+        """Per-row merged weights, once per row count whatever the tokens (None: they do not pay)."""
+        weights = self.weights_by_rows.get(rows)
         if weights is None and self._row_weights_pay(rows, tokens):
             weight = self.linear.weight.t().unsqueeze(0).expand(rows, -1, -1)
             weights = self.weights_by_rows[rows] = torch.baddbmm(  # [rows, in, out]: W^T + A^T B^T per row
                 weight, self._repeat(self.down, rows), self._repeat(self.up, rows))
-        call = self._with_update(rows) if weights is None else self._with_row_weights(weights)
-        self.calls[rows, tokens] = call
-        return call
+        return weights
+
+    def _with_merged(self, merged: torch.Tensor) -> Callable:
+        bias = self.linear.bias
+
+        def with_merged(x, by_row):
+            self.form = "merged"
+            return torch.nn.functional.linear(x, merged, bias)
+
+        return with_merged
 
     def _with_row_weights(self, weights: torch.Tensor) -> Callable:
         bias = self.linear.bias

@@ -70,6 +70,21 @@ def test_a_mixed_batch_gives_each_request_the_images_it_gets_alone(adapter_regis
         assert np.abs(run_one(alone_engine, list(request.uses), request.job).images - batched.images).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("row_weights_bytes", list(FORMS), ids=["lora-updates", "merged"])
+def test_a_pass_whose_images_share_one_set_merges_it_once_and_gives_the_images_it_gets_alone(
+        adapter_registry, pulled_files, fetcher, row_weights_bytes):
+    """Every image with the same weighted set (composed here): each layer's set is merged into one
+    weight for the pass, whatever the rows, so each step costs what the base product costs."""
+    requests = [_request(fetcher, adapter_registry, [("style1", 0.7), ("style2", 0.4)], prompt=prompt, seeds=seeds)
+                for prompt, seeds in ((PROMPT, (4, 5)), ("a green star", (6,)))]
+    engine = _engine(row_weights_bytes=row_weights_bytes)
+    together = engine.run_batch(requests)
+    assert set(engine.router.last_forms.values()) == ({"update"} if row_weights_bytes == 0 else {"merged"})
+    assert {r.mode for r in together} == {"mixed"} and together[0].batch_images == 3
+    for request, batched in zip(requests, together):
+        assert np.abs(batched.images - _reference(request, pulled_files)).max() <= TOLERANCE
+
+
 def test_a_layer_takes_row_weights_only_where_they_pay_and_while_the_budget_lasts():
     from lorafleet.serve.routing import ROW_WEIGHTS_CACHE_BYTES, _Budget, _RoutedLinear
 
@@ -94,6 +109,21 @@ def test_a_layer_takes_row_weights_only_where_they_pay_and_while_the_budget_last
         x = torch.randn(rows, tokens, 256)
         with torch.no_grad():
             assert torch.allclose(routed(x), expected(x), atol=1e-4)
+        assert routed.form == form, (rows, tokens, budget)
+
+
+def test_a_layer_whose_images_share_their_adapters_takes_one_merged_weight_within_the_budget():
+    from lorafleet.serve.routing import _Budget, _RoutedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 256)
+    down, up = torch.randn(1, 4, 256).repeat(2, 1, 1), torch.randn(1, 256, 4).repeat(2, 1, 1)  # two images, one set
+    merged_bytes = 256 * 256 * 4
+    for rows, tokens, budget, form in [(8, 16, merged_bytes, "merged"), (8, 16, merged_bytes - 1, "update")]:
+        routed = _RoutedLinear(linear, down, up, _Budget(budget), uniform=True)
+        x = torch.randn(rows, tokens, 256)
+        with torch.no_grad():
+            assert torch.allclose(routed(x), linear(x) + x @ down[0].T @ up[0].T, atol=1e-4)
         assert routed.form == form, (rows, tokens, budget)
 
 
@@ -277,7 +307,8 @@ def test_after_a_pass_the_window_waits_for_its_callers_to_come_back():
     finally:
         scheduler.close()
     sizes = [size for _, size in passes]
-    assert sizes[:5] == [1, 4, 4, 4, 4], sizes  # an idle start, then every caller in each pass
+    # an idle start with whoever is there (the callers' first requests race it), then every caller
+    assert sizes[1:5] == [4, 4, 4, 4] and sum(sizes) == 20, sizes
     assert passes[4][0] - passes[1][0] < 0.9, passes  # three rounds of 50 + 30 ms, not three windows
 
 
