@@ -119,8 +119,11 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
     server = _start(base, setup.registry_uri, workdir, max_batch_images=concurrency, ingress=ingress)
     try:
         traffic = _Traffic(server.url, steps, names)
-        for index in range(8):  # warm-up: the base, and adapters into the host tier
+        for index in range(8):  # warm-up: the base, and the first adapters, one request at a time
             traffic.one(None), traffic.one(index)
+        # every adapter in the host tier, as in the in-process bench: the scenarios measure traffic
+        # over adapters the replica holds, not their first fetch (the overhead section measures that)
+        traffic.burst([(index,) for index in range(len(names))], concurrency)
         idle = _idle_pairs(traffic, direct, idle_pairs)
         floor = measure_ray_floor(server.url)
         rates: dict[int, list[float]] = {n: [] for n in SCENARIOS}
