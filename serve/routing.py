@@ -213,8 +213,6 @@ class _RoutedLinear:
         """``uniform``: every image has the same set (``down`` and ``up`` may then hold one image)."""
         self.linear, self.budget = linear, budget
         self.uniform = uniform
-        if uniform:
-            down, up = down[:1], up[:1]  # one image's stacks serve every row
         self.images = down.shape[0]
         self.down, self.up = down.transpose(1, 2), up.transpose(1, 2)  # [n, in, R], [n, R, out]
         self.calls: dict[tuple[int, int], Callable] = {}  # by (rows, tokens)
