@@ -1,9 +1,11 @@
 """`lorafleet bench serve --http`: what a user meets, measured through the public HTTP API of a
 started server (Ray Serve: proxy, gateway, replica).
 
-- Throughput: concurrent clients, no adapter / one / 10 / 100 adapters, interleaved in rounds
-  (the order reversed every other round; medians and ranges, ratios to no adapter taken within
-  each round), beside the in-process naive diffusers loop over 100 adapters.
+- Throughput: concurrent clients, no adapter / one / 10 / 100 adapters, interleaved in rounds;
+  within a round every scenario runs in two halves, in an order and then its mirror (0 1 10 100
+  100 10 1 0), so that a drift in machine speed over the round costs every scenario alike
+  (medians and ranges, ratios to no adapter taken within each round), beside the in-process
+  naive diffusers loop over 100 adapters.
 - Where the time goes: each response's own ``timings.breakdown`` (checks, resolve, output cache,
   backend call, inside the replica, waiting for a pass, the pass, encoding) and the client's own
   total (its excess over the server's total is HTTP and the proxy), at idle and under load; the
@@ -62,11 +64,21 @@ class _Traffic:
         return {"client_ms": client_ms, "cache": response.headers.get("X-Cache"), **response.json()["timings"]}
 
     def burst(self, calls: list[tuple], concurrency: int) -> tuple[float, list[dict]]:
-        """(images/s, per-request timings) of ``calls`` sent by ``concurrency`` clients."""
+        """(seconds, per-request timings) of ``calls`` sent by ``concurrency`` clients."""
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             started = time.perf_counter()
             rows = list(pool.map(lambda call: self.one(*call), calls))
-            return len(calls) / (time.perf_counter() - started), rows
+            return time.perf_counter() - started, rows
+
+
+def round_bursts(scenarios: tuple[int, ...], requests: int, round_index: int) -> list[tuple[int, list[tuple]]]:
+    """One round's bursts, (scenario, calls): every scenario's ``requests`` in two halves, the
+    scenarios in an order and then its mirror (reversed every other round). A drift in machine
+    speed that is linear over the round then adds the same time to every scenario's two halves."""
+    order = scenarios if round_index % 2 == 0 else scenarios[::-1]
+    calls = {adapters: _scenario_calls(adapters, requests, round_index) for adapters in scenarios}
+    half = requests // 2
+    return [(n, calls[n][:half]) for n in order] + [(n, calls[n][half:]) for n in order[::-1]]
 
 
 def _scenario_calls(adapters: int, requests: int, seed: int) -> list[tuple]:
@@ -106,7 +118,7 @@ def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tup
 
 
 def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path, concurrency: int = 8,
-               ingress: str = DEFAULT_INGRESS.value, idle_pairs: int = 24) -> dict:
+               ingress: str = DEFAULT_INGRESS.value, idle_pairs: int = 40) -> dict:
     from .ray_floor import measure_ray_floor
     from .serve_bench import DirectCall
     from .throughput_bench import _naive_rate, _Setup, _traffic
@@ -131,14 +143,17 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
         cache_rates: dict[bool, list[float]] = {True: [], False: []}
         cache_rows: dict[bool, list[dict]] = {True: [], False: []}
         for round_index in range(rounds):
-            for adapters in SCENARIOS if round_index % 2 == 0 else SCENARIOS[::-1]:  # a drift moves all alike
-                rate, rows = traffic.burst(_scenario_calls(adapters, requests, round_index), concurrency)
-                rates[adapters].append(rate)
+            seconds = dict.fromkeys(SCENARIOS, 0.0)
+            for adapters, calls in round_bursts(SCENARIOS, requests, round_index):
+                elapsed, rows = traffic.burst(calls, concurrency)
+                seconds[adapters] += elapsed
                 loaded[adapters] += rows
+            for adapters, spent in seconds.items():
+                rates[adapters].append(requests / spent)
             calls, repeat_share = _zipf_calls(requests, 0.3, seed=round_index)
             for cached in (True, False):
-                rate, rows = traffic.burst([(*call, cached) for call in calls], concurrency)
-                cache_rates[cached].append(rate)
+                elapsed, rows = traffic.burst([(*call, cached) for call in calls], concurrency)
+                cache_rates[cached].append(len(calls) / elapsed)
                 cache_rows[cached] += rows
     finally:
         server.stop()

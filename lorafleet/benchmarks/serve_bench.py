@@ -146,7 +146,7 @@ def bench_overhead(base: str, steps: int, repeats: int, workdir: Path, ingress: 
 
 
 def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, sections: list[str],
-                    rounds: int = 3, ingress: str = DEFAULT_INGRESS.value, idle_pairs: int = 24) -> list[dict]:
+                    rounds: int = 3, ingress: str = DEFAULT_INGRESS.value, idle_pairs: int = 40) -> list[dict]:
     from .throughput_bench import bench_throughput
 
     results = []
@@ -190,7 +190,7 @@ def add_arguments(parser) -> None:
                         "(benchmarks/http_bench.py)")
     parser.add_argument("--ingress", choices=INGRESSES, default=DEFAULT_INGRESS.value,
                         help="how HTTP reaches the gateway on the started server (serve setting ingress)")
-    parser.add_argument("--idle-pairs", type=positive_int, default=24,
+    parser.add_argument("--idle-pairs", type=positive_int, default=40,
                         help="http: idle requests, each paired with a direct pipeline call (the overhead is their "
                              "median difference)")
     parser.set_defaults(handler=cmd_bench_serve)
