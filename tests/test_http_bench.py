@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from lorafleet.benchmarks.http_bench import (
+    SCENARIOS,
+    Scenario,
     _breakdown,
     _idle_overheads,
     _ratio_within_rounds,
+    _ratios_to_none,
     _scenario_calls,
     _zipf_calls,
     round_bursts,
@@ -44,30 +47,39 @@ def test_throughput_ratios_are_taken_within_rounds():
     is 0.95, 0.95, 0.84, so 0.95; the ratio of the medians over rounds (8.0 / 9.5) would say 0.84."""
     assert _ratio_within_rounds([9.5, 6.65, 8.0], [10.0, 7.0, 9.5]) == 0.95
     assert _ratio_within_rounds([10.0, 7.0], [10.0, 7.0]) == 1.0
+    assert _ratios_to_none({"0": [10.0, 7.0, 9.5], "100": [9.5, 6.65, 8.0]}) == {
+        "http_100_to_0": 0.95, "http_100_to_0_rounds": [0.95, 0.95, 0.842]}
 
 
-def _seconds_per_scenario(bursts, drift: float) -> dict[int, float]:
+def _seconds_per_scenario(bursts, drift: float) -> dict[str, float]:
     """A machine that slows steadily: the k-th request of the round takes 1 + drift * k seconds,
     whatever its scenario (every scenario costs the same)."""
     seconds, sent = {}, 0
-    for adapters, calls in bursts:
+    for label, calls in bursts:
         for _ in calls:
-            seconds[adapters] = seconds.get(adapters, 0.0) + 1 + drift * sent
+            seconds[label] = seconds.get(label, 0.0) + 1 + drift * sent
             sent += 1
     return seconds
 
 
 def test_a_round_mirrors_its_halves_so_a_steady_drift_costs_every_scenario_alike():
-    scenarios = (0, 1, 10, 100)
-    for round_index, order in ((0, [0, 1, 10, 100, 100, 10, 1, 0]), (1, [100, 10, 1, 0, 0, 1, 10, 100])):
+    scenarios = (Scenario("0", 0), Scenario("1", 1), Scenario("100", 100))
+    for round_index, order in ((0, ["0", "1", "100", "100", "1", "0"]), (1, ["100", "1", "0", "0", "1", "100"])):
         bursts = round_bursts(scenarios, 64, round_index)
-        assert [adapters for adapters, _ in bursts] == order
-        for adapters in scenarios:  # each scenario sends its own traffic, once, in two halves
-            halves = [calls for n, calls in bursts if n == adapters]
+        assert [label for label, _ in bursts] == order
+        for scenario in scenarios:  # each scenario sends its own traffic, once, in two halves
+            halves = [calls for label, calls in bursts if label == scenario.label]
             assert [len(calls) for calls in halves] == [32, 32]
-            assert halves[0] + halves[1] == _scenario_calls(adapters, 64, round_index)
+            assert halves[0] + halves[1] == _scenario_calls(scenario.adapters, 64, round_index)
         seconds = _seconds_per_scenario(bursts, drift=0.001)
         assert max(seconds.values()) - min(seconds.values()) < 1e-9
-    one_after_another = [(adapters, _scenario_calls(adapters, 64, 0)) for adapters in scenarios]
+    one_after_another = [(s.label, _scenario_calls(s.adapters, 64, 0)) for s in scenarios]
     seconds = _seconds_per_scenario(one_after_another, drift=0.001)
-    assert seconds[0] / seconds[100] < 0.9  # the former order: 100 adapters at 0.84x none, all drift
+    assert seconds["0"] / seconds["100"] < 0.9  # the former order: 100 adapters at 0.89x none, all drift
+
+
+def test_no_adapter_runs_twice_per_round_as_the_bench_own_noise():
+    labels = [label for label, _ in round_bursts(SCENARIOS, 8, 0)]
+    assert labels.count("0") == labels.count("0_again") == 2
+    control = next(s for s in SCENARIOS if s.label == "0_again")
+    assert control.adapters == 0 and _scenario_calls(0, 8, 0) == [(None,)] * 8

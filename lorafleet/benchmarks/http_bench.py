@@ -4,8 +4,9 @@ started server (Ray Serve: proxy, gateway, replica).
 - Throughput: concurrent clients, no adapter / one / 10 / 100 adapters, interleaved in rounds;
   within a round every scenario runs in two halves, in an order and then its mirror (0 1 10 100
   100 10 1 0), so that a drift in machine speed over the round costs every scenario alike
-  (medians and ranges, ratios to no adapter taken within each round), beside the in-process
-  naive diffusers loop over 100 adapters.
+  (medians and ranges, ratios to no adapter taken within each round, and every round's), beside
+  the in-process naive diffusers loop over 100 adapters. No adapter runs twice per round, at two
+  places: the ratio of the two is the bench's own noise in that run.
 - Where the time goes: each response's own ``timings.breakdown`` (checks, resolve, output cache,
   backend call, inside the replica, waiting for a pass, the pass, encoding) and the client's own
   total (its excess over the server's total is HTTP and the proxy), at idle and under load; the
@@ -25,11 +26,21 @@ import random
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.serve.ingress import DEFAULT_INGRESS
 
-SCENARIOS = (0, 1, 10, 100)
+
+@dataclass(frozen=True)
+class Scenario:
+    label: str
+    adapters: int  # distinct adapters in the traffic (0: none)
+
+
+# "0_again" is no adapter once more, at another place in the round: its ratio to "0" is the
+# bench's own noise in that run (an A/A comparison), beside which the adapters' ratios are read.
+SCENARIOS = (Scenario("0", 0), Scenario("1", 1), Scenario("10", 10), Scenario("100", 100), Scenario("0_again", 0))
 PROMPT = "a red circle on the left"
 
 
@@ -71,14 +82,14 @@ class _Traffic:
             return time.perf_counter() - started, rows
 
 
-def round_bursts(scenarios: tuple[int, ...], requests: int, round_index: int) -> list[tuple[int, list[tuple]]]:
-    """One round's bursts, (scenario, calls): every scenario's ``requests`` in two halves, the
+def round_bursts(scenarios: tuple[Scenario, ...], requests: int, round_index: int) -> list[tuple[str, list[tuple]]]:
+    """One round's bursts, (label, calls): every scenario's ``requests`` in two halves, the
     scenarios in an order and then its mirror (reversed every other round). A drift in machine
     speed that is linear over the round then adds the same time to every scenario's two halves."""
     order = scenarios if round_index % 2 == 0 else scenarios[::-1]
-    calls = {adapters: _scenario_calls(adapters, requests, round_index) for adapters in scenarios}
+    calls = {s.label: _scenario_calls(s.adapters, requests, round_index) for s in scenarios}
     half = requests // 2
-    return [(n, calls[n][:half]) for n in order] + [(n, calls[n][half:]) for n in order[::-1]]
+    return [(s.label, calls[s.label][:half]) for s in order] + [(s.label, calls[s.label][half:]) for s in order[::-1]]
 
 
 def _scenario_calls(adapters: int, requests: int, seed: int) -> list[tuple]:
@@ -123,7 +134,7 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
     from .serve_bench import DirectCall
     from .throughput_bench import _naive_rate, _Setup, _traffic
 
-    setup = _Setup(base, max(SCENARIOS), steps, workdir)
+    setup = _Setup(base, max(s.adapters for s in SCENARIOS), steps, workdir)
     names = [f"{manifest.name}@{manifest.version}" for manifest in setup.manifests]
     direct = DirectCall(base, steps)
     direct_without_ray = direct.median_ms(5)
@@ -138,18 +149,18 @@ def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path,
         traffic.burst([(index,) for index in range(len(names))], concurrency)
         idle = _idle_pairs(traffic, direct, idle_pairs)
         floor = measure_ray_floor(server.url)
-        rates: dict[int, list[float]] = {n: [] for n in SCENARIOS}
-        loaded: dict[int, list[dict]] = {n: [] for n in SCENARIOS}
+        rates: dict[str, list[float]] = {s.label: [] for s in SCENARIOS}
+        loaded: dict[str, list[dict]] = {s.label: [] for s in SCENARIOS}
         cache_rates: dict[bool, list[float]] = {True: [], False: []}
         cache_rows: dict[bool, list[dict]] = {True: [], False: []}
         for round_index in range(rounds):
-            seconds = dict.fromkeys(SCENARIOS, 0.0)
-            for adapters, calls in round_bursts(SCENARIOS, requests, round_index):
+            seconds = dict.fromkeys(rates, 0.0)
+            for label, calls in round_bursts(SCENARIOS, requests, round_index):
                 elapsed, rows = traffic.burst(calls, concurrency)
-                seconds[adapters] += elapsed
-                loaded[adapters] += rows
-            for adapters, spent in seconds.items():
-                rates[adapters].append(requests / spent)
+                seconds[label] += elapsed
+                loaded[label] += rows
+            for label, spent in seconds.items():
+                rates[label].append(requests / spent)
             calls, repeat_share = _zipf_calls(requests, 0.3, seed=round_index)
             for cached in (True, False):
                 elapsed, rows = traffic.burst([(*call, cached) for call in calls], concurrency)
@@ -195,7 +206,20 @@ def _idle_overheads(idle: list[dict], without_ray: float) -> dict:
 
 def _ratio_within_rounds(rates: list[float], references: list[float]) -> float:
     """The median over rounds of each round's ratio: the machine's speed drifts between rounds."""
-    return round(statistics.median(rate / reference for rate, reference in zip(rates, references)), 3)
+    return round(statistics.median(_round_ratios(rates, references)), 3)
+
+
+def _round_ratios(rates: list[float], references: list[float]) -> list[float]:
+    return [round(rate / reference, 3) for rate, reference in zip(rates, references)]
+
+
+def _ratios_to_none(rates: dict[str, list[float]]) -> dict:
+    """Each scenario's ratio to no adapter (median over rounds, and every round's)."""
+    out = {}
+    for label in rates.keys() - {"0"}:
+        out[f"http_{label}_to_0"] = _ratio_within_rounds(rates[label], rates["0"])
+        out[f"http_{label}_to_0_rounds"] = _round_ratios(rates[label], rates["0"])
+    return dict(sorted(out.items()))
 
 
 def _report(base, steps, requests, rounds, concurrency, direct_without_ray, naive, idle, rates, loaded, cache_rates,
@@ -205,15 +229,13 @@ def _report(base, steps, requests, rounds, concurrency, direct_without_ray, naiv
     result = {
         "base": base, "steps": steps, "http_requests_per_scenario": requests, "http_rounds": rounds,
         "http_concurrency": concurrency, **_idle_overheads(idle, direct_without_ray),
-        **{f"http_{n}_images_per_s": round(median[n], 3) for n in SCENARIOS},
-        **{f"http_{n}_range": [round(min(rates[n]), 3), round(max(rates[n]), 3)] for n in SCENARIOS},
-        "http_1_to_0": _ratio_within_rounds(rates[1], rates[0]),
-        "http_10_to_0": _ratio_within_rounds(rates[10], rates[0]),
-        "http_100_to_0": _ratio_within_rounds(rates[100], rates[0]),
+        **{f"http_{label}_images_per_s": round(median[label], 3) for label in rates},
+        **{f"http_{label}_range": [round(min(rates[label]), 3), round(max(rates[label]), 3)] for label in rates},
+        **_ratios_to_none(rates),
         "naive_100_images_per_s_in_process": round(naive, 3),
-        "http_100_over_naive": round(median[100] / naive, 2),
+        "http_100_over_naive": round(median["100"] / naive, 2),
         "breakdown_idle_ms": _breakdown(idle),
-        "breakdown_loaded_100_ms": _breakdown(loaded[100]),
+        "breakdown_loaded_100_ms": _breakdown(loaded["100"]),
         "cache_repeat_share": round(repeat_share, 3),
     }
     for cached in (True, False):
