@@ -20,6 +20,7 @@ from lorafleet.training.service.scheduler import TrainingService
 from .api import create_api
 from .auth import TokenTable
 from .backends import LocalGeneratorBackend, RayGeneratorBackend
+from .heap import freeze_start_up_heap
 from .ingress import ingress_in_force
 from .replica import GenerationTask, GeneratorReplica
 from .service import GenerationService
@@ -56,6 +57,7 @@ class GeneratorDeployment:
 
     def __init__(self, settings: dict):
         self.replica = GeneratorReplica(ServeSettings(**settings))
+        freeze_start_up_heap()
 
     @serve.multiplexed(max_num_models_per_replica=MULTIPLEX_SLOTS)
     async def adapter_set(self, set_id: str) -> str:
@@ -82,6 +84,7 @@ class GatewayDeployment:
             logger.warning("ingress %s is set, but this Ray cluster was started with %s: set its environment "
                            "(lorafleet.serve.ingress.ray_serve_environment) where Ray starts",
                            self.settings.ingress.value, in_force.value)
+        freeze_start_up_heap()
 
     def __serve_build_asgi_app__(self):
         return create_api(self.service, TokenTable.from_settings(self.settings),

@@ -18,6 +18,7 @@ from lorafleet.local_cluster import free_port, secure_local_ray
 
 from .app import APP_NAME, build_app
 from .errors import ServiceUnavailable
+from .heap import freeze_start_up_heap
 from .ingress import HAPROXY_METRICS_PORT, HAPROXY_STATS_PORT, ray_serve_environment
 from .settings import ServeSettings
 
@@ -114,6 +115,7 @@ def serve_in_process(settings: ServeSettings) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, _ = create_local_app(settings)
+    freeze_start_up_heap()
     print(f"lorafleet is serving base {settings.base!r} at http://{settings.host}:{settings.port} "
           "(in-process, no Ray); Ctrl-C stops it", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
