@@ -11,9 +11,13 @@ Right after a pass (within ``wait_ms`` of its end) the next one of the same key 
 (the batch's cap at most): callers answered by a pass tend to come back a round trip later
 (HTTP, the gateway, Ray), and a pass that started without them left them a pass of their own.
 Measured through HTTP on `small` with 8 closed-loop clients and a 5 ms window that did not wait
-for them: passes settled into 1 image, then 7, for good. A 50 ms window, shorter than the round
-trip of `tiny`'s callers under load with adapters, cost every pass the whole window and still
-left them behind (docs/benchmarks.md), so the default stays 5 ms. A caller that sends one request at a
+for them: passes settled into 1 image, then 7, for good. A fixed 50 ms window, shorter than the
+round trip of `tiny`'s callers under load with adapters, cost every pass the whole window and still
+left them behind (docs/benchmarks.md). The round trip grows with the pass (both share the CPU, and
+the callers' answers leave when it ends), so the window is the longer of ``wait_ms`` and
+``wait_pass_share`` of the pass that just ended, counted from its end: 50 ms after a 250 ms pass.
+On `tiny` through HTTP (callers back 35-70 ms after a pass) that turned passes of 1 and 7 images
+into passes of 8, and 13-16 images/s into 22-23. A caller that sends one request at a
 time never waits (its pass held one image, and its next request is that one), nor does a tenant
 that waited out another's pass (that tenant's callers would not share its pass).
 
@@ -72,10 +76,12 @@ class BatchScheduler(Generic[R, T]):
 
     def __init__(self, run_batch: Callable[[list[R], Callable[[], None] | None], list[T]],
                  max_batch_images: int = 8, wait_ms: float = 0.0, name: str = "lorafleet-pipeline",
-                 host: Callable[[], BetweenSteps[R, T]] | None = None):
+                 host: Callable[[], BetweenSteps[R, T]] | None = None, wait_pass_share: float = 0.0):
         self.run_batch = run_batch
         self.max_batch_images = max_batch_images
         self.wait_s = wait_ms / 1000
+        self.wait_pass_share = wait_pass_share
+        self._last_pass_s = 0.0  # how long the last pass took
         self.host = host
         self._queue: list[_Waiting[R, T]] = []
         self._pass_lanes: set[str] = set()  # lanes in the pass under way
@@ -123,14 +129,20 @@ class BatchScheduler(Generic[R, T]):
                 self._ready.wait()
             if not self._queue:
                 return None
-            busy = time.monotonic() - self._last_pass_end < self.wait_s
+            window = self._window_s()
+            busy = time.monotonic() - self._last_pass_end < window
             if busy and not isinstance(self._queue[0].request, _Call) and not self._waited_out(self._queue[0]):
-                deadline = time.monotonic() + self.wait_s
+                deadline = self._last_pass_end + window
                 key, expected = self._expected
                 while (self._queue[0].key == key and self._fill(key) < expected
                        and time.monotonic() < deadline):
                     self._ready.wait(timeout=max(0.0, deadline - time.monotonic()))
             return self._take()
+
+    def _window_s(self) -> float:
+        """How long after a pass its callers are waited for: ``wait_ms``, or the share of that
+        pass's own time if longer (a caller left behind waits a whole pass)."""
+        return max(self.wait_s, self.wait_pass_share * self._last_pass_s)
 
     def _waited_out(self, item: _Waiting[R, T]) -> bool:
         """Whether ``item``'s lane waited out the last pass (it had none of its requests)."""
@@ -173,6 +185,7 @@ class BatchScheduler(Generic[R, T]):
                     self._pass_started, self._cut_in_s = time.monotonic(), 0.0
                 between = self._between_steps if self.host is not None else None
                 self._settle(live, functools.partial(self.run_batch, [item.request for item in live], between))
+                self._last_pass_s = time.monotonic() - self._pass_started
             with self._ready:
                 answered = sum(item.images for item in live)
                 self._expected = (live[0].key, min(self.max_batch_images, answered + self._fill(live[0].key)))

@@ -95,7 +95,8 @@ class GeneratorReplica:
         # Without tenants nothing cuts in: no host, so passes skip the check at every step boundary.
         host = (lambda: self.engine) if settings.cut_in_places else None
         self.scheduler = BatchScheduler(lambda requests, between_steps: self.engine.run_batch(requests, between_steps),
-                                        settings.batching.max_batch_images, settings.batching.wait_ms, host=host)
+                                        settings.batching.max_batch_images, settings.batching.wait_ms, host=host,
+                                        wait_pass_share=settings.batching.wait_pass_share)
         self.scheduler.call(self._load_pipeline)
         self.prewarmed = self._prewarm()  # before the replica is ready (Ray routes to it once built)
         self._pins_stop = threading.Event()

@@ -102,6 +102,8 @@ class Batching(BaseModel):
     max_batch_images: int = Field(8, ge=1, description="Most images in one pipeline pass.")
     wait_ms: float = Field(5.0, ge=0, le=1000, description="How long, right after a pass, the next one waits for "
                            "that pass's callers to come back (serve/batching.py).")
+    wait_pass_share: float = Field(0.2, ge=0, le=1, description="Or, if longer, this share of that pass's own "
+                                   "time: a caller back later than the window waits a whole pass (0: wait_ms only).")
     row_weights_bytes: int | None = Field(None, ge=0, description="Memory for per-image merged weights of small "
                                           "layers in a mixed pass (default: 64 MiB on CPU, 0 on CUDA).")
 
