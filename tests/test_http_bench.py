@@ -7,6 +7,7 @@ from lorafleet.benchmarks.http_bench import (
     Scenario,
     _breakdown,
     _idle_overheads,
+    _images_per_pass,
     _ratio_within_rounds,
     _ratios_to_none,
     _scenario_calls,
@@ -83,3 +84,10 @@ def test_no_adapter_runs_twice_per_round_as_the_bench_own_noise():
     assert labels.count("0") == labels.count("0_again") == 2
     control = next(s for s in SCENARIOS if s.label == "0_again")
     assert control.adapters == 0 and _scenario_calls(0, 8, 0) == [(None,)] * 8
+
+
+def test_images_per_pass_counts_passes_not_requests():
+    """Passes of 1 and 7 images, alternately: 4 per pass (the requests' own mean would say 6.25)."""
+    rows = [{"batch_images": 1}] + [{"batch_images": 7}] * 7
+    assert _images_per_pass(rows * 8) == 4.0
+    assert _images_per_pass([{"batch_images": 8}] * 64) == 8.0

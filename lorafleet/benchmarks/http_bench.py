@@ -114,6 +114,12 @@ def _breakdown(rows: list[dict]) -> dict:
     return out
 
 
+def _images_per_pass(rows: list[dict]) -> float:
+    """Mean images per pass, from one-image requests that each report their pass's size: a pass
+    of b images is b rows of 1/b passes each."""
+    return round(len(rows) / sum(1 / row["batch_images"] for row in rows), 2)
+
+
 def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tuple], float]:
     """Prompts from a Zipf(1.1) law over a pool sized so that about ``repeat_share`` of requests
     repeat an earlier (prompt, seed); each prompt has one seed, so a repeat is the same request."""
@@ -238,6 +244,7 @@ def _report(base, steps, requests, rounds, concurrency, direct_without_ray, naiv
         "http_100_over_naive": round(median["100"] / naive, 2),
         "breakdown_idle_ms": _breakdown(idle),
         "breakdown_loaded_100_ms": _breakdown(loaded["100"]),
+        **{f"http_{label}_images_per_pass": _images_per_pass(rows) for label, rows in loaded.items()},
         "cache_repeat_share": round(repeat_share, 3),
     }
     for cached in (True, False):
