@@ -43,6 +43,7 @@ class Scenario:
 # bench's own noise in that run (an A/A comparison), beside which the adapters' ratios are read.
 SCENARIOS = (Scenario("0", 0), Scenario("1", 1), Scenario("10", 10), Scenario("100", 100), Scenario("0_again", 0))
 PROMPT = "a red circle on the left"
+DEFAULT_IDLE_PAIRS = 40  # idle requests, each paired with a direct call (`--idle-pairs`)
 
 
 def _start(base: str, registry_uri: str, workdir: Path, max_batch_images: int, ingress: str):
@@ -136,7 +137,7 @@ def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tup
 
 
 def bench_http(base: str, steps: int, requests: int, rounds: int, workdir: Path, concurrency: int = 8,
-               ingress: str = DEFAULT_INGRESS.value, idle_pairs: int = 40) -> dict:
+               ingress: str = DEFAULT_INGRESS.value, idle_pairs: int = DEFAULT_IDLE_PAIRS) -> dict:
     from .ray_floor import measure_ray_floor
     from .serve_bench import DirectCall
     from .throughput_bench import _naive_rate, _Setup, _traffic

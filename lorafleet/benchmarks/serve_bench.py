@@ -23,6 +23,7 @@ import httpx
 from lorafleet.serve.ingress import DEFAULT_INGRESS, Ingress
 
 from . import positive_int
+from .http_bench import DEFAULT_IDLE_PAIRS
 
 INGRESSES = tuple(ingress.value for ingress in Ingress)
 PROMPT = "a red circle on the left"
@@ -146,7 +147,8 @@ def bench_overhead(base: str, steps: int, repeats: int, workdir: Path, ingress: 
 
 
 def run_serve_bench(bases: list[str], steps: int, requests: int, repeats: int, sections: list[str],
-                    rounds: int = 3, ingress: str = DEFAULT_INGRESS.value, idle_pairs: int = 40) -> list[dict]:
+                    rounds: int = 3, ingress: str = DEFAULT_INGRESS.value,
+                    idle_pairs: int = DEFAULT_IDLE_PAIRS) -> list[dict]:
     from .throughput_bench import bench_throughput
 
     results = []
@@ -190,7 +192,7 @@ def add_arguments(parser) -> None:
                         "(benchmarks/http_bench.py)")
     parser.add_argument("--ingress", choices=INGRESSES, default=DEFAULT_INGRESS.value,
                         help="how HTTP reaches the gateway on the started server (serve setting ingress)")
-    parser.add_argument("--idle-pairs", type=positive_int, default=40,
+    parser.add_argument("--idle-pairs", type=positive_int, default=DEFAULT_IDLE_PAIRS,
                         help="http: idle requests, each paired with a direct pipeline call (the overhead is their "
                              "median difference)")
     parser.set_defaults(handler=cmd_bench_serve)
