@@ -12,6 +12,7 @@ from __future__ import annotations
 # Imports inside functions: Ray's internals only when Ray is already imported (this module must
 # not import Ray itself).
 import os
+import random
 import secrets
 import socket
 import sys
@@ -47,11 +48,42 @@ def _refresh_ray_config() -> None:
         Config.initialize("")
 
 
+# Ports lorafleet picks for the servers it starts (Serve's HTTP port, HAProxy's stats and metrics,
+# the dashboard, SeaweedFS, PostgreSQL): between Ray's worker ports (10002-19999) and Serve's replica
+# ports (30000-31000), and never in the kernel's ephemeral range, which binding to port 0 and every
+# outgoing connection draw from: a port picked there can be taken by another socket (one of Ray's,
+# say) before its server binds it.
+PICKED_PORTS = range(20000, 30000)
+_TRIES = 256
+
+
 def free_port() -> int:
-    """A TCP port free on loopback right now."""
+    """A TCP port free on this machine now that no other socket is handed meanwhile (PICKED_PORTS)."""
+    ephemeral = _ephemeral_ports()
+    candidates = [port for port in PICKED_PORTS if port not in ephemeral]
+    for port in random.sample(candidates, min(len(candidates), _TRIES)):
+        if _bindable(port):
+            return port
+    raise RuntimeError(f"no free port in {PICKED_PORTS.start}-{PICKED_PORTS.stop - 1} outside the "
+                       f"ephemeral range {ephemeral.start}-{ephemeral.stop - 1}")
+
+
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands out itself (Linux's setting; elsewhere IANA's dynamic range)."""
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except (OSError, ValueError):
+        low, high = 49152, 65535
+    return range(low, high + 1)
+
+
+def _bindable(port: int) -> bool:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("0.0.0.0", port))  # taken on any address (loopback included) fails here
+        except OSError:
+            return False
+        return True
 
 
 SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "PRIVATE")

@@ -81,6 +81,7 @@ def start_server(settings: ServeSettings, ray_address: str | None = None, num_cp
     try:
         serve.start(proxy_location=settings.proxy_location.value,
                     http_options={"host": settings.host, "port": settings.port})
+        _check_serve_listens_where_asked(settings)
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     except BaseException:
         if owns_ray:  # e.g. the port was taken meanwhile: leave nothing running behind
@@ -94,6 +95,18 @@ def start_server(settings: ServeSettings, ray_address: str | None = None, num_cp
         server.stop()
         raise
     return server
+
+
+def _check_serve_listens_where_asked(settings: ServeSettings) -> None:
+    """Serve already running on a cluster keeps its HTTP options (Ray only warns): fail now, naming
+    the port, rather than wait for a server on a port that nothing will open."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (settings.host, settings.port):
+        raise ServiceUnavailable(f"Ray Serve already listens on {running.host}:{running.port} on this cluster, "
+                                 f"not {settings.host}:{settings.port}: use that port, or shut Serve down first",
+                                 field="port")
 
 
 def local_ray_serve_environment(settings: ServeSettings) -> dict[str, str]:

@@ -9,7 +9,6 @@ and a worker raylet, each with its own CPU), the registry on a real S3 server sh
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter, defaultdict
@@ -46,18 +45,24 @@ def two_nodes(seaweed, tiny_spec, tmp_path_factory):
                              api_tokens=f"{ADMIN}=admin", request_timeout_s=60, retry_after_s=2,
                              output_cache={"enabled": False}, cache={"disk_dir": str(root / "cache")})
     secure_local_ray()
-    os.environ.update(local_ray_serve_environment(settings))  # the cluster is started here, not by start_server
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    cluster.wait_for_nodes()
-    server = start_server(settings)
-    try:
-        yield server.url, cluster, worker
-    finally:
-        server.stop()
-        ray.shutdown()
-        cluster.shutdown()
+    # A set-up that fails half-way leaves no cluster, connection or environment behind: a CI run lost
+    # every later Ray test to a cluster left running when HAProxy could not bind its port here.
+    with pytest.MonkeyPatch.context() as environment:
+        for key, value in local_ray_serve_environment(settings).items():  # the cluster starts here, not in start_server
+            environment.setenv(key, value)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        try:
+            worker = cluster.add_node(num_cpus=1)
+            ray.init(address=cluster.address, log_to_driver=False)
+            cluster.wait_for_nodes()
+            server = start_server(settings)
+            try:
+                yield server.url, cluster, worker
+            finally:
+                server.stop()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def _generate(client: httpx.Client, adapter: str, seed: int) -> httpx.Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import threading
@@ -58,31 +57,30 @@ def live(s3_server, tiny_spec, tmp_path_factory):
     from lorafleet.serve.server import start_server
     from lorafleet.serve.settings import ServeSettings
 
-    saved = {k: os.environ.get(k) for k in [*s3_server.env(), "LORAFLEET_S3_CONNECT_TIMEOUT",
-                                            "LORAFLEET_S3_MAX_ATTEMPTS"]}
-    os.environ.update(s3_server.env(), LORAFLEET_S3_CONNECT_TIMEOUT="1", LORAFLEET_S3_MAX_ATTEMPTS="1")
-    root = tmp_path_factory.mktemp("ray-e2e")
-    registry = AdapterRegistry("s3://serve/adapters")
-    for index in range(7):
-        path = write_lora(root / f"src{index}", tiny_spec, seed=40 + index)
-        registry.publish(path, PublishRequest(name=f"look{index}", base=tiny_spec, aliases=["prod"]))
-    files = {f"look{i}": registry.pull(f"look{i}", root / "pulled")[1] for i in range(7)}
-    settings = ServeSettings(
-        base="tiny", registry=registry.uri, port=free_port(), replicas=2, replica_num_cpus=0.5, fuse_after=3,
-        resolution_ttl_s=1.0, auth_enabled=True, api_tokens=TOKENS,
-        tenants={"team-a": {"namespaces": ["look"]}, "team-b": {"namespaces": ["look"]}},
-        cache={"disk_dir": str(root / "cache"), "active_max_adapters": 1},
-    )
-    server = start_server(settings, num_cpus=2)
-    try:
-        yield registry, server.url, files
-    finally:
-        server.stop()
-        deadline = time.monotonic() + 30
-        while _ray_children() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    with pytest.MonkeyPatch.context() as environment:  # restored even when the set-up fails half-way
+        for key, value in {**s3_server.env(), "LORAFLEET_S3_CONNECT_TIMEOUT": "1",
+                           "LORAFLEET_S3_MAX_ATTEMPTS": "1"}.items():
+            environment.setenv(key, value)
+        root = tmp_path_factory.mktemp("ray-e2e")
+        registry = AdapterRegistry("s3://serve/adapters")
+        for index in range(7):
+            path = write_lora(root / f"src{index}", tiny_spec, seed=40 + index)
+            registry.publish(path, PublishRequest(name=f"look{index}", base=tiny_spec, aliases=["prod"]))
+        files = {f"look{i}": registry.pull(f"look{i}", root / "pulled")[1] for i in range(7)}
+        settings = ServeSettings(
+            base="tiny", registry=registry.uri, port=free_port(), replicas=2, replica_num_cpus=0.5, fuse_after=3,
+            resolution_ttl_s=1.0, auth_enabled=True, api_tokens=TOKENS,
+            tenants={"team-a": {"namespaces": ["look"]}, "team-b": {"namespaces": ["look"]}},
+            cache={"disk_dir": str(root / "cache"), "active_max_adapters": 1},
+        )
+        server = start_server(settings, num_cpus=2)  # a start that fails stops what it started
+        try:
+            yield registry, server.url, files
+        finally:
+            server.stop()
+            deadline = time.monotonic() + 30
+            while _ray_children() and time.monotonic() < deadline:
+                time.sleep(0.5)
     assert _ray_children() == [], "Ray processes left behind"
 
 
@@ -140,6 +138,22 @@ def test_http_enters_through_haproxy_to_the_gateways_own_server(live):
     assert _listener(int(url.rsplit(":", 1)[1])) == "haproxy"  # not Ray's Python proxy
     response = _generate(url, adapter="look0")
     assert response.status_code == 200, response.text
+
+
+def test_a_second_server_on_a_cluster_whose_serve_listens_elsewhere_fails_at_once_naming_the_port(live):
+    """Ray keeps a running Serve's HTTP options (it only warns): start_server used to wait 180 s for a
+    port nothing would open, and a CI run lost every later Ray test to that wait."""
+    from lorafleet.local_cluster import free_port
+    from lorafleet.serve.errors import ServiceUnavailable
+    from lorafleet.serve.server import start_server
+    from lorafleet.serve.settings import ServeSettings
+
+    _, url, _ = live
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match=f"already listens on .*:{url.rsplit(':', 1)[1]}") as failure:
+        start_server(ServeSettings(base="tiny", port=free_port()))
+    assert time.monotonic() - started < 30 and failure.value.field == "port"
+    assert _generate(url, adapter="look0").status_code == 200  # the running app is untouched
 
 
 def test_errors_over_http(live):
