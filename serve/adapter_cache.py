@@ -261,11 +261,16 @@ class AdapterFetcher:
         with self._flights_lock:
             return self._flights.setdefault(digest, _Flight())
 
-    def fetch(self, manifest: Manifest) -> FetchResult:
+    def held(self, manifest: Manifest) -> FetchResult | None:
+        """The adapter from host memory, or None if fetching it would read the disk or the store."""
         started = time.perf_counter()
         cached = self.host.get(manifest.digest)
-        if cached is not None:
-            return FetchResult(cached, Tier.host, time.perf_counter() - started)
+        return FetchResult(cached, Tier.host, time.perf_counter() - started) if cached is not None else None
+
+    def fetch(self, manifest: Manifest) -> FetchResult:
+        started = time.perf_counter()
+        if (held := self.held(manifest)) is not None:
+            return held
         with self._flight(manifest.digest).lock:  # others fetching other digests go on
             cached = self.host.get(manifest.digest)
             if cached is not None:

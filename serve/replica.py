@@ -23,7 +23,7 @@ from lorafleet.registry import AdapterRegistry
 from lorafleet.registry.layout import PinRecord
 from lorafleet.registry.manifest import Manifest
 
-from .adapter_cache import AdapterFetcher, DiskTier
+from .adapter_cache import AdapterFetcher, DiskTier, FetchResult
 from .batching import BatchScheduler
 from .engine import PipelineEngine
 from .jobs import AdapterUse, BatchRequest, EngineResult, GenerationJob
@@ -156,10 +156,17 @@ class GeneratorReplica:
                                      row_weights_bytes=self.settings.batching.row_weights_bytes)
 
     def _fetch(self, task: GenerationTask) -> tuple[list[AdapterUse], list[AdapterFetch]]:
+        return self._uses(task, [self.fetcher.fetch(manifest) for manifest, _ in task.adapters])
+
+    def _held(self, task: GenerationTask) -> tuple[list[AdapterUse], list[AdapterFetch]] | None:
+        """The task's adapters if host memory holds every one (no disk or store read), else None."""
+        results = [self.fetcher.held(manifest) for manifest, _ in task.adapters]
+        return None if None in results else self._uses(task, results)
+
+    def _uses(self, task: GenerationTask, results: list[FetchResult]) -> tuple[list[AdapterUse], list[AdapterFetch]]:
         uses, fetches = [], []
-        for manifest, weight in task.adapters:
+        for (manifest, weight), result in zip(task.adapters, results):
             active = manifest.digest in self._active.digests
-            result = self.fetcher.fetch(manifest)
             uses.append(AdapterUse(result.adapter, weight))
             fetches.append(AdapterFetch(manifest.digest, Tier.active if active else result.tier, result.seconds))
         return uses, fetches
@@ -180,7 +187,8 @@ class GeneratorReplica:
     async def generate_async(self, task: GenerationTask) -> GenerationOutput:
         """The same without holding a thread while the request waits for its pass."""
         started = time.perf_counter()
-        uses, fetches = await asyncio.to_thread(self._fetch, task) if task.adapters else ([], [])
+        # on the event loop what host memory holds; a disk or store read in a thread
+        uses, fetches = self._held(task) or await asyncio.to_thread(self._fetch, task)
         fetch_ms = 1000 * (time.perf_counter() - started)
         result = await asyncio.wrap_future(self._submit(uses, task))
         return self._output(result, fetches, fetch_ms, started)

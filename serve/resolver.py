@@ -14,6 +14,10 @@ from lorafleet.registry.errors import AdapterNotFound, RegistryUnavailable, Yank
 from lorafleet.registry.identity import LATEST
 
 
+class NotInMemory(Exception):
+    """Resolving this reference needs the registry (not an error: resolve it where I/O may wait)."""
+
+
 @dataclass
 class _Resolution:
     manifest: Manifest | AliasRecord | None  # None: a cached miss
@@ -39,20 +43,22 @@ class AdapterResolver:
         self._cache: OrderedDict[AdapterRef, _Resolution] = OrderedDict()
         self._lock = threading.Lock()
 
-    def resolve(self, ref_text: str, field: str, key: str | None = None) -> Manifest:
-        """The manifest ``ref_text`` names for the caller ``key`` (which version of a split it gets)."""
+    def resolve(self, ref_text: str, field: str, key: str | None = None, *, memory_only: bool = False) -> Manifest:
+        """The manifest ``ref_text`` names for the caller ``key`` (which version of a split it gets).
+        ``memory_only``: raise NotInMemory rather than read the registry (the caller then resolves
+        off its event loop)."""
         ref = AdapterRef.parse(ref_text, field=field)
         if ref.alias is None or ref.alias == LATEST:
-            return self._fetch(ref, field, lambda: self.registry.resolve(ref))
-        record = self._fetch(ref, field, lambda: self.registry.alias_record(ref.name, ref.alias))
+            return self._fetch(ref, field, lambda: self.registry.resolve(ref), memory_only)
+        record = self._fetch(ref, field, lambda: self.registry.alias_record(ref.name, ref.alias), memory_only)
         version = record.version_for(key)
         manifest = self._fetch(AdapterRef(name=ref.name, version=version), field,
-                               lambda: self.registry.resolve(f"{ref.name}@{version}"))
+                               lambda: self.registry.resolve(f"{ref.name}@{version}"), memory_only)
         if manifest.yanked:
             raise YankedVersion(f"{ref} points to {ref.name}@{version}, which is yanked; move the alias", field=field)
         return manifest
 
-    def _fetch(self, ref: AdapterRef, field: str, load):
+    def _fetch(self, ref: AdapterRef, field: str, load, memory_only: bool):
         known = self._cached(ref)
         exact = ref.version is not None or ref.digest is not None
         fresh = known is not None and time.monotonic() - known.at < self.ttl_s
@@ -60,6 +66,8 @@ class AdapterResolver:
             raise type(known.miss)(known.miss.message, field=field)
         if known and known.manifest is not None and (exact or fresh):
             return known.manifest
+        if memory_only:
+            raise NotInMemory(ref)
         try:
             manifest = load()
         except RegistryUnavailable:

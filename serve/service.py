@@ -40,7 +40,7 @@ from .metrics import ServiceMetrics
 from .output_cache import AdapterVersion, CachedOutput, OutputCache, output_key
 from .replica import GenerationOutput, GenerationTask
 from .residency import Residency
-from .resolver import AdapterResolver
+from .resolver import AdapterResolver, NotInMemory
 from .schemas import NOT_BLANK, GenerateRequest, GenerateResponse, ResolvedAdapter, Timings, size_multiple
 from .settings import RequestLimits, ServeSettings
 from .tenants import OPERATOR, Caller, FairAdmission, RateLimited, Tenants, request_work
@@ -193,8 +193,17 @@ class GenerationService:
         self.fair = (FairAdmission(settings.max_ongoing_requests * replicas, settings.cut_in_places)
                      if self.tenants.enabled else None)
 
+    async def _resolve_async(self, request: GenerateRequest, caller: Caller,
+                             user: str | None) -> list[tuple[str, Manifest, float]]:
+        """On the event loop what the resolver holds; in a thread what needs the registry (a hop to a
+        worker thread waits for the GIL beside a pass: some 3 ms a request under load)."""
+        try:
+            return self._resolve(request, caller, user, memory_only=True)
+        except NotInMemory:
+            return await asyncio.to_thread(self._resolve, request, caller, user)
+
     def _resolve(self, request: GenerateRequest, caller: Caller = OPERATOR,
-                 user: str | None = None) -> list[tuple[str, Manifest, float]]:
+                 user: str | None = None, memory_only: bool = False) -> list[tuple[str, Manifest, float]]:
         """(ref, manifest, weight) per distinct adapter; naming one adapter twice adds the weights
         (a LoRA's update is linear in its weight, so this is the same model). Another tenant's
         adapter is not found (and never looked up)."""
@@ -206,7 +215,7 @@ class GenerationService:
                 name = AdapterRef.parse(item.ref, field=field).name
                 if not caller.sees(name):
                     raise AdapterNotFound(f"no adapter named {name!r}", field=field)
-                manifest = self.resolver.resolve(item.ref, field, key=_caller_key(caller, user))
+                manifest = self.resolver.resolve(item.ref, field, _caller_key(caller, user), memory_only=memory_only)
             except LorafleetError as exc:
                 self.metrics.adapter_load_failures.labels(code=exc.code).inc()
                 raise
@@ -278,8 +287,8 @@ class GenerationService:
             raise
         self.metrics.record_tenant_request(caller.label, request.num_images, work)
         clock.lap("checks")
-        if request.adapter_weights():  # resolving may read the registry: off the event loop
-            resolved[:] = await asyncio.to_thread(self._resolve, request, caller, user)
+        if request.adapter_weights():
+            resolved[:] = await self._resolve_async(request, caller, user)
         task, seeds = self._task(request, resolved, size, caller)
         clock.lap("resolve")
         key = self._output_key(request, task, caller)

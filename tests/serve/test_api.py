@@ -333,3 +333,30 @@ def test_a_bug_behind_the_api_is_a_json_500_and_the_server_answers_on(adapter_re
         assert response.json()["error"]["code"] == "internal_error"
         assert "Retry-After" not in response.headers
         assert fresh.get("/healthz").status_code == 200
+
+
+def test_what_the_gateway_and_the_replica_hold_in_memory_is_answered_without_a_thread_hop(
+        adapter_registry, tmp_path, monkeypatch):
+    """Under load a hop to a worker thread waits for the GIL beside the pass (about 3 ms a request
+    through HTTP): a reference the gateway has resolved and an adapter the replica holds are
+    answered on the event loop; the registry and the adapter store are read in a thread."""
+    import asyncio
+
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    def counted(fn, *args, **kwargs):
+        hops.append(fn.__name__)
+        return to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    app, _ = create_local_app(_settings(adapter_registry, tmp_path, resolution_ttl_s=60,
+                                        output_cache={"enabled": False}), adapter_registry)
+    with TestClient(app) as client:
+        hops_per_request = []
+        for seed, ref in enumerate(("style2@1", "style2@1", "style2:prod", "style2:prod")):
+            hops.clear()
+            assert client.post("/v1/generate", json=_body(adapter=ref, seed=seed)).status_code == 200
+            hops_per_request.append(sorted(hops))
+    # style2@1: resolved and fetched in threads, then neither; the alias: resolved once, style2 held
+    assert hops_per_request == [["_fetch", "_resolve"], [], ["_resolve"], []]

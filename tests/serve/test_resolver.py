@@ -68,3 +68,31 @@ def test_the_cache_is_bounded(counted):
         with pytest.raises(AdapterNotFound):
             resolver.resolve(f"missing-{index}", "adapter")
     assert len(resolver._cache) == 10
+
+
+def test_memory_only_answers_what_is_held_and_never_reads_the_registry(counted):
+    from lorafleet.serve.resolver import NotInMemory
+
+    registry, store = counted
+    resolver, stale = AdapterResolver(registry, ttl_s=60), AdapterResolver(registry, ttl_s=0)
+
+    def from_memory(resolver, ref):
+        calls = store.calls
+        try:
+            return resolver.resolve(ref, "adapter", memory_only=True)
+        finally:
+            assert store.calls == calls, ref
+
+    for ref in ("style@1", "style:prod", "style"):
+        with pytest.raises(NotInMemory):
+            from_memory(resolver, ref)
+    held = {ref: resolver.resolve(ref, "adapter") for ref in ("style@1", "style:prod", "style")}
+    assert {ref: from_memory(resolver, ref) for ref in held} == held
+    with pytest.raises(AdapterNotFound):
+        resolver.resolve("missing", "adapter")
+    with pytest.raises(AdapterNotFound):  # a miss is held too: answered, not deferred
+        from_memory(resolver, "missing")
+    stale.resolve("style:prod", "adapter")
+    with pytest.raises(NotInMemory):  # an alias past its TTL is read again
+        from_memory(stale, "style:prod")
+    assert from_memory(stale, "style@1") == held["style@1"]  # an exact version is held for good
