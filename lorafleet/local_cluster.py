@@ -71,7 +71,8 @@ def free_port() -> int:
 def _ephemeral_ports() -> range:
     """The ports the kernel hands out itself (Linux's setting; elsewhere IANA's dynamic range)."""
     try:
-        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            low, high = map(int, ports.read().split())
     except (OSError, ValueError):
         low, high = 49152, 65535
     return range(low, high + 1)
