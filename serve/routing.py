@@ -23,6 +23,14 @@ forms, chosen by the pass's adapters and the call's shape:
   fit in a core's cache (1 MiB) or are no larger than the rows' activations
   (``in * out <= tokens * (in + out)``).
 
+Building row weights costs a few operations per layer per pass, which a pass of few steps
+notices. Where every image has one adapter, an adapter's layers of one component and one shape
+(``LayerGroup``, stacked when the adapter is prepared) get theirs at once: a few operations per
+group (``GroupRows``). The stacks of ``A`` and ``B`` a layer builds alone are made at its first
+call, already repeated to its rows. Measured in process on `tiny` (8 all-different images, 4
+steps): the routed pass went from 6.4 % to 4.0 % over a base pass; at 20 steps no change shows
+(docs/benchmarks.md).
+
 Measured per layer on this 2-core CPU (one 8-image guided pass, 20 steps, 16 rows): the update
 adds 40-85% to a small layer's own product, mostly per-call overhead, while per-row weights cost
 -17% to +19% of the plain product where the rule picks them, and 2.2x where it does not (16
@@ -32,14 +40,14 @@ memory at every call, so there the budget defaults to 0
 
 Rows follow serve/sampler.py: the text encoder sees one row per image, the UNet ``[unconditional,
 conditional]`` (two rows per image) when guidance is on; both orders repeat the image order, so
-a layer that sees ``k * n`` rows uses the per-image stacks repeated ``k`` times.
+a layer that sees ``k * n`` rows uses the per-image stacks (or row weights) repeated ``k`` times.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,11 +67,25 @@ class RoutedLayer:
 
 
 @dataclass(frozen=True)
+class LayerGroup:
+    """An adapter's layers of one component and one shape, stacked: its layers' ``RoutedLayer``
+    tensors are views into these, so a pass can build every layer's row weights at once."""
+
+    layers: tuple[str, ...]
+    down: torch.Tensor  # [layers, rank, in_features]
+    up: torch.Tensor  # [layers, out_features, rank]
+
+
+GroupKey = tuple[str, int, int, int]  # component, in_features, out_features, rank
+
+
+@dataclass(frozen=True)
 class RoutedAdapter:
     """An adapter's per-layer updates, keyed ``<component>.<module path>``, on the model's device."""
 
     digest: str
     layers: dict[str, RoutedLayer]
+    groups: dict[GroupKey, LayerGroup] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -80,14 +102,19 @@ def prepare_routed(digest: str, payload: AdapterPayload, device: torch.device, d
         raise NotRoutable("the adapter has tensors that are not LoRA up/down weights", field="adapters")
     if any(tensor.ndim != 2 for parts in pairs.values() for tensor in parts.values()):
         raise NotRoutable("convolution LoRA layers are not routed per row", field="adapters")
-    layers = {}
-    for (component, module), parts in pairs.items():
+    grouped: dict[GroupKey, dict[str, RoutedLayer]] = {}
+    for (component, module), parts in sorted(pairs.items()):
         scale = payload.components[component].scale_of(module)
-        layers[f"{component}.{module}"] = RoutedLayer(
-            down=parts["A"].to(device=device, dtype=dtype).contiguous(),
-            up=(parts["B"].to(device=device, dtype=torch.float32) * scale).to(dtype).contiguous(),
-        )
-    return RoutedAdapter(digest, layers)
+        down = parts["A"].to(device=device, dtype=dtype)
+        up = (parts["B"].to(device=device, dtype=torch.float32) * scale).to(dtype)
+        key = (component, down.shape[1], up.shape[0], down.shape[0])
+        grouped.setdefault(key, {})[f"{component}.{module}"] = RoutedLayer(down, up)
+    layers, groups = {}, {}
+    for key, members in grouped.items():
+        group = groups[key] = LayerGroup(tuple(members), torch.stack([m.down for m in members.values()]),
+                                         torch.stack([m.up for m in members.values()]))
+        layers.update({name: RoutedLayer(group.down[i], group.up[i]) for i, name in enumerate(group.layers)})
+    return RoutedAdapter(digest, layers, groups)
 
 
 ImageAdapters = tuple[tuple[RoutedAdapter, float], ...]  # one image's adapters with weights
@@ -129,6 +156,8 @@ class LoraRouter:
         self.pipe = pipe
         self.row_weights_bytes = row_weights_bytes
         self.last_forms: dict[str, str | None] = {}  # per routed layer, how its last call ran
+        self.last_grouped: set[str] = set()  # the routed layers whose row weights their group built
+        self.by_group = True  # build row weights per layer group (False: per layer; the bench compares them)
         self._linears: dict[str, torch.nn.Linear] = {}
         self._routing: list[dict[str, _RoutedLinear]] = []  # the routes entered, innermost last
 
@@ -158,16 +187,32 @@ class LoraRouter:
         routed: dict[str, _RoutedLinear] = {}
         self._routing.append(routed)
         try:
+            groups = self._shared_groups(images) if self.by_group and not uniform else {}
             for name in layer_names:
                 linear = self._module(name)
-                stacks = stack_layer(name, images[:1] if uniform else images)
-                routed[name] = linear.forward = _RoutedLinear(linear, *stacks, budget, uniform)
+                routed[name] = linear.forward = _RoutedLinear(linear, name, images[:1] if uniform else images,
+                                                              budget, uniform, groups.get(name))
             yield
         finally:
             for name in routed:
                 del self._module(name).forward
             self._routing.pop()
             self.last_forms = {name: layer.form for name, layer in routed.items()}
+            self.last_grouped = {name for name, layer in routed.items() if layer.grouped}
+
+    def _shared_groups(self, images: list[ImageAdapters]) -> dict[str, tuple[GroupRows, int]]:
+        """Per layer, its group's row weights and its index in them, for each group that every
+        image has from its one adapter with the same layers (else the layer builds its own)."""
+        if not all(len(image) == 1 for image in images):
+            return {}
+        found = {}
+        for key, group in images[0][0][0].groups.items():
+            members = [adapter.groups.get(key) for ((adapter, _),) in images]
+            if all(member is not None and member.layers == group.layers for member in members):
+                rows = GroupRows([self._module(name) for name in group.layers], members,
+                                 [weight for ((_, weight),) in images])
+                found.update({name: (rows, index) for index, name in enumerate(group.layers)})
+        return found
 
     @contextmanager
     def suspended(self):
@@ -205,16 +250,45 @@ class _Budget:
 ROW_WEIGHTS_CACHE_BYTES = 1024**2  # per-row weights this small stay in a CPU core's cache
 
 
+class GroupRows:
+    """Per-row weights ``W^T + A^T B^T`` of every layer of one group (``LayerGroup``: one component,
+    one shape), built at once: a few batched operations per pass instead of a few per layer."""
+
+    def __init__(self, linears: list[torch.nn.Linear], members: list[LayerGroup], weights: list[float]):
+        self.linears = linears
+        self.downs = [member.down for member in members]  # per image
+        self.ups = [member.up if weight == 1.0 else member.up * weight for member, weight in zip(members, weights)]
+        self.by_rows: dict[int, torch.Tensor | None] = {}
+
+    def weights(self, rows: int, budget: _Budget) -> torch.Tensor | None:
+        """``[layers, rows, in, out]``, once per row count (None: over the budget)."""
+        if rows not in self.by_rows:
+            weight = self.linears[0].weight
+            nbytes = len(self.linears) * rows * weight.numel() * weight.element_size()
+            self.by_rows[rows] = self._build(rows) if budget.take(nbytes) else None
+        return self.by_rows[rows]
+
+    def _build(self, rows: int) -> torch.Tensor:
+        repeats = rows // len(self.downs)
+        down = torch.stack(self.downs * repeats, dim=1)  # [layers, rows, R, in]
+        up = torch.stack(self.ups * repeats, dim=1)  # [layers, rows, out, R]
+        base = torch.stack([linear.weight.t() for linear in self.linears]).unsqueeze(1)  # [layers, 1, in, out]
+        return torch.matmul(down.transpose(-1, -2), up.transpose(-1, -2)).add_(base)
+
+
 class _RoutedLinear:
     """One Linear layer's forward for the length of a batch, in either form (module docstring)."""
 
-    def __init__(self, linear: torch.nn.Linear, down: torch.Tensor, up: torch.Tensor, budget: _Budget,
-                 uniform: bool = False):
-        """``uniform``: every image has the same set (``down`` and ``up`` may then hold one image)."""
-        self.linear, self.budget = linear, budget
+    def __init__(self, linear: torch.nn.Linear, name: str, images: list[ImageAdapters], budget: _Budget,
+                 uniform: bool = False, group: tuple[GroupRows, int] | None = None):
+        """``uniform``: every image has the same set (``images`` may then hold one image). The
+        stacks are built at a call's first shape, already repeated to its rows: one copy each.
+        ``group``: the layer's group's row weights and its index in them (``_shared_groups``)."""
+        self.linear, self.name, self.budget, self.group = linear, name, budget, group
+        self.grouped = False  # whether its row weights came from its group
         self.uniform = uniform
-        self.images = down.shape[0]
-        self.down, self.up = down.transpose(1, 2), up.transpose(1, 2)  # [n, in, R], [n, R, out]
+        self.image_adapters = images
+        self.images = len(images)
         self.calls: dict[tuple[int, int], Callable] = {}  # by (rows, tokens)
         self.weights_by_rows: dict[int, torch.Tensor] = {}
         self.merged: torch.Tensor | None = None
@@ -225,18 +299,25 @@ class _RoutedLinear:
         call = self.calls.get(by_row.shape[:2]) or self._prepare(*by_row.shape[:2])
         return call(x, by_row)
 
-    def _repeat(self, per_image: torch.Tensor, rows: int) -> torch.Tensor:
+    def _check_rows(self, rows: int) -> None:
         if rows % self.images:
             raise RuntimeError(f"a routed layer saw {rows} rows for a batch of {self.images} images")
-        return per_image.repeat(rows // self.images, 1, 1)
+
+    def _stacks(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row ``A^T [rows, in, R]`` and ``B^T [rows, R, out]`` (rows repeat the image order)."""
+        self._check_rows(rows)
+        down, up = stack_layer(self.name, self.image_adapters * (rows // self.images))
+        return down.transpose(1, 2), up.transpose(1, 2)
+
+    def _row_weights_bytes(self, rows: int) -> int:
+        return rows * self.linear.weight.numel() * self.linear.weight.element_size()
 
     def _row_weights_pay(self, rows: int, tokens: int) -> bool:
         """Measured on CPU (module docstring): per-row weights cost about what the plain product
         does while they stay in cache or are no larger than the rows' activations in and out."""
         out_features, in_features = self.linear.weight.shape
-        nbytes = rows * in_features * out_features * self.linear.weight.element_size()
-        small = nbytes <= ROW_WEIGHTS_CACHE_BYTES or in_features * out_features <= tokens * (in_features + out_features)
-        return small and self.budget.take(nbytes)
+        return (self._row_weights_bytes(rows) <= ROW_WEIGHTS_CACHE_BYTES
+                or in_features * out_features <= tokens * (in_features + out_features))
 
     def _prepare(self, rows: int, tokens: int) -> Callable:
         call = self._merged_call() if self.uniform else None
@@ -250,17 +331,32 @@ class _RoutedLinear:
         """The one set merged into the weight, once per pass (None: over the budget)."""
         weight = self.linear.weight
         if self.merged is None and self.budget.take(weight.numel() * weight.element_size()):
-            self.merged = torch.addmm(weight, self.up[0].T, self.down[0].T)  # W + B A: [out, in]
+            down, up = self._stacks(self.images)
+            self.merged = torch.addmm(weight, up[0].T, down[0].T)  # W + B A: [out, in]
         return None if self.merged is None else self._with_merged(self.merged)
 
     def _row_weights(self, rows: int, tokens: int) -> torch.Tensor | None:
         """Per-row merged weights, once per row count whatever the tokens (None: they do not pay)."""
         weights = self.weights_by_rows.get(rows)
         if weights is None and self._row_weights_pay(rows, tokens):
-            weight = self.linear.weight.t().unsqueeze(0).expand(rows, -1, -1)
-            weights = self.weights_by_rows[rows] = torch.baddbmm(  # [rows, in, out]: W^T + A^T B^T per row
-                weight, self._repeat(self.down, rows), self._repeat(self.up, rows))
+            weights = self._group_row_weights(rows)
+            if weights is None and self.budget.take(self._row_weights_bytes(rows)):
+                weight = self.linear.weight.t().unsqueeze(0).expand(rows, -1, -1)
+                weights = torch.baddbmm(weight, *self._stacks(rows))  # [rows, in, out]: W^T + A^T B^T per row
+            if weights is not None:
+                self.weights_by_rows[rows] = weights
         return weights
+
+    def _group_row_weights(self, rows: int) -> torch.Tensor | None:
+        """This layer's part of its group's row weights, where they pay whatever the tokens (so
+        they pay for every layer of the group: all have this shape)."""
+        if self.group is None or self._row_weights_bytes(rows) > ROW_WEIGHTS_CACHE_BYTES:
+            return None
+        self._check_rows(rows)
+        group, index = self.group
+        weights = group.weights(rows, self.budget)
+        self.grouped = weights is not None
+        return None if weights is None else weights[index]
 
     def _with_merged(self, merged: torch.Tensor) -> Callable:
         bias = self.linear.bias
@@ -282,7 +378,7 @@ class _RoutedLinear:
         return with_row_weights
 
     def _with_update(self, rows: int) -> Callable:
-        down, up = self._repeat(self.down, rows), self._repeat(self.up, rows)
+        down, up = self._stacks(rows)
 
         def with_update(x, by_row):
             self.form = "update"

@@ -13,7 +13,7 @@
    interleaved over ``rounds`` and each ratio is a median of within-round ratios;
 5. what the engine's policy rests on: the time of one full pass (``max_batch_images`` images) in
    each mode: base, fused, active (peft layers), routed with one adapter, routed with all
-   different adapters.
+   different adapters (row weights built per layer group, and per layer as before groups).
 
 The replica is measured in-process (no HTTP, no Ray): `lorafleet bench serve`'s first section
 measures what HTTP and Ray add per request. Each side runs in its own child process with all its
@@ -237,13 +237,15 @@ def _pass_costs(setup: _Setup, batch: int, repeats: int) -> dict:
             assert warm_up or results[0].mode == mode, (results[0].mode, mode)
         return run
 
-    plain, fusing, updates_only = engine(), engine(fuse_after=1), engine(row_weights_bytes=0)
+    plain, fusing, updates_only, per_layer = engine(), engine(fuse_after=1), engine(row_weights_bytes=0), engine()
+    per_layer.router.by_group = False
     injected = engine(fuse_after=1)
     all_different = lambda r: requests([(r * batch + i) % len(adapters) for i in range(batch)])  # noqa: E731
     cold = iter(range(batch, len(adapters)))
     modes = {
         "base": runs(plain, lambda _: requests([None] * batch), "base"),
         "routed_all_different": runs(plain, all_different, "mixed"),
+        "routed_all_different_per_layer": runs(per_layer, all_different, "mixed"),
         "routed_updates_only_all_different": runs(updates_only, all_different, "mixed"),
         "routed_one_adapter": runs(plain, lambda _: requests([next(cold)] * batch), "mixed"),
         "peft_layers_one_adapter": _peft_layers_pass(setup, batch),

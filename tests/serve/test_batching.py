@@ -85,6 +85,34 @@ def test_a_pass_whose_images_share_one_set_merges_it_once_and_gives_the_images_i
         assert np.abs(batched.images - _reference(request, pulled_files)).max() <= TOLERANCE
 
 
+def test_a_batch_of_one_adapter_per_image_builds_row_weights_per_layer_group_and_gives_the_images_alone(
+        adapter_registry, pulled_files, fetcher):
+    """Every image on one adapter (the many-adapter traffic): each group of same-shaped layers the
+    images' adapters share gets its row weights in one batched build; the images are still exact,
+    whatever their weights. A layer only one adapter has (style0's text encoder) builds its own."""
+    requests = [
+        _request(fetcher, adapter_registry, [("style0", 1.0)]),
+        _request(fetcher, adapter_registry, [("style1", 0.5)], prompt="a blue square", seeds=(3,)),
+        _request(fetcher, adapter_registry, [("style1", 1.0)], prompt="a green star", seeds=(6,)),
+        _request(fetcher, adapter_registry, [("style3", 1.3)], seeds=(7, 8)),
+    ]
+    engine = _engine(row_weights_bytes=1024**3)
+    together = engine.run_batch(requests)
+    routed = set(engine.router.last_forms)
+    unet = {name for name in routed if name.startswith("unet.")}
+    assert set(engine.router.last_forms.values()) == {"weights"} and together[0].batch_images == 5
+    assert engine.router.last_grouped == unet and routed - unet  # the text encoder's layers built alone
+    for request, batched in zip(requests, together):
+        assert np.abs(batched.images - _reference(request, pulled_files)).max() <= TOLERANCE, request.uses
+
+
+def _routed_images(down: torch.Tensor, up: torch.Tensor, layer: str) -> list:
+    """One adapter per image with only ``layer``: image i's ``A`` is ``down[i]``, its ``B`` ``up[i]``."""
+    from lorafleet.serve.routing import RoutedAdapter, RoutedLayer
+
+    return [((RoutedAdapter(f"digest{i}", {layer: RoutedLayer(down[i], up[i])}), 1.0),) for i in range(len(down))]
+
+
 def test_a_layer_takes_row_weights_only_where_they_pay_and_while_the_budget_lasts():
     from lorafleet.serve.routing import ROW_WEIGHTS_CACHE_BYTES, _Budget, _RoutedLinear
 
@@ -105,7 +133,7 @@ def test_a_layer_takes_row_weights_only_where_they_pay_and_while_the_budget_last
         (8, 128, 8 * per_row - 1, "update"),  # over the budget
     ]
     for rows, tokens, budget, form in cases:
-        routed = _RoutedLinear(linear, down, up, _Budget(budget))
+        routed = _RoutedLinear(linear, "unet.layer", _routed_images(down, up, "unet.layer"), _Budget(budget))
         x = torch.randn(rows, tokens, 256)
         with torch.no_grad():
             assert torch.allclose(routed(x), expected(x), atol=1e-4)
@@ -120,7 +148,8 @@ def test_a_layer_whose_images_share_their_adapters_takes_one_merged_weight_withi
     down, up = torch.randn(1, 4, 256).repeat(2, 1, 1), torch.randn(1, 256, 4).repeat(2, 1, 1)  # two images, one set
     merged_bytes = 256 * 256 * 4
     for rows, tokens, budget, form in [(8, 16, merged_bytes, "merged"), (8, 16, merged_bytes - 1, "update")]:
-        routed = _RoutedLinear(linear, down, up, _Budget(budget), uniform=True)
+        routed = _RoutedLinear(linear, "unet.layer", _routed_images(down, up, "unet.layer"), _Budget(budget),
+                               uniform=True)
         x = torch.randn(rows, tokens, 256)
         with torch.no_grad():
             assert torch.allclose(routed(x), linear(x) + x @ down[0].T @ up[0].T, atol=1e-4)
