@@ -8,6 +8,7 @@ from lorafleet.benchmarks.http_bench import (
     _breakdown,
     _idle_overheads,
     _images_per_pass,
+    _pass_ms_per_image,
     _ratio_within_rounds,
     _ratios_to_none,
     _scenario_calls,
@@ -91,3 +92,9 @@ def test_images_per_pass_counts_passes_not_requests():
     rows = [{"batch_images": 1}] + [{"batch_images": 7}] * 7
     assert _images_per_pass(rows * 8) == 4.0
     assert _images_per_pass([{"batch_images": 8}] * 64) == 8.0
+
+
+def test_pass_time_per_image_weighs_each_pass_once():
+    """A pass of 1 image in 100 ms and one of 4 images in 200 ms: 300 ms over 5 images."""
+    rows = [{"batch_images": 1, "generation_ms": 100.0}] + [{"batch_images": 4, "generation_ms": 200.0}] * 4
+    assert _pass_ms_per_image(rows) == 60.0

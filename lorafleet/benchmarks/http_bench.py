@@ -121,6 +121,13 @@ def _images_per_pass(rows: list[dict]) -> float:
     return round(len(rows) / sum(1 / row["batch_images"] for row in rows), 2)
 
 
+def _pass_ms_per_image(rows: list[dict]) -> float:
+    """The passes' time over their images, from one-image requests that each report their pass's
+    time and size: a pass of b images and g ms is b rows of g/b each. The pass's own cost per
+    image, whatever the request path outside it adds."""
+    return round(sum(row["generation_ms"] / row["batch_images"] for row in rows) / len(rows), 2)
+
+
 def _zipf_calls(requests: int, repeat_share: float, seed: int) -> tuple[list[tuple], float]:
     """Prompts from a Zipf(1.1) law over a pool sized so that about ``repeat_share`` of requests
     repeat an earlier (prompt, seed); each prompt has one seed, so a repeat is the same request."""
@@ -244,8 +251,10 @@ def _report(base, steps, requests, rounds, concurrency, direct_without_ray, naiv
         "naive_100_images_per_s_in_process": round(naive, 3),
         "http_100_over_naive": round(median["100"] / naive, 2),
         "breakdown_idle_ms": _breakdown(idle),
+        "breakdown_loaded_0_ms": _breakdown(loaded["0"]),
         "breakdown_loaded_100_ms": _breakdown(loaded["100"]),
         **{f"http_{label}_images_per_pass": _images_per_pass(rows) for label, rows in loaded.items()},
+        **{f"http_{label}_pass_ms_per_image": _pass_ms_per_image(rows) for label, rows in loaded.items()},
         "cache_repeat_share": round(repeat_share, 3),
     }
     for cached in (True, False):
