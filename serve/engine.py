@@ -42,6 +42,7 @@ class PipelineEngine:
                  max_active_bytes: int = 1024**3, slot: LoraSlot | None = None,
                  row_weights_bytes: int | None = None):
         self.pipe = pipeline
+        self.placement = placement
         self.family = family_of_pipeline(pipeline)
         self.slot = slot
         self.tier = ActiveTier(pipeline, max_active, max_active_bytes)
@@ -146,7 +147,7 @@ class PipelineEngine:
         specs = [ImageSpec(r.job.prompt, r.job.negative_prompt, r.job.guidance_scale, seed, r.job.true_cfg_scale)
                  for r in requests for seed in r.job.seeds]
         with prepared.context:
-            images = sample_images(self.pipe, shape, specs, between_steps)
+            images = sample_images(self.pipe, shape, specs, between_steps, self.placement.device)
         timings = (1000 * (activated - started), 1000 * (time.perf_counter() - activated))
         return self._results(requests, prepared, images, timings, cut_in)
 

@@ -27,10 +27,13 @@ __all__ = ["BatchShape", "ImageSpec", "sample_images"]
 
 @torch.inference_mode()
 def sample_images(pipe, shape: BatchShape, images: list[ImageSpec],
-                  between_steps: Callable[[], None] | None = None) -> np.ndarray:
+                  between_steps: Callable[[], None] | None = None, device: torch.device | None = None) -> np.ndarray:
     """Images ``[n, height, width, 3]`` float32 in [0, 1], one per spec, from one batched loop;
-    ``between_steps`` is called at every step boundary (another pass may run there)."""
-    device = pipe._execution_device
+    ``between_steps`` is called at every step boundary (another pass may run there). ``device``:
+    where the pipeline runs, if the caller knows (else ``pipe._execution_device``, which walks
+    every module to find out)."""
+    if device is None:
+        device = pipe._execution_device
     family = family_of_pipeline(pipe)
     negatives = [image.negative_prompt for image in images] if shape.guided else None
     conditioning = family.encode(pipe, [image.prompt for image in images], negatives, device, shape.height,

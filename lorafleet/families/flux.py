@@ -57,7 +57,7 @@ class Flux(TransformerFamily):
 
         from .flow_matching import inference_mu
 
-        device = pipe._execution_device
+        device = conditioning.device
         transformer = pipe.transformer
         latents, image_ids = pipe.prepare_latents(len(images), transformer.config.in_channels // 4, shape.height,
                                                   shape.width, conditioning.prompt_embeds.dtype, device, generators)

@@ -42,7 +42,7 @@ class StableDiffusion3(TransformerFamily):
 
         from .flow_matching import inference_mu
 
-        device = pipe._execution_device
+        device = conditioning.device
         latents = pipe.prepare_latents(len(images), pipe.transformer.config.in_channels, shape.height, shape.width,
                                        conditioning.prompt_embeds.dtype, device, generators)
         options = {}

@@ -32,7 +32,7 @@ class UNetFamily(ModelFamily):
                 between_steps=None):
         import torch
 
-        device = pipe._execution_device
+        device = conditioning.device
         prompt_embeds = conditioning.prompt_embeds
         pipe.scheduler.set_timesteps(shape.steps, device=device)
         latents = pipe.prepare_latents(len(images), pipe.unet.config.in_channels, shape.height, shape.width,
