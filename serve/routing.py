@@ -27,9 +27,9 @@ Building row weights costs a few operations per layer per pass, which a pass of 
 notices. Where every image has one adapter, an adapter's layers of one component and one shape
 (``LayerGroup``, stacked when the adapter is prepared) get theirs at once: a few operations per
 group (``GroupRows``). The stacks of ``A`` and ``B`` a layer builds alone are made at its first
-call, already repeated to its rows. Measured in process on `tiny` (8 all-different images, 4
-steps): the routed pass went from 6.4 % to 4.0 % over a base pass; at 20 steps no change shows
-(docs/benchmarks.md).
+call, already repeated to its rows. Measured in process on `tiny` (`lorafleet bench serve --steps
+4 --sections throughput --repeats 20`, 8 images on different adapters): 13.1 % over a base pass
+per layer, 9.6 % per group; at 20 steps no difference shows (docs/benchmarks.md).
 
 Measured per layer on this 2-core CPU (one 8-image guided pass, 20 steps, 16 rows): the update
 adds 40-85% to a small layer's own product, mostly per-call overhead, while per-row weights cost
