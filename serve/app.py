@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 # for an evicted set loads it again, and the replica re-announces its ids to the controller, which
 # broadcasts them to every router, up to ten times a second while sets churn. With 64 markers and
 # traffic over 100 adapters, `tiny` through HTTP reached 0.90-0.94 of the no-adapter throughput in
-# three runs; with 128 or 256, 0.95-0.98 (docs/benchmarks.md).
+# three runs; with 128 or 256, 0.95-0.99 in six (docs/benchmarks.md, runs P1-P6 and Q1-Q3).
 MULTIPLEX_SLOTS = 256
 
 

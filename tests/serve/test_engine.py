@@ -133,7 +133,7 @@ def test_routed_copies_respect_the_same_byte_budget(adapter_registry, fetcher):
 
 
 @pytest.mark.parametrize("base", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
-def test_a_pass_asks_the_pipeline_for_its_device_not_once(base, monkeypatch):
+def test_a_pass_never_asks_the_pipeline_for_its_device(base, monkeypatch):
     """``pipe._execution_device`` walks every module of every component (1.2 ms on `tiny`, 1.7 ms
     on `small`, per call); the engine knows its placement, and the denoising loop has its
     conditioning's device, so a pass needs no such walk."""
