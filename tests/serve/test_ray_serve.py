@@ -208,7 +208,8 @@ def test_a_tenants_request_cuts_into_another_tenants_passes_on_the_ray_app(live)
     assert all(r.status_code == 200 for r in flooded)
     timings = quiet.json()["timings"]
     assert timings["cut_in"] and timings["adapter_mode"] == "mixed"
-    assert timings["total_ms"] < max(r.json()["timings"]["generation_ms"] for r in flooded)
+    longest_pass = max(r.json()["timings"]["generation_ms"] for r in flooded)
+    assert timings["total_ms"] < longest_pass, (timings, [r.json()["timings"] for r in flooded])
     samples = metric_samples(httpx.get(f"{url}/metrics", headers=ADMIN).text)
     assert samples[("lorafleet_cut_in_requests_total", ())] >= 1
 
