@@ -102,17 +102,17 @@ def prepare_routed(digest: str, payload: AdapterPayload, device: torch.device, d
         raise NotRoutable("the adapter has tensors that are not LoRA up/down weights", field="adapters")
     if any(tensor.ndim != 2 for parts in pairs.values() for tensor in parts.values()):
         raise NotRoutable("convolution LoRA layers are not routed per row", field="adapters")
-    grouped: dict[GroupKey, dict[str, RoutedLayer]] = {}
+    grouped: dict[GroupKey, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # per group, per layer: A, B
     for (component, module), parts in sorted(pairs.items()):
         scale = payload.components[component].scale_of(module)
         down = parts["A"].to(device=device, dtype=dtype)
         up = (parts["B"].to(device=device, dtype=torch.float32) * scale).to(dtype)
         key = (component, down.shape[1], up.shape[0], down.shape[0])
-        grouped.setdefault(key, {})[f"{component}.{module}"] = RoutedLayer(down, up)
+        grouped.setdefault(key, {})[f"{component}.{module}"] = down, up
     layers, groups = {}, {}
     for key, members in grouped.items():
-        group = groups[key] = LayerGroup(tuple(members), torch.stack([m.down for m in members.values()]),
-                                         torch.stack([m.up for m in members.values()]))
+        downs, ups = zip(*members.values())
+        group = groups[key] = LayerGroup(tuple(members), torch.stack(downs), torch.stack(ups))
         layers.update({name: RoutedLayer(group.down[i], group.up[i]) for i, name in enumerate(group.layers)})
     return RoutedAdapter(digest, layers, groups)
 
@@ -250,6 +250,11 @@ class _Budget:
 ROW_WEIGHTS_CACHE_BYTES = 1024**2  # per-row weights this small stay in a CPU core's cache
 
 
+def _weight_bytes(linear: torch.nn.Linear, copies: int = 1) -> int:
+    """Memory of ``copies`` weights of ``linear``'s shape (merged or per-row weights)."""
+    return copies * linear.weight.numel() * linear.weight.element_size()
+
+
 class GroupRows:
     """Per-row weights ``W^T + A^T B^T`` of every layer of one group (``LayerGroup``: one component,
     one shape), built at once: a few batched operations per pass instead of a few per layer."""
@@ -263,8 +268,7 @@ class GroupRows:
     def weights(self, rows: int, budget: _Budget) -> torch.Tensor | None:
         """``[layers, rows, in, out]``, once per row count (None: over the budget)."""
         if rows not in self.by_rows:
-            weight = self.linears[0].weight
-            nbytes = len(self.linears) * rows * weight.numel() * weight.element_size()
+            nbytes = len(self.linears) * _weight_bytes(self.linears[0], rows)
             self.by_rows[rows] = self._build(rows) if budget.take(nbytes) else None
         return self.by_rows[rows]
 
@@ -309,14 +313,11 @@ class _RoutedLinear:
         down, up = stack_layer(self.name, self.image_adapters * (rows // self.images))
         return down.transpose(1, 2), up.transpose(1, 2)
 
-    def _row_weights_bytes(self, rows: int) -> int:
-        return rows * self.linear.weight.numel() * self.linear.weight.element_size()
-
     def _row_weights_pay(self, rows: int, tokens: int) -> bool:
         """Measured on CPU (module docstring): per-row weights cost about what the plain product
         does while they stay in cache or are no larger than the rows' activations in and out."""
         out_features, in_features = self.linear.weight.shape
-        return (self._row_weights_bytes(rows) <= ROW_WEIGHTS_CACHE_BYTES
+        return (_weight_bytes(self.linear, rows) <= ROW_WEIGHTS_CACHE_BYTES
                 or in_features * out_features <= tokens * (in_features + out_features))
 
     def _prepare(self, rows: int, tokens: int) -> Callable:
@@ -330,7 +331,7 @@ class _RoutedLinear:
     def _merged_call(self) -> Callable | None:
         """The one set merged into the weight, once per pass (None: over the budget)."""
         weight = self.linear.weight
-        if self.merged is None and self.budget.take(weight.numel() * weight.element_size()):
+        if self.merged is None and self.budget.take(_weight_bytes(self.linear)):
             down, up = self._stacks(self.images)
             self.merged = torch.addmm(weight, up[0].T, down[0].T)  # W + B A: [out, in]
         return None if self.merged is None else self._with_merged(self.merged)
@@ -340,7 +341,7 @@ class _RoutedLinear:
         weights = self.weights_by_rows.get(rows)
         if weights is None and self._row_weights_pay(rows, tokens):
             weights = self._group_row_weights(rows)
-            if weights is None and self.budget.take(self._row_weights_bytes(rows)):
+            if weights is None and self.budget.take(_weight_bytes(self.linear, rows)):
                 weight = self.linear.weight.t().unsqueeze(0).expand(rows, -1, -1)
                 weights = torch.baddbmm(weight, *self._stacks(rows))  # [rows, in, out]: W^T + A^T B^T per row
             if weights is not None:
@@ -350,7 +351,7 @@ class _RoutedLinear:
     def _group_row_weights(self, rows: int) -> torch.Tensor | None:
         """This layer's part of its group's row weights, where they pay whatever the tokens (so
         they pay for every layer of the group: all have this shape)."""
-        if self.group is None or self._row_weights_bytes(rows) > ROW_WEIGHTS_CACHE_BYTES:
+        if self.group is None or _weight_bytes(self.linear, rows) > ROW_WEIGHTS_CACHE_BYTES:
             return None
         self._check_rows(rows)
         group, index = self.group
