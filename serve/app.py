@@ -23,6 +23,7 @@ from .backends import LocalGeneratorBackend, RayGeneratorBackend
 from .heap import freeze_start_up_heap
 from .ingress import ingress_in_force
 from .replica import GenerationTask, GeneratorReplica
+from .replica_router import ROUTER_CLASS
 from .service import GenerationService
 from .settings import ServeSettings
 
@@ -102,6 +103,8 @@ def generator_options(settings: ServeSettings) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
         "max_ongoing_requests": settings.max_ongoing_requests + settings.cut_in_places,
         "max_queued_requests": settings.max_queued_requests,
+        "request_router_config": {"request_router_class": ROUTER_CLASS,
+                                  "request_router_kwargs": {"cut_in_places": settings.cut_in_places}},
     }
     if settings.autoscaling:
         scaling = settings.autoscaling

@@ -13,83 +13,12 @@ import numpy as np
 import psutil
 import pytest
 from helpers import metric_samples, wait_until_in_flight
-from serve_setup import GUIDANCE, PROMPT, STEPS, plain_diffusers_image
+from ray_app import ADMIN, GENERATE, TEAM_A, TEAM_B, generate
+from serve_setup import plain_diffusers_image
 
-from lorafleet.registry import AdapterRegistry, PublishRequest
+from lorafleet.registry import PublishRequest
 
 pytestmark = pytest.mark.slow
-ADMIN = {"Authorization": "Bearer admin-token-0123456789abcdef0123456789"}
-GENERATE = {"Authorization": "Bearer gen-token-0123456789abcdef0123456789"}
-TEAM_A = {"Authorization": "Bearer team-a-token-0123456789abcdef01234567"}
-TEAM_B = {"Authorization": "Bearer team-b-token-0123456789abcdef01234567"}
-TOKENS = ",".join(["gen-token-0123456789abcdef0123456789=generate", "admin-token-0123456789abcdef0123456789=admin",
-                   "team-a-token-0123456789abcdef01234567=generate@team-a",
-                   "team-b-token-0123456789abcdef01234567=generate@team-b"])
-RAY_PROCESS_NAMES = ("raylet", "gcs_server")
-
-
-def _ray_children() -> list[str]:
-    names = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            names.append(child.name())
-        except psutil.NoSuchProcess:
-            continue
-    return [n for n in names if any(r in n for r in RAY_PROCESS_NAMES)]
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    from lorafleet.devtools.seaweed import start_seaweed
-
-    server = start_seaweed(tmp_path_factory.mktemp("ray-s3"))
-    server.create_bucket("serve")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def live(s3_server, tiny_spec, tmp_path_factory):
-    """The registry, the running server's URL, and the adapters' pulled files."""
-    from helpers import write_lora
-
-    from lorafleet.local_cluster import free_port
-    from lorafleet.serve.server import start_server
-    from lorafleet.serve.settings import ServeSettings
-
-    with pytest.MonkeyPatch.context() as environment:  # restored even when the set-up fails half-way
-        for key, value in {**s3_server.env(), "LORAFLEET_S3_CONNECT_TIMEOUT": "1",
-                           "LORAFLEET_S3_MAX_ATTEMPTS": "1"}.items():
-            environment.setenv(key, value)
-        root = tmp_path_factory.mktemp("ray-e2e")
-        registry = AdapterRegistry("s3://serve/adapters")
-        for index in range(7):
-            path = write_lora(root / f"src{index}", tiny_spec, seed=40 + index)
-            registry.publish(path, PublishRequest(name=f"look{index}", base=tiny_spec, aliases=["prod"]))
-        files = {f"look{i}": registry.pull(f"look{i}", root / "pulled")[1] for i in range(7)}
-        settings = ServeSettings(
-            base="tiny", registry=registry.uri, port=free_port(), replicas=2, replica_num_cpus=0.5, fuse_after=3,
-            resolution_ttl_s=1.0, auth_enabled=True, api_tokens=TOKENS,
-            tenants={"team-a": {"namespaces": ["look"]}, "team-b": {"namespaces": ["look"]}},
-            cache={"disk_dir": str(root / "cache"), "active_max_adapters": 1},
-        )
-        server = start_server(settings, num_cpus=2)  # a start that fails stops what it started
-        try:
-            yield registry, server.url, files
-        finally:
-            server.stop()
-            deadline = time.monotonic() + 30
-            while _ray_children() and time.monotonic() < deadline:
-                time.sleep(0.5)
-    assert _ray_children() == [], "Ray processes left behind"
-
-
-def _generate(url, headers=GENERATE, **fields):
-    body = {"prompt": PROMPT, "steps": STEPS, "guidance_scale": GUIDANCE, "seed": 0, "output_format": "npy",
-            "cache": False, **fields}  # these tests drive the replicas: repeats must generate, not hit the output cache
-    return httpx.post(f"{url}/v1/generate", json=body, headers=headers, timeout=120)
-
-
 def _image(response) -> np.ndarray:
     from lorafleet.serve.service import decode_npy
 
@@ -113,7 +42,7 @@ def test_correctness_invariant_over_routed_active_fused_and_evicted_states_2_rep
     replicas = set()
     for _ in range(4):
         for name in sequence:
-            response = _generate(url, headers=ADMIN, adapter=name)  # admin: the response names the replica
+            response = generate(url, headers=ADMIN, adapter=name)  # admin: the response names the replica
             assert response.status_code == 200, response.text
             replicas.add(response.json()["replica"])
             assert np.abs(_image(response) - references[name]).max() <= 1e-4, name
@@ -136,7 +65,7 @@ def test_http_enters_through_haproxy_to_the_gateways_own_server(live):
     ready = httpx.get(f"{url}/readyz", headers=ADMIN).json()
     assert ready["ingress"] == "haproxy"  # as the gateway's Serve process read Ray's switches
     assert _listener(int(url.rsplit(":", 1)[1])) == "haproxy"  # not Ray's Python proxy
-    response = _generate(url, adapter="look0")
+    response = generate(url, adapter="look0")
     assert response.status_code == 200, response.text
 
 
@@ -153,16 +82,16 @@ def test_a_second_server_on_a_cluster_whose_serve_listens_elsewhere_fails_at_onc
     with pytest.raises(ServiceUnavailable, match=f"already listens on .*:{url.rsplit(':', 1)[1]}") as failure:
         start_server(ServeSettings(base="tiny", port=free_port()))
     assert time.monotonic() - started < 30 and failure.value.field == "port"
-    assert _generate(url, adapter="look0").status_code == 200  # the running app is untouched
+    assert generate(url, adapter="look0").status_code == 200  # the running app is untouched
 
 
 def test_errors_over_http(live):
     _, url, _ = live
-    assert _generate(url, adapter="nope").status_code == 404
-    assert _generate(url, adapter="look0@9").status_code == 404
-    assert _generate(url, steps=999).json()["error"]["field"] == "steps"
-    assert _generate(url, headers={}).status_code == 401
-    assert _generate(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert generate(url, adapter="nope").status_code == 404
+    assert generate(url, adapter="look0@9").status_code == 404
+    assert generate(url, steps=999).json()["error"]["field"] == "steps"
+    assert generate(url, headers={}).status_code == 401
+    assert generate(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
     moved = httpx.put(f"{url}/v1/adapters/look0/aliases/canary", json={"version": 1}, headers=GENERATE)
     assert moved.status_code == 403
 
@@ -172,13 +101,13 @@ def test_alias_move_is_seen_without_restart(live, tiny_spec, tmp_path):
 
     registry, url, _ = live
     second = registry.publish(write_lora(tmp_path, tiny_spec, seed=99), PublishRequest(name="look5", base=tiny_spec))
-    assert _generate(url, adapter="look5:prod").json()["adapters"][0]["version"] == 1
+    assert generate(url, adapter="look5:prod").json()["adapters"][0]["version"] == 1
     moved = httpx.put(f"{url}/v1/adapters/look5/aliases/prod", json={"version": 2, "expected_version": 1},
                       headers=ADMIN)
     assert moved.status_code == 200, moved.text
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        served = _generate(url, adapter="look5:prod").json()["adapters"][0]
+        served = generate(url, adapter="look5:prod").json()["adapters"][0]
         if served["version"] == 2:
             break
         time.sleep(0.3)
@@ -199,15 +128,15 @@ def test_a_tenants_request_cuts_into_another_tenants_passes_on_the_ray_app(live)
     denoising steps (serve/batching.py) and is answered before those passes end."""
     _, url, _ = live
     with ThreadPoolExecutor(max_workers=16) as pool:
-        flood = [pool.submit(_generate, url, TEAM_A, steps=50, seed=seed) for seed in range(16)]
+        flood = [pool.submit(generate, url, TEAM_A, steps=50, seed=seed) for seed in range(16)]
         wait_until_in_flight(lambda: httpx.get(f"{url}/metrics", headers=ADMIN).text, flood)  # in both replicas' passes
         time.sleep(0.3)
-        quiet = _generate(url, TEAM_B, adapter="look0", steps=2, seed=3)
+        quiet = generate(url, TEAM_B, adapter="look0", steps=2, seed=3)
         flooded = [future.result() for future in flood]
     assert quiet.status_code == 200, quiet.text
     assert all(r.status_code == 200 for r in flooded)
     timings = quiet.json()["timings"]
-    assert timings["cut_in"] and timings["adapter_mode"] == "mixed"
+    assert timings["cut_in"] and timings["adapter_mode"] == "mixed", (timings, [r.json()["timings"] for r in flooded])
     longest_pass = max(r.json()["timings"]["generation_ms"] for r in flooded)
     assert timings["total_ms"] < longest_pass, (timings, [r.json()["timings"] for r in flooded])
     samples = metric_samples(httpx.get(f"{url}/metrics", headers=ADMIN).text)
@@ -226,18 +155,18 @@ def test_the_ray_floor_bench_measures_every_hop_beside_the_app_and_removes_itsel
     assert all(value > 0 for value in floor.values())
     assert all(floor[f"floor_{name}_client_ms"] > floor[f"floor_{name}_hop_ms"] for name in HOPS)
     assert httpx.post(f"{url}{FLOOR_PREFIX}/proxy").status_code in (401, 404)  # lorafleet's app answers it now
-    assert _generate(url, adapter="look1").status_code == 200
+    assert generate(url, adapter="look1").status_code == 200
 
 
 def test_registry_outage_cached_adapters_keep_serving(live, s3_server, record):
     _, url, _ = live
-    assert _generate(url, adapter="look1").status_code == 200  # cached on a replica
+    assert generate(url, adapter="look1").status_code == 200  # cached on a replica
     s3_server.stop()
     try:
         for _ in range(3):
-            assert _generate(url, adapter="look1").status_code == 200
+            assert generate(url, adapter="look1").status_code == 200
         started = time.monotonic()
-        cold = _generate(url, adapter="look6")  # never fetched: needs the registry
+        cold = generate(url, adapter="look6")  # never fetched: needs the registry
         cold_seconds = time.monotonic() - started
         assert cold.status_code == 503, cold.text
         assert cold.headers.get("Retry-After") and cold_seconds < 60
@@ -247,10 +176,10 @@ def test_registry_outage_cached_adapters_keep_serving(live, s3_server, record):
         s3_server.restart()
     restarted = time.monotonic()
     deadline = restarted + 30
-    while _generate(url, adapter="look6").status_code != 200 and time.monotonic() < deadline:
+    while generate(url, adapter="look6").status_code != 200 and time.monotonic() < deadline:
         time.sleep(0.5)
     recovery_seconds = time.monotonic() - restarted
-    assert _generate(url, adapter="look6").status_code == 200
+    assert generate(url, adapter="look6").status_code == 200
     record("S3 registry stopped mid-traffic (Ray Serve, 2 replicas)", {"cached_requests": 3, "uncached_requests": 1},
            {"cached_ok": 3, "uncached_status": 503, "uncached_answer_s": round(cold_seconds, 2),
             "recovery_after_restart_s": round(recovery_seconds, 1)})
@@ -275,7 +204,7 @@ def test_a_killed_replica_is_replaced_and_no_client_hangs(live, record):
         while not stop.is_set():
             started = time.monotonic()
             try:
-                response = _generate(url, adapter=f"look{index % 3}", steps=8)
+                response = generate(url, adapter=f"look{index % 3}", steps=8)
                 error = response.json().get("error") if response.status_code != 200 else None
                 assert response.status_code == 200 or (error and error["code"]), response.text
                 outcomes.append((response.status_code, time.monotonic() - started))
