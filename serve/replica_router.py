@@ -17,7 +17,6 @@ for a tenant's first request there, which runs between two steps of the pass und
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -67,12 +66,12 @@ def routed_request(pending: PendingRequest) -> RoutedRequest:
 
 
 class AdapterLaneRouter(RequestRouter):
-    """The Ray side of ``rank_replicas``: it counts the requests it sent to each replica, per lane,
-    until they complete (beside Ray's own queue lengths, which also count other callers')."""
+    """The Ray side of ``rank_replicas``. A replica's load is Ray's own queue length for it (updated
+    as requests are sent and answered, and by the replica's own count). The lanes in flight at each
+    replica are this router's: a request is counted from its routing until its result is done."""
 
     def __init__(self, *args, **kwargs):
         self.cut_in_places = 0
-        self._sent: dict[str, tuple[ReplicaID, str]] = {}  # internal request id -> (replica, lane)
         self._lanes: dict[ReplicaID, Counter[str]] = {}  # requests in flight per replica and lane
         super().__init__(*args, **kwargs)
 
@@ -90,36 +89,27 @@ class AdapterLaneRouter(RequestRouter):
         return [[by_id[replica_id] for replica_id in rank] for rank in ranks]
 
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
-        lanes = self._lanes.get(replica.replica_id, Counter())
-        ongoing = max(sum(lanes.values()), self.replica_queue_len_cache.get(replica.replica_id) or 0)
-        return ReplicaLoad(replica.replica_id, replica.max_ongoing_requests, ongoing,
-                           frozenset(lanes),
-                           frozenset(replica.multiplexed_model_ids))
+        return ReplicaLoad(replica.replica_id, replica.max_ongoing_requests,
+                           self.replica_queue_len_cache.get(replica.replica_id) or 0,
+                           frozenset(self._lanes.get(replica.replica_id, ())), frozenset(replica.multiplexed_model_ids))
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        """Count the request's lane at ``replica_id`` until its result is done. Its own done-callback,
+        not ``on_request_completed``: Ray may call that before this (a quick call's result can be done
+        before its acceptance is read), and a count that never goes down would hold places for ever."""
         lane = routed_request(pending_request).lane
-        self._sent[pending_request.metadata.internal_request_id] = (replica_id, lane)
-        self._lanes.setdefault(replica_id, Counter())[lane] += 1
+        lanes = self._lanes.setdefault(replica_id, Counter())
+        lanes[lane] += 1
+        loop = self._event_loop
+        result.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, lanes, lane))
 
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        sent = self._sent.pop(internal_request_id, None)
-        if sent is None:
-            return  # refused by the replica, or never sent
-        lanes = self._lanes.get(sent[0])
-        if lanes is not None:
-            lanes[sent[1]] -= 1
-            if lanes[sent[1]] <= 0:
-                del lanes[sent[1]]
-
-    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
-        super().on_replica_actor_died(replica_id)
-        self._forget(lambda known: known == replica_id)
+    @staticmethod
+    def _release(lanes: Counter[str], lane: str) -> None:
+        lanes[lane] -= 1
+        if lanes[lane] <= 0:
+            del lanes[lane]
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         current = {replica.replica_id for replica in replicas}
-        self._forget(lambda known: known not in current)  # scaled down or replaced
-
-    def _forget(self, gone: Callable[[ReplicaID], bool]) -> None:
-        self._lanes = {replica_id: lanes for replica_id, lanes in self._lanes.items() if not gone(replica_id)}
-        self._sent = {key: sent for key, sent in self._sent.items() if not gone(sent[0])}
+        self._lanes = {replica_id: lanes for replica_id, lanes in self._lanes.items() if replica_id in current}

@@ -53,6 +53,58 @@ def test_without_tenants_every_place_is_an_ordinary_one():
     assert rank_replicas(replicas, RoutedRequest("base", ""), 0) == [["a"]]
 
 
+class _Replica:
+    """Ray's RunningReplica as the router reads it."""
+
+    def __init__(self, name: str):
+        self.replica_id, self.max_ongoing_requests, self.multiplexed_model_ids = name, 8 + CUT_IN, set()
+
+
+class _AnsweredResult:
+    """A replica's result that was done before the router read the replica's acceptance (a quick call)."""
+
+    def add_done_callback(self, callback):
+        callback(self)
+
+
+def _pending(index: int, lane: str):
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from lorafleet.serve.jobs import GenerationJob
+    from lorafleet.serve.replica import GenerationTask
+
+    task = GenerationTask(adapters=(), job=GenerationJob("a", None, 4, 5.0, 32, 32, (index,)), set_id="base",
+                          lane=lane)
+    return PendingRequest(args=[task], kwargs={}, metadata=RequestMetadata(f"r{index}", f"i{index}"))
+
+
+def test_calls_answered_before_their_acceptance_is_read_never_hold_places():
+    """CI's demo hung: Ray told the router a call had completed before it told it the call was
+    routed, the router's count of the replica's requests never went down, and after as many such
+    calls as the replica has places every request waited for ever (504 after 120 s)."""
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from lorafleet.serve.replica_router import AdapterLaneRouter
+
+    async def scenario():
+        router = AdapterLaneRouter(DeploymentID("Generator", "lorafleet"), DeploymentHandleSource.UNKNOWN)
+        router.initialize_state(cut_in_places=CUT_IN)
+        replica = _Replica("r1")
+        for index in range(3 * (8 + CUT_IN)):
+            pending = _pending(index, "team-a")
+            router.on_request_completed(replica.replica_id, pending.metadata.internal_request_id)
+            router.on_request_routed(pending, replica.replica_id, _AnsweredResult())
+        await asyncio.sleep(0)  # the releases run on the router's loop
+        return await router.choose_replicas([replica], _pending(999, "team-a")), router._lanes
+
+    ranks, lanes = asyncio.run(scenario())
+    assert [[replica.replica_id for replica in rank] for rank in ranks] == [["r1"]]
+    assert not lanes.get("r1")  # team-a has nothing in flight there: its next request may cut in
+
+
 @pytest.mark.slow
 def test_a_request_whose_sets_holder_is_full_goes_to_another_replica_at_once(live):
     """Team A floods one adapter set. Ray's own router kept the flood on the set's holder until that was
