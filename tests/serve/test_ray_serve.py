@@ -6,14 +6,13 @@ import shutil
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import psutil
 import pytest
-from helpers import metric_samples, wait_until_in_flight
-from ray_app import ADMIN, GENERATE, TEAM_A, TEAM_B, generate
+from helpers import metric_samples
+from ray_app import ADMIN, GENERATE, flood_with_a_quiet_request, generate
 from serve_setup import plain_diffusers_image
 
 from lorafleet.registry import PublishRequest
@@ -127,12 +126,7 @@ def test_a_tenants_request_cuts_into_another_tenants_passes_on_the_ray_app(live)
     """Team A fills both replicas with long passes; team B's request runs between two of their
     denoising steps (serve/batching.py) and is answered before those passes end."""
     _, url, _ = live
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        flood = [pool.submit(generate, url, TEAM_A, steps=50, seed=seed) for seed in range(16)]
-        wait_until_in_flight(lambda: httpx.get(f"{url}/metrics", headers=ADMIN).text, flood)  # in both replicas' passes
-        time.sleep(0.3)
-        quiet = generate(url, TEAM_B, adapter="look0", steps=2, seed=3)
-        flooded = [future.result() for future in flood]
+    quiet, flooded = flood_with_a_quiet_request(url, "look0")
     assert quiet.status_code == 200, quiet.text
     assert all(r.status_code == 200 for r in flooded)
     timings = quiet.json()["timings"]

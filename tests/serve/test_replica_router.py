@@ -4,13 +4,8 @@ app: tests/serve/test_ray_serve.py)."""
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import ThreadPoolExecutor
-
-import httpx
 import pytest
-from helpers import wait_until_in_flight
-from ray_app import ADMIN, TEAM_A, TEAM_B, generate
+from ray_app import ADMIN, flood_with_a_quiet_request, generate
 
 from lorafleet.serve.replica_router import ReplicaLoad, RoutedRequest, rank_replicas
 
@@ -129,12 +124,7 @@ def _sets_held_per_replica(url, adapters: list[str]) -> dict[str, list[str]]:
 
 
 def _flood_and_quiet_request_routing_ms(url, adapter: str) -> dict:
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        flood = [pool.submit(generate, url, TEAM_A, adapter=adapter, steps=50, seed=seed) for seed in range(16)]
-        wait_until_in_flight(lambda: httpx.get(f"{url}/metrics", headers=ADMIN).text, flood)
-        time.sleep(0.3)
-        quiet = generate(url, TEAM_B, adapter=adapter, steps=2, seed=3)
-        flooded = [future.result() for future in flood]
+    quiet, flooded = flood_with_a_quiet_request(url, adapter, flood_adapter=adapter)
     assert quiet.status_code == 200 and all(r.status_code == 200 for r in flooded)
     return {name: _routing_ms(response) for name, response in [("quiet", quiet), *enumerate(flooded)]}
 
